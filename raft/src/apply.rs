@@ -1,0 +1,900 @@
+//! Applying commands: the deterministic heart of the metadata layer.
+//!
+//! A batch of log entries is applied into an in-memory overlay (`Txn`) over the sled tree and
+//! written as one atomic sled batch together with the applied log id. Each command validates
+//! before it mutates, so a command that fails with an `FsError` changes nothing.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::error::{FsError, StoreError};
+use crate::keys;
+use crate::layout::{self, RefDelta};
+use crate::types::*;
+use crate::view::{Kv, Xattrs, encode};
+
+const S_ISGID: u32 = 0o2000;
+const XATTR_NAME_MAX: usize = 255;
+const XATTR_VALUE_MAX: usize = 64 * 1024;
+/// How deep `is_ancestor` walks before it declares the tree corrupt.
+const MAX_DEPTH: usize = 1 << 16;
+
+/// Writes staged over the tree; reads see them first.
+pub struct Txn<'a> {
+    tree: &'a sled::Tree,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Kv for Txn<'_> {
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.tree.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+}
+
+impl<'a> Txn<'a> {
+    pub fn new(tree: &'a sled::Tree) -> Txn<'a> {
+        Txn {
+            tree,
+            writes: BTreeMap::new(),
+        }
+    }
+
+    pub fn put<T: Serialize>(&mut self, key: &[u8], value: &T) {
+        self.writes.insert(key.to_vec(), Some(encode(value)));
+    }
+
+    pub fn del(&mut self, key: &[u8]) {
+        self.writes.insert(key.to_vec(), None);
+    }
+
+    pub fn into_batch(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch
+    }
+}
+
+/// Applies one request's commands in order; returns one result per command.
+pub fn apply_request(txn: &mut Txn<'_>, req: &MetaRequest) -> Result<MetaResponse, StoreError> {
+    let mut ctx = Ctx {
+        txn,
+        now: req.now,
+        session: req.session,
+    };
+    let mut results = Vec::with_capacity(req.cmds.len());
+    for cmd in &req.cmds {
+        results.push(ctx.apply(cmd)?);
+    }
+    Ok(MetaResponse { results })
+}
+
+/// Creates the root directory if the tree has none. Part of applying the first log entry.
+pub fn ensure_root(txn: &mut Txn<'_>, now: Nanos) -> Result<(), StoreError> {
+    if txn.inode(ROOT_INO)?.is_some() {
+        return Ok(());
+    }
+    let root = Inode {
+        ino: ROOT_INO,
+        kind: FileKind::Dir,
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        nlink: 2,
+        rdev: 0,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        crtime: now,
+        generation: 1,
+        parent: ROOT_INO,
+        children: 0,
+        target: Vec::new(),
+    };
+    txn.put(&keys::inode(ROOT_INO), &root);
+    txn.put(keys::META_NEXT_INO, &(ROOT_INO + 1));
+    txn.put(keys::META_INODES, &1u64);
+    Ok(())
+}
+
+type Outcome = Result<CommandResult, StoreError>;
+
+/// Returns early from a command with a POSIX error.
+macro_rules! fail {
+    ($e:expr) => {
+        return Ok(Err($e))
+    };
+}
+
+/// Unwraps a `Result<Result<T, FsError>, StoreError>`, returning either error early.
+macro_rules! tri {
+    ($e:expr) => {
+        match $e? {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        }
+    };
+}
+
+struct Ctx<'t, 'a> {
+    txn: &'t mut Txn<'a>,
+    now: Nanos,
+    session: u64,
+}
+
+fn check_name(name: &[u8]) -> Result<(), FsError> {
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::Invalid);
+    }
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name == b"." || name == b".." {
+        return Err(FsError::Exists);
+    }
+    Ok(())
+}
+
+impl Ctx<'_, '_> {
+    fn apply(&mut self, cmd: &MetaCommand) -> Outcome {
+        match cmd {
+            MetaCommand::Create {
+                parent,
+                name,
+                kind,
+                perm,
+                uid,
+                gid,
+                rdev,
+                target,
+            } => self.create(*parent, name, *kind, *perm, (*uid, *gid), *rdev, target),
+            MetaCommand::Link {
+                ino,
+                new_parent,
+                new_name,
+            } => self.link(*ino, *new_parent, new_name),
+            MetaCommand::Unlink { parent, name } => self.unlink(*parent, name),
+            MetaCommand::Rmdir { parent, name } => self.rmdir(*parent, name),
+            MetaCommand::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+            } => {
+                if flags.exchange {
+                    self.exchange(*parent, name, *new_parent, new_name)
+                } else {
+                    self.rename(*parent, name, *new_parent, new_name, flags.noreplace)
+                }
+            }
+            MetaCommand::SetAttr { ino, attr } => self.setattr(*ino, attr),
+            MetaCommand::Write { ino, slices, size } => self.write(*ino, slices, *size),
+            MetaCommand::Fallocate {
+                ino,
+                off,
+                len,
+                mode,
+            } => self.fallocate(*ino, *off, *len, *mode),
+            MetaCommand::CopyRange {
+                src,
+                src_off,
+                dst,
+                dst_off,
+                len,
+            } => self.copy_range(*src, *src_off, *dst, *dst_off, *len),
+            MetaCommand::SetXattr {
+                ino,
+                name,
+                value,
+                mode,
+            } => self.setxattr(*ino, name, value, *mode),
+            MetaCommand::RemoveXattr { ino, name } => self.removexattr(*ino, name),
+            MetaCommand::Purge { ino } => self.purge(*ino),
+            MetaCommand::SetLock { ino, lock, unlock } => self.set_lock(*ino, *lock, *unlock),
+            MetaCommand::ReleaseLocks { ino, owner } => self.release_locks(*ino, *owner),
+            MetaCommand::OpenSession { node, session } => self.open_session(*node, *session),
+            MetaCommand::ForgetGarbage { blocks } => self.forget_garbage(blocks),
+        }
+    }
+
+    // ---- helpers ----
+
+    fn must_inode(&self, ino: Ino) -> Result<Result<Inode, FsError>, StoreError> {
+        Ok(self.txn.inode(ino)?.ok_or(FsError::NotFound))
+    }
+
+    /// A directory that still exists (not removed while open).
+    fn must_dir(&self, ino: Ino) -> Result<Result<Inode, FsError>, StoreError> {
+        Ok(match self.txn.inode(ino)? {
+            None => Err(FsError::NotFound),
+            Some(i) if i.kind != FileKind::Dir => Err(FsError::NotDir),
+            Some(i) if i.nlink == 0 => Err(FsError::NotFound),
+            Some(i) => Ok(i),
+        })
+    }
+
+    fn must_file(&self, ino: Ino) -> Result<Result<Inode, FsError>, StoreError> {
+        Ok(match self.txn.inode(ino)? {
+            None => Err(FsError::NotFound),
+            Some(i) if i.kind == FileKind::Dir => Err(FsError::IsDir),
+            Some(i) if i.kind != FileKind::File => Err(FsError::Invalid),
+            Some(i) => Ok(i),
+        })
+    }
+
+    fn put_inode(&mut self, inode: &Inode) {
+        self.txn.put(&keys::inode(inode.ino), inode);
+    }
+
+    /// Reads an inode, lets `f` change it and writes it back.
+    fn update(&mut self, ino: Ino, f: impl FnOnce(&mut Inode)) -> Result<Inode, StoreError> {
+        let mut inode = self
+            .txn
+            .inode(ino)?
+            .ok_or_else(|| StoreError::Invariant(format!("inode {ino} vanished during apply")))?;
+        f(&mut inode);
+        self.put_inode(&inode);
+        Ok(inode)
+    }
+
+    /// Marks a directory's content as changed.
+    fn touch_dir(&mut self, ino: Ino, children: i64, nlink: i32) -> Result<(), StoreError> {
+        let now = self.now;
+        self.update(ino, |d| {
+            d.children = d.children.saturating_add_signed(children);
+            d.nlink = d.nlink.saturating_add_signed(nlink);
+            d.mtime = now;
+            d.ctime = now;
+        })?;
+        Ok(())
+    }
+
+    fn bump_counter(&mut self, key: &[u8], delta: i64) -> Result<u64, StoreError> {
+        let v = self.txn.counter(key)?.saturating_add_signed(delta);
+        self.txn.put(key, &v);
+        Ok(v)
+    }
+
+    fn apply_refs(&mut self, refs: RefDelta) -> Result<(), StoreError> {
+        for (id, delta) in refs.0 {
+            if delta == 0 {
+                continue;
+            }
+            let cur = self.txn.block_refs(&id)? as i64;
+            let new = cur + delta;
+            if new < 0 {
+                return Err(StoreError::Invariant(format!(
+                    "block {id} reference count would fall to {new}"
+                )));
+            }
+            if new == 0 {
+                self.txn.del(&keys::block_ref(&id));
+                self.txn.put(&keys::garbage(&id), &self.now);
+            } else {
+                self.txn.put(&keys::block_ref(&id), &(new as u64));
+                if cur == 0 {
+                    self.txn.del(&keys::garbage(&id));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads, edits and stores the chunks of a file that `f` touches.
+    fn edit_chunks(
+        &mut self,
+        ino: Ino,
+        chunks: impl IntoIterator<Item = u64>,
+        f: impl Fn(u64, &mut Vec<Slice>, &mut RefDelta),
+    ) -> Result<(), StoreError> {
+        let mut refs = RefDelta::default();
+        for index in chunks {
+            let mut slices = self.txn.chunk(ino, index)?;
+            let before = slices.clone();
+            f(index, &mut slices, &mut refs);
+            if slices == before {
+                continue;
+            }
+            if slices.is_empty() {
+                self.txn.del(&keys::chunk(ino, index));
+            } else {
+                self.txn.put(&keys::chunk(ino, index), &slices);
+            }
+        }
+        self.apply_refs(refs)
+    }
+
+    /// Lays slices over a file's layout, in order.
+    fn overlay(&mut self, ino: Ino, slices: &[Slice]) -> Result<(), StoreError> {
+        let mut by_chunk: BTreeMap<u64, Vec<Slice>> = BTreeMap::new();
+        for s in slices {
+            for (index, piece) in layout::split_by_chunk(*s) {
+                by_chunk.entry(index).or_default().push(piece);
+            }
+        }
+        self.edit_chunks(
+            ino,
+            by_chunk.keys().copied().collect::<Vec<_>>(),
+            |index, list, refs| {
+                for s in &by_chunk[&index] {
+                    layout::overlay(list, *s, refs);
+                }
+            },
+        )
+    }
+
+    /// Makes `[start, end)` of a file read as zeros.
+    fn punch(&mut self, ino: Ino, start: u64, end: u64) -> Result<(), StoreError> {
+        self.edit_chunks(ino, layout::chunks_of(start, end), |_, list, refs| {
+            layout::punch(list, start, end, refs)
+        })
+    }
+
+    /// Deletes an inode and everything hanging off it.
+    fn destroy(&mut self, inode: &Inode) -> Result<(), StoreError> {
+        if inode.kind == FileKind::File {
+            let end = inode.size;
+            self.edit_chunks(inode.ino, layout::chunks_of(0, end), |_, list, refs| {
+                layout::punch(list, 0, u64::MAX, refs)
+            })?;
+        }
+        self.txn.del(&keys::xattrs(inode.ino));
+        self.txn.del(&keys::locks(inode.ino));
+        self.txn.del(&keys::orphan(inode.ino));
+        self.txn.del(&keys::inode(inode.ino));
+        self.bump_counter(keys::META_INODES, -1)?;
+        Ok(())
+    }
+
+    /// Drops one link of a non-directory. An inode that loses its last link becomes an orphan
+    /// of this session, to be purged once nobody has it open.
+    fn drop_link(&mut self, ino: Ino) -> Result<Option<Ino>, StoreError> {
+        let now = self.now;
+        let inode = self.update(ino, |i| {
+            i.nlink = i.nlink.saturating_sub(1);
+            i.ctime = now;
+        })?;
+        if inode.nlink > 0 {
+            return Ok(None);
+        }
+        self.txn.put(&keys::orphan(ino), &self.session);
+        Ok(Some(ino))
+    }
+
+    /// Whether `ancestor` is `ino` or one of its parent directories.
+    fn is_ancestor(&self, ancestor: Ino, mut ino: Ino) -> Result<bool, StoreError> {
+        for _ in 0..MAX_DEPTH {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            if ino == ROOT_INO {
+                return Ok(false);
+            }
+            ino = match self.txn.inode(ino)? {
+                Some(i) => i.parent,
+                None => return Ok(false),
+            };
+        }
+        Err(StoreError::Invariant(format!(
+            "directory loop above inode {ino}"
+        )))
+    }
+
+    // ---- namespace ----
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        (uid, gid): (u32, u32),
+        rdev: u32,
+        target: &[u8],
+    ) -> Outcome {
+        if let Err(e) = check_name(name) {
+            fail!(e);
+        }
+        let p = tri!(self.must_dir(parent));
+        if self.txn.lookup(parent, name)?.is_some() {
+            fail!(FsError::Exists);
+        }
+        let ino = self.txn.counter(keys::META_NEXT_INO)?;
+        self.txn.put(keys::META_NEXT_INO, &(ino + 1));
+        let inherit_gid = p.perm & S_ISGID != 0;
+        let mut perm = perm & 0o7777;
+        if inherit_gid && kind == FileKind::Dir {
+            perm |= S_ISGID;
+        }
+        let inode = Inode {
+            ino,
+            kind,
+            perm,
+            uid,
+            gid: if inherit_gid { p.gid } else { gid },
+            size: if kind == FileKind::Symlink {
+                target.len() as u64
+            } else {
+                0
+            },
+            nlink: if kind == FileKind::Dir { 2 } else { 1 },
+            rdev,
+            atime: self.now,
+            mtime: self.now,
+            ctime: self.now,
+            crtime: self.now,
+            generation: 1,
+            parent,
+            children: 0,
+            target: target.to_vec(),
+        };
+        self.put_inode(&inode);
+        self.txn
+            .put(&keys::dentry(parent, name), &Dentry { ino, kind });
+        self.touch_dir(parent, 1, i32::from(kind == FileKind::Dir))?;
+        self.bump_counter(keys::META_INODES, 1)?;
+        Ok(Ok(Reply::Inode(inode)))
+    }
+
+    fn link(&mut self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Outcome {
+        if let Err(e) = check_name(new_name) {
+            fail!(e);
+        }
+        let inode = tri!(self.must_inode(ino));
+        if inode.kind == FileKind::Dir {
+            fail!(FsError::NotPermitted);
+        }
+        if inode.nlink == 0 {
+            fail!(FsError::NotFound);
+        }
+        tri!(self.must_dir(new_parent));
+        if self.txn.lookup(new_parent, new_name)?.is_some() {
+            fail!(FsError::Exists);
+        }
+        if inode.nlink >= LINK_MAX {
+            fail!(FsError::TooManyLinks);
+        }
+        let now = self.now;
+        let inode = self.update(ino, |i| {
+            i.nlink += 1;
+            i.ctime = now;
+        })?;
+        self.txn.del(&keys::orphan(ino));
+        self.txn.put(
+            &keys::dentry(new_parent, new_name),
+            &Dentry {
+                ino,
+                kind: inode.kind,
+            },
+        );
+        self.touch_dir(new_parent, 1, 0)?;
+        Ok(Ok(Reply::Inode(inode)))
+    }
+
+    fn unlink(&mut self, parent: Ino, name: &[u8]) -> Outcome {
+        tri!(self.must_dir(parent));
+        let Some(d) = self.txn.lookup(parent, name)? else {
+            fail!(FsError::NotFound);
+        };
+        if d.kind == FileKind::Dir {
+            fail!(FsError::IsDir);
+        }
+        self.txn.del(&keys::dentry(parent, name));
+        self.touch_dir(parent, -1, 0)?;
+        let removed = self.drop_link(d.ino)?;
+        Ok(Ok(Reply::Removed { removed }))
+    }
+
+    fn rmdir(&mut self, parent: Ino, name: &[u8]) -> Outcome {
+        match name {
+            b"." => fail!(FsError::Invalid),
+            b".." => fail!(FsError::NotEmpty),
+            _ => {}
+        }
+        tri!(self.must_dir(parent));
+        let Some(d) = self.txn.lookup(parent, name)? else {
+            fail!(FsError::NotFound);
+        };
+        if d.kind != FileKind::Dir {
+            fail!(FsError::NotDir);
+        }
+        let dir = tri!(self.must_inode(d.ino));
+        if dir.children > 0 {
+            fail!(FsError::NotEmpty);
+        }
+        self.txn.del(&keys::dentry(parent, name));
+        self.touch_dir(parent, -1, -1)?;
+        self.destroy(&dir)?;
+        Ok(Ok(Reply::Removed { removed: None }))
+    }
+
+    fn rename(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        noreplace: bool,
+    ) -> Outcome {
+        if let Err(e) = check_name(new_name) {
+            fail!(e);
+        }
+        tri!(self.must_dir(parent));
+        tri!(self.must_dir(new_parent));
+        let Some(src) = self.txn.lookup(parent, name)? else {
+            fail!(FsError::NotFound);
+        };
+        let dst = self.txn.lookup(new_parent, new_name)?;
+        let src_is_dir = src.kind == FileKind::Dir;
+        if let Some(dst) = dst {
+            if noreplace {
+                fail!(FsError::Exists);
+            }
+            if dst.ino == src.ino {
+                return Ok(Ok(Reply::Removed { removed: None }));
+            }
+            match (src_is_dir, dst.kind == FileKind::Dir) {
+                (true, false) => fail!(FsError::NotDir),
+                (false, true) => fail!(FsError::IsDir),
+                (true, true) => {
+                    if tri!(self.must_inode(dst.ino)).children > 0 {
+                        fail!(FsError::NotEmpty);
+                    }
+                }
+                (false, false) => {}
+            }
+        }
+        if src_is_dir && self.is_ancestor(src.ino, new_parent)? {
+            fail!(FsError::Invalid);
+        }
+        // Validation is done; from here on the command changes state.
+        let mut removed = None;
+        self.txn.del(&keys::dentry(parent, name));
+        self.txn.put(&keys::dentry(new_parent, new_name), &src);
+        match dst {
+            Some(dst) if dst.kind == FileKind::Dir => {
+                let victim = tri!(self.must_inode(dst.ino));
+                self.destroy(&victim)?;
+                self.touch_dir(new_parent, -1, -1)?;
+            }
+            Some(dst) => {
+                removed = self.drop_link(dst.ino)?;
+                self.touch_dir(new_parent, -1, 0)?;
+            }
+            None => {}
+        }
+        let moved_dir = i32::from(src_is_dir && parent != new_parent);
+        self.touch_dir(parent, -1, -moved_dir)?;
+        self.touch_dir(new_parent, 1, moved_dir)?;
+        let now = self.now;
+        self.update(src.ino, |i| {
+            i.ctime = now;
+            if src_is_dir {
+                i.parent = new_parent;
+            }
+        })?;
+        Ok(Ok(Reply::Removed { removed }))
+    }
+
+    fn exchange(&mut self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8]) -> Outcome {
+        tri!(self.must_dir(parent));
+        tri!(self.must_dir(new_parent));
+        let Some(a) = self.txn.lookup(parent, name)? else {
+            fail!(FsError::NotFound);
+        };
+        let Some(b) = self.txn.lookup(new_parent, new_name)? else {
+            fail!(FsError::NotFound);
+        };
+        if a.ino == b.ino {
+            return Ok(Ok(Reply::Removed { removed: None }));
+        }
+        if a.kind == FileKind::Dir && self.is_ancestor(a.ino, new_parent)? {
+            fail!(FsError::Invalid);
+        }
+        if b.kind == FileKind::Dir && self.is_ancestor(b.ino, parent)? {
+            fail!(FsError::Invalid);
+        }
+        self.txn.put(&keys::dentry(parent, name), &b);
+        self.txn.put(&keys::dentry(new_parent, new_name), &a);
+        let now = self.now;
+        for (d, to) in [(a, new_parent), (b, parent)] {
+            self.update(d.ino, |i| {
+                i.ctime = now;
+                if d.kind == FileKind::Dir {
+                    i.parent = to;
+                }
+            })?;
+        }
+        if parent != new_parent {
+            let a_dir = i32::from(a.kind == FileKind::Dir);
+            let b_dir = i32::from(b.kind == FileKind::Dir);
+            self.touch_dir(parent, 0, b_dir - a_dir)?;
+            self.touch_dir(new_parent, 0, a_dir - b_dir)?;
+        } else {
+            self.touch_dir(parent, 0, 0)?;
+        }
+        Ok(Ok(Reply::Removed { removed: None }))
+    }
+
+    // ---- attributes and data ----
+
+    fn setattr(&mut self, ino: Ino, attr: &SetAttr) -> Outcome {
+        let inode = tri!(self.must_inode(ino));
+        if let Some(size) = attr.size {
+            match inode.kind {
+                FileKind::File => {}
+                FileKind::Dir => fail!(FsError::IsDir),
+                _ => fail!(FsError::Invalid),
+            }
+            if size < inode.size {
+                self.punch(ino, size, inode.size)?;
+            }
+        }
+        let now = self.now;
+        let inode = self.update(ino, |i| {
+            if let Some(size) = attr.size {
+                i.size = size;
+                i.mtime = now;
+            }
+            if let Some(perm) = attr.perm {
+                i.perm = perm & 0o7777;
+            }
+            if let Some(uid) = attr.uid {
+                i.uid = uid;
+            }
+            if let Some(gid) = attr.gid {
+                i.gid = gid;
+            }
+            if let Some(t) = attr.atime {
+                i.atime = t;
+            }
+            if let Some(t) = attr.mtime {
+                i.mtime = t;
+            }
+            i.ctime = attr.ctime.unwrap_or(now);
+        })?;
+        Ok(Ok(Reply::Inode(inode)))
+    }
+
+    fn write(&mut self, ino: Ino, slices: &[Slice], size: u64) -> Outcome {
+        tri!(self.must_file(ino));
+        self.overlay(ino, slices)?;
+        let now = self.now;
+        let inode = self.update(ino, |i| {
+            i.size = i.size.max(size);
+            i.mtime = now;
+            i.ctime = now;
+        })?;
+        Ok(Ok(Reply::Inode(inode)))
+    }
+
+    fn fallocate(&mut self, ino: Ino, off: u64, len: u64, mode: Fallocate) -> Outcome {
+        let inode = tri!(self.must_file(ino));
+        let Some(end) = off.checked_add(len).filter(|e| *e <= i64::MAX as u64) else {
+            fail!(FsError::FileTooBig);
+        };
+        let grow = match mode {
+            Fallocate::Allocate { keep_size } => !keep_size,
+            Fallocate::PunchHole => {
+                self.punch(ino, off, end.min(inode.size))?;
+                false
+            }
+            Fallocate::ZeroRange { keep_size } => {
+                self.punch(ino, off, end.min(inode.size))?;
+                !keep_size
+            }
+        };
+        let now = self.now;
+        let changes_data = !matches!(mode, Fallocate::Allocate { .. });
+        let inode = self.update(ino, |i| {
+            if grow && end > i.size {
+                i.size = end;
+                i.mtime = now;
+            }
+            if changes_data {
+                i.mtime = now;
+            }
+            i.ctime = now;
+        })?;
+        Ok(Ok(Reply::Inode(inode)))
+    }
+
+    fn copy_range(&mut self, src: Ino, src_off: u64, dst: Ino, dst_off: u64, len: u64) -> Outcome {
+        let s = tri!(self.must_file(src));
+        tri!(self.must_file(dst));
+        if src_off >= s.size || len == 0 {
+            return Ok(Ok(Reply::Copied(0)));
+        }
+        let n = len.min(s.size - src_off);
+        if dst_off.checked_add(n).is_none_or(|e| e > i64::MAX as u64) {
+            fail!(FsError::FileTooBig);
+        }
+        if src == dst && src_off < dst_off + n && dst_off < src_off + n {
+            fail!(FsError::Invalid);
+        }
+        let moved: Vec<Slice> = self
+            .txn
+            .slices(src, src_off, src_off + n)?
+            .into_iter()
+            .map(|sl| Slice {
+                off: sl.off - src_off + dst_off,
+                ..sl
+            })
+            .collect();
+        self.punch(dst, dst_off, dst_off + n)?;
+        self.overlay(dst, &moved)?;
+        let now = self.now;
+        self.update(dst, |i| {
+            i.size = i.size.max(dst_off + n);
+            i.mtime = now;
+            i.ctime = now;
+        })?;
+        Ok(Ok(Reply::Copied(n)))
+    }
+
+    fn setxattr(&mut self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Outcome {
+        tri!(self.must_inode(ino));
+        if name.is_empty() || name.len() > XATTR_NAME_MAX {
+            fail!(FsError::TooLarge);
+        }
+        if value.len() > XATTR_VALUE_MAX {
+            fail!(FsError::TooLarge);
+        }
+        let mut xattrs: Xattrs = self.txn.xattrs(ino)?;
+        match (mode, xattrs.contains_key(name)) {
+            (XattrMode::Create, true) => fail!(FsError::Exists),
+            (XattrMode::Replace, false) => fail!(FsError::NoAttr),
+            _ => {}
+        }
+        xattrs.insert(name.to_vec(), value.to_vec());
+        self.txn.put(&keys::xattrs(ino), &xattrs);
+        let now = self.now;
+        self.update(ino, |i| i.ctime = now)?;
+        Ok(Ok(Reply::Done))
+    }
+
+    fn removexattr(&mut self, ino: Ino, name: &[u8]) -> Outcome {
+        tri!(self.must_inode(ino));
+        let mut xattrs: Xattrs = self.txn.xattrs(ino)?;
+        if xattrs.remove(name).is_none() {
+            fail!(FsError::NoAttr);
+        }
+        if xattrs.is_empty() {
+            self.txn.del(&keys::xattrs(ino));
+        } else {
+            self.txn.put(&keys::xattrs(ino), &xattrs);
+        }
+        let now = self.now;
+        self.update(ino, |i| i.ctime = now)?;
+        Ok(Ok(Reply::Done))
+    }
+
+    fn purge(&mut self, ino: Ino) -> Outcome {
+        if let Some(inode) = self.txn.inode(ino)? {
+            if inode.nlink == 0 {
+                self.destroy(&inode)?;
+            }
+        }
+        Ok(Ok(Reply::Done))
+    }
+
+    // ---- locks and sessions ----
+
+    fn set_lock(&mut self, ino: Ino, lock: RangeLock, unlock: bool) -> Outcome {
+        tri!(self.must_inode(ino));
+        let mut locks = self.txn.locks(ino)?;
+        if !unlock && conflicting(&locks, &lock).is_some() {
+            fail!(FsError::WouldBlock);
+        }
+        let mut out = Vec::with_capacity(locks.len() + 2);
+        for l in locks.drain(..) {
+            if l.owner != lock.owner || !l.overlaps(lock.start, lock.end) {
+                out.push(l);
+                continue;
+            }
+            if l.start < lock.start {
+                out.push(RangeLock {
+                    end: lock.start - 1,
+                    ..l
+                });
+            }
+            if l.end > lock.end {
+                out.push(RangeLock {
+                    start: lock.end + 1,
+                    ..l
+                });
+            }
+        }
+        if !unlock {
+            out.push(lock);
+        }
+        self.store_locks(ino, out);
+        Ok(Ok(Reply::Done))
+    }
+
+    fn store_locks(&mut self, ino: Ino, mut locks: Vec<RangeLock>) {
+        if locks.is_empty() {
+            self.txn.del(&keys::locks(ino));
+        } else {
+            locks.sort_by_key(|l| (l.start, l.end, l.owner.session, l.owner.owner));
+            self.txn.put(&keys::locks(ino), &locks);
+        }
+    }
+
+    fn release_locks(&mut self, ino: Ino, owner: LockOwner) -> Outcome {
+        let mut locks = self.txn.locks(ino)?;
+        let before = locks.len();
+        locks.retain(|l| l.owner != owner);
+        if locks.len() != before {
+            self.store_locks(ino, locks);
+        }
+        Ok(Ok(Reply::Done))
+    }
+
+    fn open_session(&mut self, node: u64, session: u64) -> Outcome {
+        let old: Option<u64> = self.txn.get("session", &keys::session(node))?;
+        self.txn.put(&keys::session(node), &session);
+        let Some(old) = old else {
+            return Ok(Ok(Reply::Done));
+        };
+        // The old session's process is gone: its locks and open-but-unlinked files go with it.
+        let lock_keys: Vec<Vec<u8>> = self
+            .txn
+            .tree
+            .scan_prefix([keys::LOCKS])
+            .keys()
+            .map(|k| k.map(|k| k.to_vec()))
+            .collect::<Result<_, _>>()?;
+        for key in lock_keys {
+            let ino = keys::u64_after_tag(&key);
+            let mut locks = self.txn.locks(ino)?;
+            locks.retain(|l| l.owner.session != old);
+            self.store_locks(ino, locks);
+        }
+        let orphans: Vec<(Ino, u64)> = crate::view::StateView {
+            tree: self.txn.tree.clone(),
+        }
+        .orphans()?;
+        for (ino, owner) in orphans {
+            if owner == old {
+                self.purge(ino)?.ok();
+            }
+        }
+        Ok(Ok(Reply::Done))
+    }
+
+    fn forget_garbage(&mut self, blocks: &[BlockId]) -> Outcome {
+        for id in blocks {
+            if self.txn.block_refs(id)? == 0 {
+                self.txn.del(&keys::garbage(id));
+            }
+        }
+        Ok(Ok(Reply::Done))
+    }
+}
+
+/// The first lock held by another owner that conflicts with `lock`.
+pub fn conflicting(locks: &[RangeLock], lock: &RangeLock) -> Option<RangeLock> {
+    locks
+        .iter()
+        .find(|l| {
+            l.owner != lock.owner
+                && l.overlaps(lock.start, lock.end)
+                && (l.kind == LockKind::Write || lock.kind == LockKind::Write)
+        })
+        .copied()
+}
+
+#[cfg(test)]
+mod tests;

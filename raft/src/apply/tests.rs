@@ -1,0 +1,666 @@
+//! Unit tests of the state machine: every command, rename corner cases, link counts and
+//! block reference counts.
+
+use super::*;
+use crate::view::StateView;
+
+struct Sm {
+    _dir: tempfile::TempDir,
+    tree: sled::Tree,
+    now: Nanos,
+}
+
+const SESSION: u64 = 7;
+
+impl Sm {
+    fn new() -> Sm {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path())
+            .temporary(true)
+            .open()
+            .unwrap();
+        let tree = db.open_tree("sm").unwrap();
+        let mut txn = Txn::new(&tree);
+        ensure_root(&mut txn, 0).unwrap();
+        tree.apply_batch(txn.into_batch()).unwrap();
+        Sm {
+            _dir: dir,
+            tree,
+            now: 1,
+        }
+    }
+
+    fn run(&mut self, cmd: MetaCommand) -> CommandResult {
+        self.now += 1;
+        let mut txn = Txn::new(&self.tree);
+        let req = MetaRequest {
+            now: self.now,
+            session: SESSION,
+            cmds: vec![cmd],
+        };
+        let mut resp = apply_request(&mut txn, &req).unwrap();
+        self.tree.apply_batch(txn.into_batch()).unwrap();
+        resp.results.pop().unwrap()
+    }
+
+    fn view(&self) -> StateView {
+        StateView {
+            tree: self.tree.clone(),
+        }
+    }
+
+    fn inode(&self, ino: Ino) -> Inode {
+        self.view().inode(ino).unwrap().expect("inode exists")
+    }
+
+    fn create(&mut self, parent: Ino, name: &str, kind: FileKind) -> CommandResult {
+        self.run(MetaCommand::Create {
+            parent,
+            name: name.into(),
+            kind,
+            perm: 0o644,
+            uid: 1,
+            gid: 2,
+            rdev: 0,
+            target: Vec::new(),
+        })
+    }
+
+    fn mk(&mut self, parent: Ino, name: &str, kind: FileKind) -> Ino {
+        match self.create(parent, name, kind) {
+            Ok(Reply::Inode(i)) => i.ino,
+            other => panic!("create {name}: {other:?}"),
+        }
+    }
+
+    fn lookup(&self, parent: Ino, name: &str) -> Option<Ino> {
+        self.view()
+            .lookup(parent, name.as_bytes())
+            .unwrap()
+            .map(|d| d.ino)
+    }
+
+    fn rename(
+        &mut self,
+        parent: Ino,
+        name: &str,
+        new_parent: Ino,
+        new_name: &str,
+        flags: RenameFlags,
+    ) -> CommandResult {
+        self.run(MetaCommand::Rename {
+            parent,
+            name: name.into(),
+            new_parent,
+            new_name: new_name.into(),
+            flags,
+        })
+    }
+
+    fn write(&mut self, ino: Ino, off: u64, len: u32, block: u8) -> CommandResult {
+        self.run(MetaCommand::Write {
+            ino,
+            slices: vec![Slice {
+                off,
+                len,
+                block: BlockId([block; 32]),
+                block_off: 0,
+                block_len: len,
+            }],
+            size: off + u64::from(len),
+        })
+    }
+
+    fn refs(&self, block: u8) -> u64 {
+        self.view().block_refs(&BlockId([block; 32])).unwrap()
+    }
+
+    fn garbage(&self) -> Vec<u8> {
+        self.view()
+            .garbage(100)
+            .unwrap()
+            .iter()
+            .map(|(b, _)| b.0[0])
+            .collect()
+    }
+}
+
+/// Runs `cmd` on a fresh state machine after `setup` and compares the outcome.
+fn check(setup: impl FnOnce(&mut Sm) -> MetaCommand, expected: Result<(), FsError>) {
+    let mut sm = Sm::new();
+    let cmd = setup(&mut sm);
+    let got = sm.run(cmd).map(|_| ());
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn create_sets_owner_times_and_parent_counts() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    let d = sm.mk(ROOT_INO, "d", FileKind::Dir);
+    let fi = sm.inode(f);
+    assert_eq!(
+        (fi.uid, fi.gid, fi.nlink, fi.perm, fi.size),
+        (1, 2, 1, 0o644, 0)
+    );
+    assert_eq!(sm.inode(d).nlink, 2);
+    let root = sm.inode(ROOT_INO);
+    assert_eq!((root.nlink, root.children), (3, 2));
+    assert_eq!(root.mtime, sm.now);
+    assert_eq!(
+        sm.create(ROOT_INO, "f", FileKind::File),
+        Err(FsError::Exists)
+    );
+    assert_eq!(sm.create(f, "x", FileKind::File), Err(FsError::NotDir));
+    assert_eq!(
+        sm.create(ROOT_INO, &"n".repeat(256), FileKind::File),
+        Err(FsError::NameTooLong)
+    );
+    assert_eq!(sm.view().inode_count().unwrap(), 3);
+}
+
+#[test]
+fn setgid_directories_pass_their_group_on() {
+    let mut sm = Sm::new();
+    let d = sm.mk(ROOT_INO, "d", FileKind::Dir);
+    sm.run(MetaCommand::SetAttr {
+        ino: d,
+        attr: SetAttr {
+            perm: Some(0o2775),
+            gid: Some(50),
+            ..Default::default()
+        },
+    })
+    .unwrap();
+    let f = sm.mk(d, "f", FileKind::File);
+    let sub = sm.mk(d, "sub", FileKind::Dir);
+    assert_eq!(sm.inode(f).gid, 50);
+    assert_eq!(sm.inode(sub).gid, 50);
+    assert_eq!(sm.inode(sub).perm & S_ISGID, S_ISGID);
+}
+
+#[test]
+fn hard_links_count_and_orphans_wait_for_purge() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    sm.write(f, 0, 10, 1).unwrap();
+    sm.run(MetaCommand::Link {
+        ino: f,
+        new_parent: ROOT_INO,
+        new_name: "g".into(),
+    })
+    .unwrap();
+    assert_eq!(sm.inode(f).nlink, 2);
+    let r = sm.run(MetaCommand::Unlink {
+        parent: ROOT_INO,
+        name: "f".into(),
+    });
+    assert_eq!(r, Ok(Reply::Removed { removed: None }));
+    let r = sm.run(MetaCommand::Unlink {
+        parent: ROOT_INO,
+        name: "g".into(),
+    });
+    assert_eq!(r, Ok(Reply::Removed { removed: Some(f) }));
+    // Unlinked but maybe open: the inode and its blocks stay until purged.
+    assert_eq!(sm.inode(f).nlink, 0);
+    assert_eq!(sm.refs(1), 1);
+    assert_eq!(sm.view().orphans().unwrap(), vec![(f, SESSION)]);
+    sm.run(MetaCommand::Purge { ino: f }).unwrap();
+    assert!(sm.view().inode(f).unwrap().is_none());
+    assert_eq!(sm.refs(1), 0);
+    assert_eq!(sm.garbage(), vec![1]);
+    assert!(sm.view().orphans().unwrap().is_empty());
+}
+
+#[test]
+fn link_refuses_directories_and_existing_names() {
+    check(
+        |sm| {
+            let d = sm.mk(ROOT_INO, "d", FileKind::Dir);
+            MetaCommand::Link {
+                ino: d,
+                new_parent: ROOT_INO,
+                new_name: "e".into(),
+            }
+        },
+        Err(FsError::NotPermitted),
+    );
+    check(
+        |sm| {
+            let f = sm.mk(ROOT_INO, "f", FileKind::File);
+            sm.mk(ROOT_INO, "g", FileKind::File);
+            MetaCommand::Link {
+                ino: f,
+                new_parent: ROOT_INO,
+                new_name: "g".into(),
+            }
+        },
+        Err(FsError::Exists),
+    );
+}
+
+#[test]
+fn unlink_and_rmdir_check_kinds_and_emptiness() {
+    check(
+        |sm| {
+            sm.mk(ROOT_INO, "d", FileKind::Dir);
+            MetaCommand::Unlink {
+                parent: ROOT_INO,
+                name: "d".into(),
+            }
+        },
+        Err(FsError::IsDir),
+    );
+    check(
+        |sm| {
+            sm.mk(ROOT_INO, "f", FileKind::File);
+            MetaCommand::Rmdir {
+                parent: ROOT_INO,
+                name: "f".into(),
+            }
+        },
+        Err(FsError::NotDir),
+    );
+    check(
+        |sm| {
+            let d = sm.mk(ROOT_INO, "d", FileKind::Dir);
+            sm.mk(d, "f", FileKind::File);
+            MetaCommand::Rmdir {
+                parent: ROOT_INO,
+                name: "d".into(),
+            }
+        },
+        Err(FsError::NotEmpty),
+    );
+    let mut sm = Sm::new();
+    let d = sm.mk(ROOT_INO, "d", FileKind::Dir);
+    sm.run(MetaCommand::Rmdir {
+        parent: ROOT_INO,
+        name: "d".into(),
+    })
+    .unwrap();
+    assert!(sm.view().inode(d).unwrap().is_none());
+    assert_eq!(sm.inode(ROOT_INO).nlink, 2);
+    assert_eq!(sm.inode(ROOT_INO).children, 0);
+}
+
+#[test]
+fn rename_over_a_file_orphans_the_victim() {
+    let mut sm = Sm::new();
+    let a = sm.mk(ROOT_INO, "a", FileKind::File);
+    let b = sm.mk(ROOT_INO, "b", FileKind::File);
+    let r = sm.rename(ROOT_INO, "a", ROOT_INO, "b", RenameFlags::default());
+    assert_eq!(r, Ok(Reply::Removed { removed: Some(b) }));
+    assert_eq!(sm.lookup(ROOT_INO, "b"), Some(a));
+    assert_eq!(sm.lookup(ROOT_INO, "a"), None);
+    assert_eq!(sm.inode(ROOT_INO).children, 1);
+}
+
+#[test]
+fn rename_moves_directories_and_fixes_link_counts() {
+    let mut sm = Sm::new();
+    let d1 = sm.mk(ROOT_INO, "d1", FileKind::Dir);
+    let d2 = sm.mk(ROOT_INO, "d2", FileKind::Dir);
+    let sub = sm.mk(d1, "sub", FileKind::Dir);
+    sm.rename(d1, "sub", d2, "moved", RenameFlags::default())
+        .unwrap();
+    assert_eq!(sm.inode(d1).nlink, 2);
+    assert_eq!(sm.inode(d2).nlink, 3);
+    assert_eq!(sm.inode(sub).parent, d2);
+    // A directory over an empty directory replaces it.
+    let empty = sm.mk(d1, "empty", FileKind::Dir);
+    sm.rename(d2, "moved", d1, "empty", RenameFlags::default())
+        .unwrap();
+    assert!(sm.view().inode(empty).unwrap().is_none());
+    assert_eq!(sm.inode(d1).nlink, 3);
+    assert_eq!(sm.inode(d2).nlink, 2);
+    assert_eq!(sm.inode(d1).children, 1);
+}
+
+#[test]
+fn rename_corner_cases() {
+    let flags = RenameFlags::default();
+    // Into its own subtree.
+    check(
+        |sm| {
+            let d = sm.mk(ROOT_INO, "d", FileKind::Dir);
+            sm.mk(d, "sub", FileKind::Dir);
+            MetaCommand::Rename {
+                parent: ROOT_INO,
+                name: "d".into(),
+                new_parent: d,
+                new_name: "x".into(),
+                flags,
+            }
+        },
+        Err(FsError::Invalid),
+    );
+    // A directory over a non-empty directory.
+    check(
+        |sm| {
+            sm.mk(ROOT_INO, "a", FileKind::Dir);
+            let b = sm.mk(ROOT_INO, "b", FileKind::Dir);
+            sm.mk(b, "f", FileKind::File);
+            MetaCommand::Rename {
+                parent: ROOT_INO,
+                name: "a".into(),
+                new_parent: ROOT_INO,
+                new_name: "b".into(),
+                flags,
+            }
+        },
+        Err(FsError::NotEmpty),
+    );
+    // A directory over a file, and a file over a directory.
+    check(
+        |sm| {
+            sm.mk(ROOT_INO, "a", FileKind::Dir);
+            sm.mk(ROOT_INO, "b", FileKind::File);
+            MetaCommand::Rename {
+                parent: ROOT_INO,
+                name: "a".into(),
+                new_parent: ROOT_INO,
+                new_name: "b".into(),
+                flags,
+            }
+        },
+        Err(FsError::NotDir),
+    );
+    check(
+        |sm| {
+            sm.mk(ROOT_INO, "a", FileKind::File);
+            sm.mk(ROOT_INO, "b", FileKind::Dir);
+            MetaCommand::Rename {
+                parent: ROOT_INO,
+                name: "a".into(),
+                new_parent: ROOT_INO,
+                new_name: "b".into(),
+                flags,
+            }
+        },
+        Err(FsError::IsDir),
+    );
+    // RENAME_NOREPLACE with an existing target.
+    check(
+        |sm| {
+            sm.mk(ROOT_INO, "a", FileKind::File);
+            sm.mk(ROOT_INO, "b", FileKind::File);
+            MetaCommand::Rename {
+                parent: ROOT_INO,
+                name: "a".into(),
+                new_parent: ROOT_INO,
+                new_name: "b".into(),
+                flags: RenameFlags {
+                    noreplace: true,
+                    exchange: false,
+                },
+            }
+        },
+        Err(FsError::Exists),
+    );
+    // A missing source.
+    check(
+        |_| MetaCommand::Rename {
+            parent: ROOT_INO,
+            name: "nope".into(),
+            new_parent: ROOT_INO,
+            new_name: "b".into(),
+            flags,
+        },
+        Err(FsError::NotFound),
+    );
+}
+
+#[test]
+fn rename_between_hard_links_of_one_inode_is_a_no_op() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "a", FileKind::File);
+    sm.run(MetaCommand::Link {
+        ino: f,
+        new_parent: ROOT_INO,
+        new_name: "b".into(),
+    })
+    .unwrap();
+    sm.rename(ROOT_INO, "a", ROOT_INO, "b", RenameFlags::default())
+        .unwrap();
+    assert_eq!(sm.lookup(ROOT_INO, "a"), Some(f));
+    assert_eq!(sm.lookup(ROOT_INO, "b"), Some(f));
+    assert_eq!(sm.inode(f).nlink, 2);
+}
+
+#[test]
+fn rename_exchange_swaps_entries_across_directories() {
+    let mut sm = Sm::new();
+    let d = sm.mk(ROOT_INO, "d", FileKind::Dir);
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    let sub = sm.mk(d, "sub", FileKind::Dir);
+    let exchange = RenameFlags {
+        noreplace: false,
+        exchange: true,
+    };
+    sm.rename(ROOT_INO, "f", d, "sub", exchange).unwrap();
+    assert_eq!(sm.lookup(ROOT_INO, "f"), Some(sub));
+    assert_eq!(sm.lookup(d, "sub"), Some(f));
+    assert_eq!(sm.inode(sub).parent, ROOT_INO);
+    assert_eq!(sm.inode(d).nlink, 2);
+    assert_eq!(sm.inode(ROOT_INO).nlink, 4);
+    assert_eq!(
+        sm.rename(ROOT_INO, "f", d, "missing", exchange),
+        Err(FsError::NotFound)
+    );
+}
+
+#[test]
+fn writes_truncate_and_gc_keep_reference_counts_exact() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    sm.write(f, 0, 100, 1).unwrap();
+    sm.write(f, 40, 20, 2).unwrap();
+    assert_eq!(sm.inode(f).size, 100);
+    // Block 1 is now referenced by the slices on both sides of the overwrite.
+    assert_eq!((sm.refs(1), sm.refs(2)), (2, 1));
+    let slices = sm.view().slices(f, 0, 100).unwrap();
+    assert_eq!(slices.len(), 3);
+    assert_eq!(slices[2].block_off, 60);
+    sm.run(MetaCommand::SetAttr {
+        ino: f,
+        attr: SetAttr {
+            size: Some(30),
+            ..Default::default()
+        },
+    })
+    .unwrap();
+    assert_eq!((sm.refs(1), sm.refs(2)), (1, 0));
+    assert_eq!(sm.garbage(), vec![2]);
+    // A block that is referenced again leaves the garbage list.
+    sm.write(f, 50, 10, 2).unwrap();
+    assert!(sm.garbage().is_empty());
+    assert_eq!(sm.inode(f).size, 60);
+    // Truncating a directory fails.
+    let r = sm.run(MetaCommand::SetAttr {
+        ino: ROOT_INO,
+        attr: SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    });
+    assert_eq!(r, Err(FsError::IsDir));
+}
+
+#[test]
+fn forget_garbage_keeps_blocks_that_came_back() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    sm.write(f, 0, 10, 1).unwrap();
+    sm.write(f, 0, 10, 2).unwrap();
+    assert_eq!(sm.garbage(), vec![1]);
+    sm.run(MetaCommand::ForgetGarbage {
+        blocks: vec![BlockId([1; 32]), BlockId([2; 32])],
+    })
+    .unwrap();
+    assert!(sm.garbage().is_empty());
+    assert_eq!(sm.refs(2), 1);
+}
+
+#[test]
+fn copy_range_shares_blocks_and_fallocate_punches() {
+    let mut sm = Sm::new();
+    let a = sm.mk(ROOT_INO, "a", FileKind::File);
+    let b = sm.mk(ROOT_INO, "b", FileKind::File);
+    sm.write(a, 0, 100, 1).unwrap();
+    let r = sm.run(MetaCommand::CopyRange {
+        src: a,
+        src_off: 10,
+        dst: b,
+        dst_off: 1000,
+        len: 500,
+    });
+    assert_eq!(r, Ok(Reply::Copied(90)));
+    assert_eq!(sm.inode(b).size, 1090);
+    assert_eq!(sm.refs(1), 2);
+    let s = sm.view().slices(b, 0, 2000).unwrap();
+    assert_eq!((s[0].off, s[0].len, s[0].block_off), (1000, 90, 10));
+    sm.run(MetaCommand::Fallocate {
+        ino: a,
+        off: 0,
+        len: 100,
+        mode: Fallocate::PunchHole,
+    })
+    .unwrap();
+    assert!(sm.view().slices(a, 0, 100).unwrap().is_empty());
+    assert_eq!(sm.inode(a).size, 100);
+    assert_eq!(sm.refs(1), 1);
+    sm.run(MetaCommand::Fallocate {
+        ino: a,
+        off: 0,
+        len: 4096,
+        mode: Fallocate::Allocate { keep_size: false },
+    })
+    .unwrap();
+    assert_eq!(sm.inode(a).size, 4096);
+    let r = sm.run(MetaCommand::CopyRange {
+        src: a,
+        src_off: 0,
+        dst: a,
+        dst_off: 10,
+        len: 100,
+    });
+    assert_eq!(r, Err(FsError::Invalid));
+}
+
+#[test]
+fn xattr_create_and_replace_modes() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    let set = |mode| MetaCommand::SetXattr {
+        ino: f,
+        name: "user.a".into(),
+        value: "1".into(),
+        mode,
+    };
+    assert_eq!(sm.run(set(XattrMode::Replace)), Err(FsError::NoAttr));
+    sm.run(set(XattrMode::Create)).unwrap();
+    assert_eq!(sm.run(set(XattrMode::Create)), Err(FsError::Exists));
+    sm.run(set(XattrMode::Replace)).unwrap();
+    assert_eq!(
+        sm.view().xattrs(f).unwrap().get(b"user.a".as_slice()),
+        Some(&b"1".to_vec())
+    );
+    sm.run(MetaCommand::RemoveXattr {
+        ino: f,
+        name: "user.a".into(),
+    })
+    .unwrap();
+    let r = sm.run(MetaCommand::RemoveXattr {
+        ino: f,
+        name: "user.a".into(),
+    });
+    assert_eq!(r, Err(FsError::NoAttr));
+}
+
+fn lock(session: u64, owner: u64, kind: LockKind, start: u64, end: u64) -> RangeLock {
+    RangeLock {
+        owner: LockOwner { session, owner },
+        pid: owner as u32,
+        kind,
+        start,
+        end,
+    }
+}
+
+#[test]
+fn posix_locks_conflict_split_and_release() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    let set = |l, unlock| MetaCommand::SetLock {
+        ino: f,
+        lock: l,
+        unlock,
+    };
+    sm.run(set(lock(1, 1, LockKind::Read, 0, 99), false))
+        .unwrap();
+    // Shared locks coexist; a write lock over them does not.
+    sm.run(set(lock(1, 2, LockKind::Read, 50, 149), false))
+        .unwrap();
+    assert_eq!(
+        sm.run(set(lock(1, 3, LockKind::Write, 90, 95), false)),
+        Err(FsError::WouldBlock)
+    );
+    // Unlocking the middle of a range splits it.
+    sm.run(set(lock(1, 1, LockKind::Read, 10, 19), true))
+        .unwrap();
+    let locks = sm.view().locks(f).unwrap();
+    let mine: Vec<(u64, u64)> = locks
+        .iter()
+        .filter(|l| l.owner.owner == 1)
+        .map(|l| (l.start, l.end))
+        .collect();
+    assert_eq!(mine, vec![(0, 9), (20, 99)]);
+    sm.run(MetaCommand::ReleaseLocks {
+        ino: f,
+        owner: LockOwner {
+            session: 1,
+            owner: 2,
+        },
+    })
+    .unwrap();
+    sm.run(set(lock(1, 3, LockKind::Write, 100, 200), false))
+        .unwrap();
+    // A new session of the node drops the old session's locks.
+    sm.run(MetaCommand::OpenSession {
+        node: 1,
+        session: 1,
+    })
+    .unwrap();
+    sm.run(MetaCommand::OpenSession {
+        node: 1,
+        session: 2,
+    })
+    .unwrap();
+    assert!(sm.view().locks(f).unwrap().is_empty());
+}
+
+#[test]
+fn a_new_session_purges_the_orphans_of_the_old_one() {
+    let mut sm = Sm::new();
+    sm.run(MetaCommand::OpenSession {
+        node: 1,
+        session: SESSION,
+    })
+    .unwrap();
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    sm.write(f, 0, 10, 1).unwrap();
+    sm.run(MetaCommand::Unlink {
+        parent: ROOT_INO,
+        name: "f".into(),
+    })
+    .unwrap();
+    sm.run(MetaCommand::OpenSession {
+        node: 1,
+        session: 99,
+    })
+    .unwrap();
+    assert!(sm.view().inode(f).unwrap().is_none());
+    assert_eq!(sm.refs(1), 0);
+}

@@ -1,0 +1,53 @@
+//! Errors of the metadata layer.
+//!
+//! POSIX outcomes (`FsError`) are reply data: a command that fails with `NotFound` was still
+//! applied, deterministically, on every replica. `StoreError` is a failure of the store itself.
+
+use serde::{Deserialize, Serialize};
+
+/// A POSIX outcome of a command. Mapped to an errno once, at the FUSE boundary.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("attribute list or value too large")]
+    TooLarge,
+    #[error("lock held by another owner")]
+    WouldBlock,
+    #[error("file too large")]
+    FileTooBig,
+    #[error("operation not supported")]
+    NotSupported,
+}
+
+/// A failure of the metadata store itself: corrupt or unreadable state, or an I/O error in sled.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt metadata record {what}: {source}")]
+    Decode {
+        what: &'static str,
+        source: postcard::Error,
+    },
+    #[error("metadata invariant broken: {0}")]
+    Invariant(String),
+}

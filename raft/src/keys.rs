@@ -1,0 +1,94 @@
+//! The key layout of the state machine's sled tree.
+//!
+//! Everything lives in one tree so that applying a batch of log entries, including the
+//! applied log id, is one atomic sled batch. Integers are big-endian so that keys sort.
+
+use crate::types::{BlockId, Ino};
+
+pub const INODE: u8 = b'i';
+pub const DENTRY: u8 = b'd';
+pub const CHUNK: u8 = b'l';
+pub const XATTR: u8 = b'x';
+pub const LOCKS: u8 = b'k';
+pub const BLOCK_REF: u8 = b'b';
+pub const GARBAGE: u8 = b'g';
+pub const ORPHAN: u8 = b'o';
+pub const SESSION: u8 = b'n';
+
+pub const META_APPLIED: &[u8] = b"m/applied";
+pub const META_MEMBERSHIP: &[u8] = b"m/membership";
+pub const META_NEXT_INO: &[u8] = b"m/next_ino";
+pub const META_INODES: &[u8] = b"m/inodes";
+
+fn with_u64(tag: u8, n: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = tag;
+    k[1..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn with_block(tag: u8, id: &BlockId) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = tag;
+    k[1..].copy_from_slice(&id.0);
+    k
+}
+
+pub fn inode(ino: Ino) -> [u8; 9] {
+    with_u64(INODE, ino)
+}
+
+pub fn dentry_prefix(parent: Ino) -> [u8; 9] {
+    with_u64(DENTRY, parent)
+}
+
+pub fn dentry(parent: Ino, name: &[u8]) -> Vec<u8> {
+    let mut k = dentry_prefix(parent).to_vec();
+    k.extend_from_slice(name);
+    k
+}
+
+pub fn chunk(ino: Ino, index: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = CHUNK;
+    k[1..9].copy_from_slice(&ino.to_be_bytes());
+    k[9..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+pub fn xattrs(ino: Ino) -> [u8; 9] {
+    with_u64(XATTR, ino)
+}
+
+pub fn locks(ino: Ino) -> [u8; 9] {
+    with_u64(LOCKS, ino)
+}
+
+pub fn orphan(ino: Ino) -> [u8; 9] {
+    with_u64(ORPHAN, ino)
+}
+
+pub fn session(node: u64) -> [u8; 9] {
+    with_u64(SESSION, node)
+}
+
+pub fn block_ref(id: &BlockId) -> [u8; 33] {
+    with_block(BLOCK_REF, id)
+}
+
+pub fn garbage(id: &BlockId) -> [u8; 33] {
+    with_block(GARBAGE, id)
+}
+
+/// The u64 that follows the tag byte of a key.
+pub fn u64_after_tag(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[1..9]);
+    u64::from_be_bytes(b)
+}
+
+pub fn block_after_tag(key: &[u8]) -> BlockId {
+    let mut b = [0u8; 32];
+    b.copy_from_slice(&key[1..33]);
+    BlockId(b)
+}

@@ -1,0 +1,454 @@
+//! openraft storage on sled: the log store and the state machine.
+//!
+//! One sled database holds four trees: `log` (entries by index), `raft` (vote, committed and
+//! purged log ids), `sm` (the state machine, see `keys`) and `snapshot` (the current snapshot).
+//! sled only flushes by itself every 500 ms, so every write openraft must find after a crash
+//! (appended entries, the vote, a truncation) is followed by one `flush_async` before openraft is
+//! told it is durable; the entries of one `append` share that flush.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::TypeConfig;
+use crate::apply::{Txn, apply_request, ensure_root};
+use crate::error::StoreError;
+use crate::keys;
+use crate::types::MetaResponse;
+use crate::view::{Kv, StateView, decode, encode};
+
+type NodeId = u64;
+type SError = StorageError<NodeId>;
+
+fn io_err<E: std::error::Error + 'static>(
+    f: impl FnOnce(AnyError) -> StorageIOError<NodeId>,
+    e: E,
+) -> SError {
+    f(AnyError::new(&e)).into()
+}
+
+/// Opens (or creates) the metadata database in `dir`.
+pub fn open(dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreError> {
+    let db = sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        .open()?;
+    let log = LogStore {
+        log: db.open_tree("log")?,
+        raft: db.open_tree("raft")?,
+        db: db.clone(),
+    };
+    let sm = StateMachine {
+        tree: db.open_tree("sm")?,
+        snapshots: db.open_tree("snapshot")?,
+        apply_lock: Arc::new(Mutex::new(())),
+        db,
+    };
+    Ok((log, sm))
+}
+
+// ---- log ----
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    raft: sled::Tree,
+}
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const PURGED: &[u8] = b"purged";
+
+impl LogStore {
+    fn meta<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.raft.get(key)? {
+            Some(v) => decode("raft meta", &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SError> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(x) => Bound::Included(x.to_be_bytes()),
+            Bound::Excluded(x) => Bound::Excluded(x.to_be_bytes()),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for kv in self.log.range((Bound::Included(start.to_be_bytes()), end)) {
+            let (_, v) = kv.map_err(|e| io_err(StorageIOError::read_logs, e))?;
+            out.push(decode("log entry", &v).map_err(|e| io_err(StorageIOError::read_logs, e))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SError> {
+        let purged: Option<LogId<NodeId>> = self
+            .meta::<Option<LogId<NodeId>>>(PURGED)
+            .map_err(|e| io_err(StorageIOError::read_logs, e))?
+            .flatten();
+        let last = match self
+            .log
+            .last()
+            .map_err(|e| io_err(StorageIOError::read_logs, e))?
+        {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> =
+                    decode("log entry", &v).map_err(|e| io_err(StorageIOError::read_logs, e))?;
+                Some(e.log_id)
+            }
+            None => purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SError> {
+        self.raft
+            .insert(VOTE, encode(vote))
+            .map_err(|e| io_err(StorageIOError::write_vote, e))?;
+        self.flush()
+            .await
+            .map_err(|e| io_err(StorageIOError::write_vote, e))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SError> {
+        self.meta(VOTE)
+            .map_err(|e| io_err(StorageIOError::read_vote, e))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SError> {
+        self.raft
+            .insert(COMMITTED, encode(&committed))
+            .map_err(|e| io_err(StorageIOError::write, e))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SError> {
+        Ok(self
+            .meta::<Option<LogId<NodeId>>>(COMMITTED)
+            .map_err(|e| io_err(StorageIOError::read, e))?
+            .flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), SError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&entry.log_id.index.to_be_bytes(), encode(&entry));
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        // One flush for the whole batch: only then are the entries durable.
+        let res = self
+            .db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(std::io::Error::other);
+        let failed = res.as_ref().err().map(|e| {
+            io_err(
+                StorageIOError::write_logs,
+                std::io::Error::other(e.to_string()),
+            )
+        });
+        callback.log_io_completed(res);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
+        let mut batch = sled::Batch::default();
+        for k in self.log.range(log_id.index.to_be_bytes()..).keys() {
+            batch.remove(k.map_err(|e| io_err(StorageIOError::write_logs, e))?);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        self.flush()
+            .await
+            .map_err(|e| io_err(StorageIOError::write_logs, e))
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
+        self.raft
+            .insert(PURGED, encode(&Some(log_id)))
+            .map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        let mut batch = sled::Batch::default();
+        for k in self.log.range(..=log_id.index.to_be_bytes()).keys() {
+            batch.remove(k.map_err(|e| io_err(StorageIOError::write_logs, e))?);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        Ok(())
+    }
+}
+
+// ---- state machine ----
+
+/// The metadata state machine. Reads on the node go through `view()`.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: sled::Db,
+    tree: sled::Tree,
+    snapshots: sled::Tree,
+    /// Held while a batch is written and while a snapshot copies the tree, so a snapshot is
+    /// a consistent cut.
+    apply_lock: Arc<Mutex<()>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+const SNAPSHOT: &[u8] = b"current";
+
+impl StateMachine {
+    pub fn view(&self) -> StateView {
+        StateView {
+            tree: self.tree.clone(),
+        }
+    }
+
+    fn applied(
+        &self,
+    ) -> Result<
+        (
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, openraft::BasicNode>,
+        ),
+        StoreError,
+    > {
+        let view = self.view();
+        let applied = view
+            .get::<Option<LogId<NodeId>>>("applied", keys::META_APPLIED)?
+            .flatten();
+        let membership = view
+            .get("membership", keys::META_MEMBERSHIP)?
+            .unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    fn apply_entries(
+        &self,
+        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+    ) -> Result<Vec<MetaResponse>, StoreError> {
+        let mut txn = Txn::new(&self.tree);
+        let mut responses = Vec::new();
+        let mut last = None;
+        for entry in entries {
+            last = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(MetaResponse::default()),
+                EntryPayload::Normal(req) => {
+                    ensure_root(&mut txn, req.now)?;
+                    responses.push(apply_request(&mut txn, &req)?);
+                }
+                EntryPayload::Membership(m) => {
+                    ensure_root(&mut txn, 0)?;
+                    txn.put(
+                        keys::META_MEMBERSHIP,
+                        &StoredMembership::new(Some(entry.log_id), m),
+                    );
+                    responses.push(MetaResponse::default());
+                }
+            }
+        }
+        if let Some(last) = last {
+            txn.put(keys::META_APPLIED, &Some(last));
+        }
+        let _guard = self.apply_lock.lock().expect("apply lock poisoned");
+        self.tree.apply_batch(txn.into_batch())?;
+        Ok(responses)
+    }
+
+    fn build(&self) -> Result<Snapshot<TypeConfig>, StoreError> {
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = {
+            let _guard = self.apply_lock.lock().expect("apply lock poisoned");
+            self.tree
+                .iter()
+                .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                .collect::<Result<_, _>>()?
+        };
+        let data = encode(&pairs);
+        let field = |key: &[u8]| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_slice())
+        };
+        let applied: Option<LogId<NodeId>> = match field(keys::META_APPLIED) {
+            Some(v) => decode("applied", v)?,
+            None => None,
+        };
+        let membership: StoredMembership<NodeId, openraft::BasicNode> =
+            match field(keys::META_MEMBERSHIP) {
+                Some(v) => decode("membership", v)?,
+                None => StoredMembership::default(),
+            };
+        let snapshot_id = match applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, pairs.len()),
+            None => format!("empty-{}", pairs.len()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        self.snapshots.insert(SNAPSHOT, encode(&stored))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+
+    fn install(
+        &self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        data: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = decode("snapshot", &data)?;
+        let _guard = self.apply_lock.lock().expect("apply lock poisoned");
+        let mut batch = sled::Batch::default();
+        for k in self.tree.iter().keys() {
+            batch.remove(k?);
+        }
+        for (k, v) in pairs {
+            batch.insert(k, v);
+        }
+        batch.insert(keys::META_APPLIED, encode(&meta.last_log_id));
+        batch.insert(keys::META_MEMBERSHIP, encode(&meta.last_membership));
+        self.tree.apply_batch(batch)?;
+        self.snapshots.insert(
+            SNAPSHOT,
+            encode(&StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            }),
+        )?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn current(&self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
+        Ok(match self.snapshots.get(SNAPSHOT)? {
+            Some(v) => {
+                let s: StoredSnapshot = decode("snapshot", &v)?;
+                Some(Snapshot {
+                    meta: s.meta,
+                    snapshot: Box::new(Cursor::new(s.data)),
+                })
+            }
+            None => None,
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SError> {
+        self.build()
+            .map_err(|e| io_err(|a| StorageIOError::write_snapshot(None, a), e))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<
+        (
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, openraft::BasicNode>,
+        ),
+        SError,
+    > {
+        self.applied()
+            .map_err(|e| io_err(StorageIOError::read_state_machine, e))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<MetaResponse>, SError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        self.apply_entries(entries)
+            .map_err(|e| io_err(StorageIOError::write_state_machine, e))
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SError> {
+        self.install(meta, snapshot.into_inner()).map_err(|e| {
+            io_err(
+                |a| StorageIOError::write_snapshot(Some(meta.signature()), a),
+                e,
+            )
+        })
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SError> {
+        self.current()
+            .map_err(|e| io_err(|a| StorageIOError::read_snapshot(None, a), e))
+    }
+}

@@ -1,0 +1,315 @@
+//! The data model: inodes, directory entries, file layouts, locks, and the commands that change them.
+
+use serde::{Deserialize, Serialize};
+
+/// An inode number. Numbers are allocated by the state machine from a counter and never reused.
+pub type Ino = u64;
+
+/// The root directory of the filesystem.
+pub const ROOT_INO: Ino = 1;
+
+/// Files are laid out in chunks of this many bytes; each chunk has its own list of slices.
+pub const CHUNK_SIZE: u64 = 64 << 20;
+
+/// The longest name a directory entry may have, as on ext4.
+pub const NAME_MAX: usize = 255;
+
+/// The most hard links an inode may have, as on ext4.
+pub const LINK_MAX: u32 = 65_000;
+
+/// Time in nanoseconds since the Unix epoch. Negative values are before 1970.
+pub type Nanos = i64;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// The content hash of a block: blake3 of its bytes.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub [u8; 32]);
+
+impl BlockId {
+    pub fn of(data: &[u8]) -> BlockId {
+        BlockId(*blake3::hash(data).as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<BlockId> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(BlockId(out))
+    }
+}
+
+impl std::fmt::Debug for BlockId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+impl std::fmt::Display for BlockId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A run of file bytes stored in a block: bytes `[off, off + len)` of the file are bytes
+/// `[block_off, block_off + len)` of `block`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    pub off: u64,
+    pub len: u32,
+    pub block: BlockId,
+    pub block_off: u32,
+    /// The length of the whole block, so a reader can fetch and verify it without another lookup.
+    pub block_len: u32,
+}
+
+impl Slice {
+    pub fn end(&self) -> u64 {
+        self.off + u64::from(self.len)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    pub ino: Ino,
+    pub kind: FileKind,
+    /// Permission bits including setuid, setgid and sticky (`mode & 0o7777`).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub atime: Nanos,
+    pub mtime: Nanos,
+    pub ctime: Nanos,
+    pub crtime: Nanos,
+    pub generation: u64,
+    /// For directories: the parent directory (the root is its own parent).
+    pub parent: Ino,
+    /// For directories: the number of entries.
+    pub children: u64,
+    /// For symlinks: the target.
+    pub target: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dentry {
+    pub ino: Ino,
+    pub kind: FileKind,
+}
+
+/// Who holds a byte-range lock: a daemon session and the kernel's lock owner within it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LockOwner {
+    pub session: u64,
+    pub owner: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKind {
+    Read,
+    Write,
+}
+
+/// A POSIX (fcntl) byte-range lock on `[start, end]`, both inclusive, as FUSE sends them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeLock {
+    pub owner: LockOwner,
+    pub pid: u32,
+    pub kind: LockKind,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl RangeLock {
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.start <= end && start <= self.end
+    }
+}
+
+/// Attribute changes of a setattr; `None` leaves a field alone.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Nanos>,
+    pub mtime: Option<Nanos>,
+    pub ctime: Option<Nanos>,
+}
+
+/// What `fallocate` does to a range.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallocate {
+    /// Make the range part of the file, growing the size unless `keep_size`.
+    Allocate { keep_size: bool },
+    /// Make the range read as zeros without changing the size.
+    PunchHole,
+    /// Make the range read as zeros, growing the size unless `keep_size`.
+    ZeroRange { keep_size: bool },
+}
+
+/// One metadata mutation. Every field it needs, including times and ids, travels inside it,
+/// so applying it is deterministic.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum MetaCommand {
+    /// Creates a file, directory, symlink or special file named `name` in `parent`.
+    Create {
+        parent: Ino,
+        name: Vec<u8>,
+        kind: FileKind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: Vec<u8>,
+    },
+    Link {
+        ino: Ino,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+    },
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        flags: RenameFlags,
+    },
+    SetAttr {
+        ino: Ino,
+        attr: SetAttr,
+    },
+    /// Commits written data: the slices, in write order, replace what they cover.
+    Write {
+        ino: Ino,
+        slices: Vec<Slice>,
+        /// The file size after the write, at least the end of every slice.
+        size: u64,
+    },
+    Fallocate {
+        ino: Ino,
+        off: u64,
+        len: u64,
+        mode: Fallocate,
+    },
+    /// Makes `[dst_off, dst_off + len)` of `dst` share the blocks of `[src_off, src_off + len)` of `src`.
+    CopyRange {
+        src: Ino,
+        src_off: u64,
+        dst: Ino,
+        dst_off: u64,
+        len: u64,
+    },
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        mode: XattrMode,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    /// Deletes an inode whose last link is gone once no session has it open.
+    Purge {
+        ino: Ino,
+    },
+    /// Sets or clears a POSIX byte-range lock.
+    SetLock {
+        ino: Ino,
+        lock: RangeLock,
+        unlock: bool,
+    },
+    /// Releases every lock `owner` holds on `ino` (close of a file releases the process's locks).
+    ReleaseLocks {
+        ino: Ino,
+        owner: LockOwner,
+    },
+    /// A daemon started a new session: locks and orphans of its older sessions are released.
+    OpenSession {
+        node: u64,
+        session: u64,
+    },
+    /// Forgets blocks that were garbage and have been deleted from disk.
+    ForgetGarbage {
+        blocks: Vec<BlockId>,
+    },
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrMode {
+    /// Create or replace.
+    Set,
+    /// Fail with `Exists` if the attribute exists.
+    Create,
+    /// Fail with `NoAttr` if the attribute does not exist.
+    Replace,
+}
+
+/// A batch of commands proposed together: one Raft entry, applied in order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MetaRequest {
+    /// The proposer's clock when it proposed, used for every timestamp the batch sets.
+    pub now: Nanos,
+    /// The proposer's session, which owns the locks and orphans the batch creates.
+    pub session: u64,
+    pub cmds: Vec<MetaCommand>,
+}
+
+impl std::fmt::Display for MetaRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MetaRequest({} commands)", self.cmds.len())
+    }
+}
+
+/// The outcome of one command.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The inode that was created, changed or linked.
+    Inode(Inode),
+    /// An unlink, rmdir or rename; `removed` is the inode that lost its last name, if any,
+    /// which the proposer should purge once nobody has it open.
+    Removed {
+        removed: Option<Ino>,
+    },
+    /// A copy_file_range: how many bytes were copied.
+    Copied(u64),
+    Done,
+}
+
+pub type CommandResult = Result<Reply, crate::FsError>;
+
+/// The results of a batch, one per command in order.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetaResponse {
+    pub results: Vec<CommandResult>,
+}

@@ -1,0 +1,133 @@
+//! Typed reads of the state machine's tree, shared by the apply path (through its overlay)
+//! and by readers on the node (straight from sled).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::StoreError;
+use crate::keys;
+use crate::layout;
+use crate::types::{BlockId, Dentry, Ino, Inode, Nanos, RangeLock, Slice};
+
+pub type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
+
+pub(crate) fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("metadata records always serialize")
+}
+
+/// Point reads by key.
+pub trait Kv {
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match self.get_raw(key)? {
+            Some(b) => decode(what, &b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn inode(&self, ino: Ino) -> Result<Option<Inode>, StoreError> {
+        self.get("inode", &keys::inode(ino))
+    }
+
+    fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Option<Dentry>, StoreError> {
+        self.get("dentry", &keys::dentry(parent, name))
+    }
+
+    fn chunk(&self, ino: Ino, index: u64) -> Result<Vec<Slice>, StoreError> {
+        Ok(self
+            .get("chunk", &keys::chunk(ino, index))?
+            .unwrap_or_default())
+    }
+
+    /// The slices holding bytes of `[start, end)` of a file, trimmed to that range, in order.
+    fn slices(&self, ino: Ino, start: u64, end: u64) -> Result<Vec<Slice>, StoreError> {
+        let mut out = Vec::new();
+        for index in layout::chunks_of(start, end) {
+            out.extend(layout::extract(&self.chunk(ino, index)?, start, end));
+        }
+        Ok(out)
+    }
+
+    fn xattrs(&self, ino: Ino) -> Result<Xattrs, StoreError> {
+        Ok(self.get("xattrs", &keys::xattrs(ino))?.unwrap_or_default())
+    }
+
+    fn locks(&self, ino: Ino) -> Result<Vec<RangeLock>, StoreError> {
+        Ok(self.get("locks", &keys::locks(ino))?.unwrap_or_default())
+    }
+
+    fn block_refs(&self, id: &BlockId) -> Result<u64, StoreError> {
+        Ok(self.get("block_ref", &keys::block_ref(id))?.unwrap_or(0))
+    }
+
+    fn counter(&self, key: &[u8]) -> Result<u64, StoreError> {
+        Ok(self.get("counter", key)?.unwrap_or(0))
+    }
+}
+
+/// Reads of the applied state, straight from sled. Cheap to clone.
+#[derive(Clone)]
+pub struct StateView {
+    pub(crate) tree: sled::Tree,
+}
+
+impl Kv for StateView {
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+}
+
+impl StateView {
+    /// The entries of a directory, sorted by name, without `.` and `..`.
+    pub fn readdir(&self, parent: Ino) -> Result<Vec<(Vec<u8>, Dentry)>, StoreError> {
+        let prefix = keys::dentry_prefix(parent);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            out.push((k[prefix.len()..].to_vec(), decode("dentry", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Blocks no slice references any more, with the time they became unreferenced.
+    pub fn garbage(&self, limit: usize) -> Result<Vec<(BlockId, Nanos)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([keys::GARBAGE]).take(limit) {
+            let (k, v) = kv?;
+            out.push((keys::block_after_tag(&k), decode("garbage", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Inodes whose last name is gone but which a session still had open, with that session.
+    pub fn orphans(&self) -> Result<Vec<(Ino, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([keys::ORPHAN]) {
+            let (k, v) = kv?;
+            out.push((keys::u64_after_tag(&k), decode("orphan", &v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn inode_count(&self) -> Result<u64, StoreError> {
+        self.counter(keys::META_INODES)
+    }
+
+    pub fn block_count(&self) -> Result<u64, StoreError> {
+        Ok(self.tree.scan_prefix([keys::BLOCK_REF]).count() as u64)
+    }
+}

@@ -1,0 +1,3 @@
+//! Integration tests of the sled-backed Raft storage.
+
+mod storage_suite;
