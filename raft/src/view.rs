@@ -131,3 +131,11 @@ impl StateView {
         Ok(self.tree.scan_prefix([keys::BLOCK_REF]).count() as u64)
     }
 }
+
+impl StateView {
+    /// Flushes the applied state to disk (it is also recoverable from the Raft log).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.tree.flush()?;
+        Ok(())
+    }
+}

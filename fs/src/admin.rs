@@ -1,0 +1,136 @@
+//! The admin socket: `DATA/admin.sock`, one length-prefixed JSON request and reply per
+//! connection, used by `shoal status` and friends to talk to the running daemon.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use shoal_net::frame;
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use crate::node::Node;
+
+pub const SOCKET: &str = "admin.sock";
+
+#[derive(Serialize, Deserialize, Debug)]
+pub enum AdminRequest {
+    Status,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub enum AdminReply {
+    Status(Status),
+    Error(String),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Status {
+    pub version: String,
+    pub node_id: u64,
+    pub cluster_id: String,
+    pub raft_state: String,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub mount: Option<String>,
+    pub uptime_secs: u64,
+    pub inodes: u64,
+    pub blocks: u64,
+    pub block_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub cache_bytes: u64,
+    pub dirty_bytes: u64,
+    pub open_files: usize,
+}
+
+pub fn socket_path(data: &Path) -> PathBuf {
+    data.join(SOCKET)
+}
+
+pub fn status(node: &Node, mount: Option<&Path>) -> Status {
+    let m = node.raft.metrics().borrow().clone();
+    let (blocks, block_bytes) = node
+        .blocks
+        .list()
+        .map(|l| (l.len() as u64, l.iter().map(|(_, n, _)| n).sum()))
+        .unwrap_or((0, 0));
+    let disk_free_bytes = node.statfs().map(|s| s.bavail * u64::from(s.bsize)).unwrap_or(0);
+    Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        node_id: node.id,
+        cluster_id: node.config.cluster_id.clone(),
+        raft_state: format!("{:?}", m.state),
+        leader: m.current_leader,
+        term: m.current_term,
+        last_log_index: m.last_log_index,
+        last_applied: m.last_applied.map(|l| l.index),
+        mount: mount.map(|p| p.display().to_string()),
+        uptime_secs: node.started.elapsed().as_secs(),
+        inodes: node.view.inode_count().unwrap_or(0),
+        blocks,
+        block_bytes,
+        disk_free_bytes,
+        cache_bytes: node.cache.weight(),
+        dirty_bytes: node.dirty_bytes(),
+        open_files: node.files.lock().map(|f| f.len()).unwrap_or(0),
+    }
+}
+
+/// Serves admin requests until the listener is dropped with the task.
+pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<()> {
+    let path = socket_path(&node.data_dir);
+    // The data directory is locked by this daemon, so a socket file left there is stale.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let node = node.clone();
+        let mount = mount.clone();
+        tokio::spawn(async move {
+            let req: AdminRequest = match frame::read(&mut conn).await {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(error = %e, "bad admin request");
+                    let _ = frame::write(&mut conn, &AdminReply::Error(format!("bad request: {e}"))).await;
+                    return;
+                }
+            };
+            let reply = match req {
+                AdminRequest::Status => {
+                    let n = node.clone();
+                    match tokio::task::spawn_blocking(move || status(&n, mount.as_deref())).await {
+                        Ok(s) => AdminReply::Status(s),
+                        Err(e) => AdminReply::Error(e.to_string()),
+                    }
+                }
+            };
+            if let Err(e) = frame::write(&mut conn, &reply).await {
+                warn!(error = %e, "admin reply failed");
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no shoal daemon is running for {0}: start one with `shoal daemon --data {0}`")]
+    NotRunning(String),
+    #[error("talking to the daemon: {0}")]
+    Frame(#[from] frame::FrameError),
+    #[error("the daemon says: {0}")]
+    Remote(String),
+}
+
+pub async fn request(data: &Path, req: AdminRequest) -> Result<AdminReply, ClientError> {
+    let path = socket_path(data);
+    let mut conn = UnixStream::connect(&path)
+        .await
+        .map_err(|_| ClientError::NotRunning(data.display().to_string()))?;
+    frame::write(&mut conn, &req).await?;
+    match frame::read(&mut conn).await? {
+        AdminReply::Error(e) => Err(ClientError::Remote(e)),
+        reply => Ok(reply),
+    }
+}

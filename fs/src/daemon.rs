@@ -1,0 +1,50 @@
+//! Running a node in the foreground: start, mount, serve the admin socket, and on SIGINT or
+//! SIGTERM commit buffered writes and unmount.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::node::{Node, NodeOptions};
+use crate::{admin, fuse};
+
+pub struct DaemonArgs<'a> {
+    pub data: &'a Path,
+    pub mount: &'a Path,
+    pub options: NodeOptions,
+    pub fuse_threads: usize,
+}
+
+pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
+    // Check the mount point before starting anything, so a bad --mount fails fast.
+    fuse::mount::prepare(args.mount)?;
+    let node = Node::start(args.data, args.options).await?;
+    let handle = fuse::mount(node.clone(), args.mount, tokio::runtime::Handle::current(), args.fuse_threads)?;
+    let admin = tokio::spawn(admin::serve(node.clone(), Some(handle.mountpoint.clone())));
+    info!(mount = %handle.mountpoint.display(), data = %args.data.display(), "shoal is serving");
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = poll.tick() => {
+                if handle.is_finished() {
+                    warn!(mount = %handle.mountpoint.display(), "the mount went away (unmounted from outside); shutting down");
+                    break;
+                }
+            }
+        }
+    }
+    // Unmount first so no new writes arrive, then commit what is buffered.
+    tokio::task::block_in_place(|| handle.unmount());
+    node.shutdown().await;
+    admin.abort();
+    let _ = std::fs::remove_file(admin::socket_path(args.data));
+    Ok(())
+}

@@ -1,0 +1,352 @@
+// PERF-CRITICAL: every write and read of file data passes through here.
+//! Open files: buffered writes and their commit.
+//!
+//! Writes land in a per-file list of extents, in write order. A commit packs the extents into
+//! blocks of up to `block_size` bytes, stores and fsyncs the blocks, and proposes one `Write`
+//! command whose slices reference them; only then is the data part of the file for everyone.
+//! Commits run on fsync, on flush (close), when a file has `commit_bytes` buffered, and every
+//! `commit_interval`. Reads see committed data overlaid with the extents still buffered.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::Bytes;
+use shoal_raft::{BlockId, Ino, MetaCommand, Slice};
+use tracing::{error, warn};
+
+use crate::blocks::BlockStore;
+use crate::node::{Node, OpError, OpResult};
+
+/// Bytes written at `off`, not yet committed.
+pub(crate) struct Extent {
+    pub off: u64,
+    pub data: Vec<u8>,
+}
+
+impl Extent {
+    fn end(&self) -> u64 {
+        self.off + self.data.len() as u64
+    }
+}
+
+#[derive(Default)]
+struct Buffers {
+    /// Extents not yet handed to a commit, in write order.
+    pending: Vec<Extent>,
+    pending_bytes: usize,
+    /// Extents a running commit is storing; still visible to reads until it is applied.
+    committing: Option<Arc<Vec<Extent>>>,
+    /// An error from a background commit, reported by the next flush or fsync.
+    error: Option<i32>,
+}
+
+pub struct OpenFile {
+    pub ino: Ino,
+    /// Open handles on this node.
+    pub(crate) opens: AtomicUsize,
+    bufs: Mutex<Buffers>,
+    commit_lock: tokio::sync::Mutex<()>,
+    /// A background commit is queued and has not yet taken the buffers.
+    commit_queued: AtomicBool,
+}
+
+impl OpenFile {
+    pub(crate) fn new(ino: Ino) -> OpenFile {
+        OpenFile {
+            ino,
+            opens: AtomicUsize::new(0),
+            bufs: Mutex::new(Buffers::default()),
+            commit_lock: tokio::sync::Mutex::new(()),
+            commit_queued: AtomicBool::new(false),
+        }
+    }
+
+    fn bufs(&self) -> std::sync::MutexGuard<'_, Buffers> {
+        self.bufs.lock().expect("file buffers lock")
+    }
+
+    /// Buffers a write. Returns the number of bytes buffered for this file afterwards.
+    pub(crate) fn buffer(&self, node: &Node, off: u64, mut data: &[u8]) -> usize {
+        let block = node.config.block_size as usize;
+        let mut b = self.bufs();
+        let len = data.len();
+        // Extend the last extent when the write continues it, so sequential writes fill blocks.
+        if let Some(last) = b.pending.last_mut() {
+            if last.end() == off && last.data.len() < block {
+                let take = data.len().min(block - last.data.len());
+                last.data.extend_from_slice(&data[..take]);
+                data = &data[take..];
+            }
+        }
+        let mut at = off + (len - data.len()) as u64;
+        for piece in data.chunks(block) {
+            b.pending.push(Extent {
+                off: at,
+                data: piece.to_vec(),
+            });
+            at += piece.len() as u64;
+        }
+        b.pending_bytes += len;
+        node.dirty_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        b.pending_bytes
+    }
+
+    pub(crate) fn has_buffered(&self) -> bool {
+        let b = self.bufs();
+        !b.pending.is_empty() || b.committing.is_some() || b.error.is_some()
+    }
+
+    /// The end of the furthest buffered byte, if anything is buffered.
+    pub(crate) fn buffered_end(&self) -> Option<u64> {
+        let b = self.bufs();
+        let committing = b.committing.iter().flat_map(|c| c.iter());
+        b.pending.iter().chain(committing).map(Extent::end).max()
+    }
+
+    /// Copies out the buffered bytes inside `[off, off + len)`, oldest first, so that laying
+    /// them over committed data in order gives what a reader must see.
+    /// Call before reading the committed layout: see `Node::read`.
+    pub(crate) fn snapshot_overlay(&self, off: u64, len: usize) -> Vec<(u64, Bytes)> {
+        let end = off + len as u64;
+        let b = self.bufs();
+        let committing = b.committing.iter().flat_map(|c| c.iter());
+        committing
+            .chain(b.pending.iter())
+            .filter(|e| e.off < end && e.end() > off)
+            .map(|e| {
+                let from = e.off.max(off);
+                let to = e.end().min(end);
+                let s = (from - e.off) as usize;
+                (from, Bytes::copy_from_slice(&e.data[s..s + (to - from) as usize]))
+            })
+            .collect()
+    }
+
+    /// The buffered extents' byte ranges, for SEEK_DATA/SEEK_HOLE.
+    pub(crate) fn buffered_ranges(&self) -> Vec<(u64, u64)> {
+        let b = self.bufs();
+        let committing = b.committing.iter().flat_map(|c| c.iter());
+        committing.chain(b.pending.iter()).map(|e| (e.off, e.end())).collect()
+    }
+
+    /// Commits everything buffered so far. Returns once the data and its layout are durable,
+    /// or the error of this commit or of an earlier background one.
+    pub async fn commit(&self, node: &Node) -> OpResult<()> {
+        let _serial = self.commit_lock.lock().await;
+        let batch = {
+            let mut b = self.bufs();
+            if let Some(errno) = b.error.take() {
+                return Err(OpError::Errno(errno));
+            }
+            if b.pending.is_empty() {
+                return Ok(());
+            }
+            let batch = Arc::new(std::mem::take(&mut b.pending));
+            b.pending_bytes = 0;
+            b.committing = Some(batch.clone());
+            batch
+        };
+        let bytes: u64 = batch.iter().map(|e| e.data.len() as u64).sum();
+        let result = self.store_and_propose(node, &batch).await;
+        let mut b = self.bufs();
+        b.committing = None;
+        match result {
+            Ok(()) => {
+                node.dirty_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the data: put it back in front of anything written since, in order.
+                let batch = Arc::try_unwrap(batch).unwrap_or_else(|a| {
+                    a.iter()
+                        .map(|e| Extent {
+                            off: e.off,
+                            data: e.data.clone(),
+                        })
+                        .collect()
+                });
+                let later = std::mem::take(&mut b.pending);
+                b.pending = batch;
+                b.pending.extend(later);
+                b.pending_bytes = b.pending.iter().map(|e| e.data.len()).sum();
+                Err(e)
+            }
+        }
+    }
+
+    async fn store_and_propose(&self, node: &Node, batch: &Arc<Vec<Extent>>) -> OpResult<()> {
+        let size = batch.iter().map(Extent::end).max().unwrap_or(0);
+        let store = node.blocks.clone();
+        let block_size = node.config.block_size as usize;
+        let packed = pack(batch, block_size);
+        let ids: Vec<BlockId> = packed.iter().map(|(id, _)| *id).collect();
+        node.guard_blocks(&ids);
+        let stored = {
+            let packed: Vec<(BlockId, Bytes)> = packed.iter().map(|(id, p)| (*id, p.data.clone())).collect();
+            tokio::task::spawn_blocking(move || store_blocks(&store, &packed))
+                .await
+                .map_err(|e| OpError::Raft(format!("block writer panicked: {e}")))
+        };
+        let result = match stored {
+            Ok(Ok(())) => {
+                for (id, p) in &packed {
+                    node.cache.insert(*id, p.data.clone());
+                }
+                let slices = packed.into_iter().flat_map(|(_, p)| p.slices).collect();
+                node.run(MetaCommand::Write {
+                    ino: self.ino,
+                    slices,
+                    size,
+                })
+                .await
+                .map(|_| ())
+            }
+            Ok(Err(e)) => {
+                error!(ino = self.ino, error = %e, "storing blocks failed");
+                Err(e.into())
+            }
+            Err(e) => Err(e),
+        };
+        node.unguard_blocks(&ids);
+        result
+    }
+
+    /// Commits in the background; a failure is kept for the next flush or fsync to report.
+    pub(crate) fn commit_in_background(self: &Arc<Self>, node: &Arc<Node>) {
+        if self.commit_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let file = self.clone();
+        let node = node.clone();
+        tokio::spawn(async move {
+            file.commit_queued.store(false, Ordering::Release);
+            if let Err(e) = file.commit(&node).await {
+                warn!(ino = file.ino, error = %e, "background commit failed; the next fsync or close reports it");
+                file.bufs().error.get_or_insert(e.errno());
+            }
+        });
+    }
+}
+
+struct Packed {
+    data: Bytes,
+    slices: Vec<Slice>,
+}
+
+/// Packs extents into blocks of at most `block_size` bytes, keeping their order in the slices.
+fn pack(extents: &[Extent], block_size: usize) -> Vec<(BlockId, Packed)> {
+    let mut out = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut members: Vec<(u64, u32, u32)> = Vec::new();
+    let mut seal = |buf: &mut Vec<u8>, members: &mut Vec<(u64, u32, u32)>| {
+        if buf.is_empty() {
+            return;
+        }
+        let data = Bytes::from(std::mem::take(buf));
+        let id = BlockId::of(&data);
+        let block_len = data.len() as u32;
+        let slices = members
+            .drain(..)
+            .map(|(off, len, block_off)| Slice {
+                off,
+                len,
+                block: id,
+                block_off,
+                block_len,
+            })
+            .collect();
+        out.push((id, Packed { data, slices }));
+    };
+    for e in extents {
+        if !buf.is_empty() && buf.len() + e.data.len() > block_size {
+            seal(&mut buf, &mut members);
+        }
+        members.push((e.off, e.data.len() as u32, buf.len() as u32));
+        buf.extend_from_slice(&e.data);
+    }
+    seal(&mut buf, &mut members);
+    out
+}
+
+fn store_blocks(store: &BlockStore, blocks: &[(BlockId, Bytes)]) -> Result<(), crate::blocks::BlockError> {
+    std::thread::scope(|s| {
+        let workers = blocks.len().clamp(1, 4);
+        let per = blocks.len().div_ceil(workers).max(1);
+        let handles: Vec<_> = blocks
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().try_for_each(|(id, data)| store.put(id, data).map(|_| ()))))
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("block writer thread panicked"))
+    })?;
+    store.sync_dirs(blocks.iter().map(|(id, _)| id))
+}
+
+impl Node {
+    pub(crate) fn guard_blocks(&self, ids: &[BlockId]) {
+        let mut g = self.unreferenced_writes.lock().expect("guard lock");
+        for id in ids {
+            *g.entry(*id).or_default() += 1;
+        }
+    }
+
+    pub(crate) fn unguard_blocks(&self, ids: &[BlockId]) {
+        let mut g = self.unreferenced_writes.lock().expect("guard lock");
+        for id in ids {
+            if let Some(n) = g.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    g.remove(id);
+                }
+            }
+        }
+    }
+}
+
+/// Commits buffered writes of every open file each `commit_interval`.
+pub(crate) async fn commit_worker(node: Weak<Node>) {
+    let interval = match node.upgrade() {
+        Some(n) => n.options.commit_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let files: Vec<Arc<OpenFile>> = node
+            .files
+            .lock()
+            .expect("files lock")
+            .values()
+            .filter(|f| f.bufs().pending_bytes > 0)
+            .cloned()
+            .collect();
+        for f in files {
+            f.commit_in_background(&node);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_fills_blocks_in_order_and_keeps_offsets() {
+        let extents = vec![
+            Extent { off: 100, data: vec![1; 6] },
+            Extent { off: 0, data: vec![2; 4] },
+            Extent { off: 50, data: vec![3; 8] },
+        ];
+        let packed = pack(&extents, 10);
+        assert_eq!(packed.len(), 2);
+        let (id0, p0) = &packed[0];
+        assert_eq!(p0.data.len(), 10);
+        assert_eq!(*id0, BlockId::of(&p0.data));
+        let offs: Vec<(u64, u32, u32)> = p0.slices.iter().map(|s| (s.off, s.len, s.block_off)).collect();
+        assert_eq!(offs, vec![(100, 6, 0), (0, 4, 6)]);
+        assert_eq!(packed[1].1.slices[0].off, 50);
+        assert_eq!(packed[1].1.slices[0].block_len, 8);
+    }
+}

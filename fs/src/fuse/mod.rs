@@ -1,0 +1,687 @@
+// PERF-CRITICAL: every kernel request passes through here.
+//! The FUSE adapter: translates kernel requests into `Node` operations and their outcomes into
+//! replies. Errors become errnos here and nowhere else.
+//!
+//! Requests that only read local metadata are answered on the FUSE thread; requests that wait
+//! on Raft or on block I/O are spawned onto tokio with their reply, so a slow read never holds
+//! up other operations.
+
+pub mod mount;
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use shoal_raft::{FileKind, FsError, Ino, Inode, Nanos, SetAttr, XattrMode};
+use tracing::{debug, warn};
+
+use crate::node::{Node, OpError, now_nanos};
+use crate::ops::{NewEntry, WriteAck, range_lock};
+
+pub use mount::{MountError, MountHandle, mount};
+
+/// How long the kernel may cache attributes and entries. Every change on a single node goes
+/// through this kernel, which updates or drops its cache itself.
+const TTL: Duration = Duration::from_secs(1);
+/// The largest write the kernel sends in one request.
+pub const MAX_WRITE: u32 = 1 << 20;
+/// Reported as st_blksize: the I/O size applications should use.
+const BLKSIZE: u32 = 1 << 20;
+
+type DirListing = Arc<Vec<(Ino, FileKind, Vec<u8>)>>;
+
+pub struct ShoalFs {
+    node: Arc<Node>,
+    rt: tokio::runtime::Handle,
+    next_fh: AtomicU64,
+    dirs: std::sync::Mutex<std::collections::HashMap<u64, DirListing>>,
+}
+
+fn errno(e: &OpError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn time(ns: Nanos) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn nanos(t: SystemTime) -> Nanos {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as Nanos,
+        Err(e) => -(e.duration().as_nanos() as Nanos),
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+pub fn attr(i: &Inode) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(i.ino),
+        size: i.size,
+        blocks: i.size.div_ceil(512),
+        atime: time(i.atime),
+        mtime: time(i.mtime),
+        ctime: time(i.ctime),
+        crtime: time(i.crtime),
+        kind: file_type(i.kind),
+        perm: (i.perm & 0o7777) as u16,
+        nlink: i.nlink,
+        uid: i.uid,
+        gid: i.gid,
+        rdev: i.rdev,
+        blksize: BLKSIZE,
+        flags: 0,
+    }
+}
+
+fn kind_of_mode(mode: u32) -> Option<FileKind> {
+    Some(match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => FileKind::File,
+        libc::S_IFDIR => FileKind::Dir,
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFSOCK => FileKind::Socket,
+        libc::S_IFCHR => FileKind::CharDev,
+        libc::S_IFBLK => FileKind::BlockDev,
+        libc::S_IFLNK => FileKind::Symlink,
+        _ => return None,
+    })
+}
+
+fn time_or_now(t: TimeOrNow) -> Nanos {
+    match t {
+        TimeOrNow::SpecificTime(t) => nanos(t),
+        TimeOrNow::Now => now_nanos(),
+    }
+}
+
+impl ShoalFs {
+    pub fn new(node: Arc<Node>, rt: tokio::runtime::Handle) -> ShoalFs {
+        ShoalFs {
+            node,
+            rt,
+            next_fh: AtomicU64::new(1),
+            dirs: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs `f` on tokio with a clone of the node.
+    fn spawn<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Arc<Node>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.node.clone()));
+    }
+
+    fn new_entry(&self, req: &Request, parent: INodeNo, name: &OsStr, e: NewEntry, reply: ReplyEntry) {
+        let name = name.as_bytes().to_vec();
+        let e = NewEntry {
+            uid: req.uid(),
+            gid: req.gid(),
+            ..e
+        };
+        self.spawn(move |node| async move {
+            match node.create(parent.0, &name, e).await {
+                Ok(i) => reply.entry(&TTL, &attr(&i), Generation(i.generation)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn reply_empty<Fut>(&self, reply: ReplyEmpty, fut: impl FnOnce(Arc<Node>) -> Fut)
+    where
+        Fut: std::future::Future<Output = Result<(), OpError>> + Send + 'static,
+    {
+        let fut = fut(self.node.clone());
+        self.rt.spawn(async move {
+            match fut.await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn listing(&self, fh: FileHandle) -> Option<DirListing> {
+        self.dirs.lock().expect("dirs lock").get(&fh.0).cloned()
+    }
+}
+
+impl Filesystem for ShoalFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = [
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_POSIX_LOCKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ];
+        for flag in wanted {
+            if let Err(missing) = config.add_capabilities(flag) {
+                warn!(capability = ?missing, "the kernel does not offer this FUSE capability");
+            }
+        }
+        if let Err(max) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(max);
+        }
+        if let Err(max) = config.set_max_readahead(4 << 20) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        debug!(capabilities = ?config.capabilities(), "fuse session initialised");
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.node.lookup(parent.0, name.as_bytes()) {
+            Ok(i) => reply.entry(&TTL, &attr(&i), Generation(i.generation)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node.getattr(ino.0) {
+            Ok(i) => reply.attr(&TTL, &attr(&i)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let change = SetAttr {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_or_now),
+            mtime: mtime.map(time_or_now),
+            ctime: None,
+        };
+        self.spawn(move |node| async move {
+            match node.setattr(ino.0, change).await {
+                Ok(i) => reply.attr(&TTL, &attr(&i)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node.getattr(ino.0) {
+            Ok(i) if i.kind == FileKind::Symlink => reply.data(&i.target),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = kind_of_mode(mode).filter(|k| !matches!(k, FileKind::Dir | FileKind::Symlink)) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        let e = NewEntry {
+            kind,
+            perm: mode & 0o7777,
+            uid: 0,
+            gid: 0,
+            rdev,
+            target: Vec::new(),
+        };
+        self.new_entry(req, parent, name, e, reply);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let e = NewEntry {
+            kind: FileKind::Dir,
+            perm: mode & 0o7777,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            target: Vec::new(),
+        };
+        self.new_entry(req, parent, name, e, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.reply_empty(reply, move |node| async move { node.unlink(parent.0, &name).await });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.reply_empty(reply, move |node| async move { node.rmdir(parent.0, &name).await });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &std::path::Path, reply: ReplyEntry) {
+        let e = NewEntry {
+            kind: FileKind::Symlink,
+            perm: 0o777,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            target: target.as_os_str().as_bytes().to_vec(),
+        };
+        self.new_entry(req, parent, link_name, e, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT)
+            || flags.contains(RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE)
+        {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let flags = shoal_raft::RenameFlags {
+            noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+        };
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        self.reply_empty(reply, move |node| async move {
+            node.rename(parent.0, &name, newparent.0, &newname, flags).await
+        });
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let newname = newname.as_bytes().to_vec();
+        self.spawn(move |node| async move {
+            match node.link(ino.0, newparent.0, &newname).await {
+                Ok(i) => reply.entry(&TTL, &attr(&i), Generation(i.generation)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node.open(ino.0) {
+            Ok(i) if i.kind == FileKind::Dir => reply.error(Errno::EISDIR),
+            Ok(_) => reply.opened(FileHandle(self.fh()), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |node| async move {
+            match node.read(ino.0, offset, size as usize).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let len = data.len() as u32;
+        match self.node.write(ino.0, offset, data) {
+            Ok(WriteAck::Buffered) => reply.written(len),
+            Ok(WriteAck::Commit(file)) => {
+                reply.written(len);
+                file.commit_in_background(&self.node);
+            }
+            Ok(WriteAck::CommitFirst(file)) => self.spawn(move |node| async move {
+                match file.commit(&node).await {
+                    Ok(()) => reply.written(len),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.reply_empty(reply, move |node| async move { node.flush(ino.0, lock_owner.0).await });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.reply_empty(reply, move |node| async move { node.release(ino.0).await });
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.reply_empty(reply, move |node| async move { node.commit(ino.0).await });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node.readdir(ino.0) {
+            Ok(list) => {
+                let fh = self.fh();
+                self.dirs.lock().expect("dirs lock").insert(fh, Arc::new(list));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(list) = self.listing(fh) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, file_type(*kind), OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(list) = self.listing(fh) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        for (i, (ino, _, name)) in list.iter().enumerate().skip(offset as usize) {
+            // An entry removed since opendir is skipped rather than reported stale.
+            let Ok(inode) = self.node.getattr(*ino) else { continue };
+            if reply.add(
+                INodeNo(*ino),
+                i as u64 + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr(&inode),
+                Generation(inode.generation),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().expect("dirs lock").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Namespace changes are durable in the Raft log before they return.
+        match self.node.getattr(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.node.statfs() {
+            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, 255, s.bsize),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = match flags {
+            0 => XattrMode::Set,
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => {
+                reply.error(Errno::EINVAL);
+                return;
+            }
+        };
+        let name = name.as_bytes().to_vec();
+        if name.starts_with(b"system.posix_acl_") {
+            reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            return;
+        }
+        let value = value.to_vec();
+        self.reply_empty(reply, move |node| async move { node.setxattr(ino.0, &name, &value, mode).await });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(self.node.getxattr(ino.0, name.as_bytes()), size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(self.node.listxattr(ino.0), size, reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.reply_empty(reply, move |node| async move { node.removexattr(ino.0, &name).await });
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // With default_permissions the kernel checks permissions; this only checks existence.
+        match self.node.getattr(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = name.as_bytes().to_vec();
+        let e = NewEntry {
+            kind: FileKind::File,
+            perm: mode & 0o7777,
+            uid: req.uid(),
+            gid: req.gid(),
+            rdev: 0,
+            target: Vec::new(),
+        };
+        let fh = self.fh();
+        self.spawn(move |node| async move {
+            let created = node.create(parent.0, &name, e).await.and_then(|i| node.open(i.ino));
+            match created {
+                Ok(i) => reply.created(
+                    &TTL,
+                    &attr(&i),
+                    Generation(i.generation),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let Some((probe, _)) = range_lock(self.node.lock_owner(lock_owner.0), pid, typ, start, end) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        match self.node.getlk(ino.0, &probe) {
+            Ok(Some(l)) => {
+                let typ = match l.kind {
+                    shoal_raft::LockKind::Read => libc::F_RDLCK,
+                    shoal_raft::LockKind::Write => libc::F_WRLCK,
+                };
+                reply.locked(l.start, l.end, typ, l.pid);
+            }
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some((lock, unlock)) = range_lock(self.node.lock_owner(lock_owner.0), pid, typ, start, end) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        self.reply_empty(reply, move |node| async move { node.setlk(ino.0, lock, unlock, sleep).await });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.reply_empty(reply, move |node| async move { node.fallocate(ino.0, offset, length, mode).await });
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        if offset < 0 {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        match self.node.lseek(ino.0, offset as u64, whence) {
+            Ok(pos) => reply.offset(pos as i64),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let len = len.min(1 << 30);
+        self.spawn(move |node| async move {
+            match node.copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len).await {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+}
+
+fn reply_xattr(value: Result<Vec<u8>, OpError>, size: u32, reply: ReplyXattr) {
+    match value {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(OpError::Fs(FsError::NoAttr)) => reply.error(Errno::from_i32(libc::ENODATA)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}

@@ -1,0 +1,153 @@
+//! Mounting and unmounting the FUSE filesystem, with the checks that turn a confusing kernel
+//! error into a sentence that says what to do.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fuser::{Config, MountOption, Notifier, Session, SessionACL, SessionUnmounter};
+use tracing::{info, warn};
+
+use super::ShoalFs;
+use crate::node::Node;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("/dev/fuse is missing: load the fuse module (`modprobe fuse`), or give the container `--device /dev/fuse --cap-add SYS_ADMIN`")]
+    NoFuseDevice,
+    #[error("cannot open /dev/fuse ({0}): run shoal as root")]
+    FuseDevice(io::Error),
+    #[error("{0} is already a mount point ({1}): unmount it or choose another --mount")]
+    Occupied(PathBuf, String),
+    #[error("{0} exists and is not a directory: choose another --mount")]
+    NotADirectory(PathBuf),
+    #[error("cannot prepare mount point {0}: {1}")]
+    Prepare(PathBuf, io::Error),
+    #[error("mounting {0} failed: {1}")]
+    Mount(PathBuf, io::Error),
+}
+
+/// A mounted filesystem. Dropping it without `unmount` leaves the mount to the kernel, which
+/// tears it down when the process exits.
+pub struct MountHandle {
+    pub mountpoint: PathBuf,
+    unmounter: SessionUnmounter,
+    thread: Option<JoinHandle<io::Result<()>>>,
+    pub notifier: Notifier,
+}
+
+/// The mount point's line in /proc/self/mountinfo, if it is one: (fs type, source).
+pub fn mount_entry(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_str()?;
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let mnt = fields.get(4)?.replace("\\040", " ");
+        if mnt != want {
+            return None;
+        }
+        Some((fields.get(sep + 1)?.to_string(), fields.get(sep + 2)?.to_string()))
+    })
+}
+
+/// Lazily detaches whatever is mounted at `path`.
+pub fn detach(path: &Path) -> io::Result<()> {
+    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).map_err(io::Error::from)
+}
+
+/// Checks the FUSE device and the mount point, creating it or clearing a stale shoal mount.
+pub fn prepare(mountpoint: &Path) -> Result<PathBuf, MountError> {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(MountError::NoFuseDevice),
+        Err(e) => return Err(MountError::FuseDevice(e)),
+    }
+    if let Err(e) = std::fs::create_dir_all(mountpoint) {
+        // A dead FUSE mount answers ENOTCONN even to mkdir -p.
+        if e.raw_os_error() != Some(libc::ENOTCONN) {
+            return Err(MountError::Prepare(mountpoint.to_path_buf(), e));
+        }
+    }
+    let abs = std::path::absolute(mountpoint).map_err(|e| MountError::Prepare(mountpoint.to_path_buf(), e))?;
+    match std::fs::metadata(&abs) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            warn!(mount = %abs.display(), "clearing the stale mount of a crashed daemon");
+            detach(&abs).map_err(|e| MountError::Prepare(abs.clone(), e))?;
+        }
+        Err(e) => return Err(MountError::Prepare(abs, e)),
+        Ok(m) if !m.is_dir() => return Err(MountError::NotADirectory(abs)),
+        Ok(_) => {
+            if let Some((fstype, source)) = mount_entry(&abs) {
+                return Err(MountError::Occupied(abs, format!("{fstype} from {source}")));
+            }
+        }
+    }
+    let abs = std::fs::canonicalize(&abs).map_err(|e| MountError::Prepare(abs.clone(), e))?;
+    Ok(abs)
+}
+
+/// Mounts the node's filesystem at `mountpoint` and serves it on `threads` FUSE threads.
+pub fn mount(
+    node: Arc<Node>,
+    mountpoint: &Path,
+    rt: tokio::runtime::Handle,
+    threads: usize,
+) -> Result<MountHandle, MountError> {
+    let mountpoint = prepare(mountpoint)?;
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("shoal:{}", node.config.cluster_id)),
+        MountOption::Subtype("shoal".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = threads > 1;
+    let fs = ShoalFs::new(node, rt);
+    let mut session = Session::new(fs, &mountpoint, &config).map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
+    let notifier = session.notifier();
+    let unmounter = session.unmount_callable();
+    let thread = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || session.run())
+        .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
+    info!(mount = %mountpoint.display(), threads, "mounted");
+    Ok(MountHandle {
+        mountpoint,
+        unmounter,
+        thread: Some(thread),
+        notifier,
+    })
+}
+
+impl MountHandle {
+    /// Unmounts; if the mount is busy, detaches it lazily so the kernel finishes when the last
+    /// user lets go.
+    pub fn unmount(mut self) {
+        if let Err(e) = self.unmounter.unmount() {
+            warn!(mount = %self.mountpoint.display(), error = %e, "unmount failed (busy?); detaching lazily");
+            if let Err(e) = detach(&self.mountpoint) {
+                warn!(mount = %self.mountpoint.display(), error = %e, "lazy detach failed");
+            }
+            // The session serves the files still open until the process exits.
+            return;
+        }
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "fuse session ended with an error"),
+                Err(_) => warn!("fuse session thread panicked"),
+            }
+        }
+        info!(mount = %self.mountpoint.display(), "unmounted");
+    }
+
+    /// Whether the kernel ended the session by itself (someone ran `umount`).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}

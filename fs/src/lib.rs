@@ -1,0 +1,17 @@
+//! The shoal node: the FUSE adapter, block store and caches, and the glue that runs them over
+//! the metadata layer (`shoal-raft`) and the transport (`shoal-net`).
+//!
+//! **Architecture invariant:** this crate depends on `shoal-raft` and `shoal-net`, never the
+//! reverse. POSIX semantics live in `ops` (below FUSE, testable without a mount); `fuse` only
+//! translates.
+
+pub mod admin;
+pub mod blocks;
+pub mod daemon;
+mod file;
+pub mod fuse;
+pub mod node;
+pub mod ops;
+mod raft_net;
+
+pub use node::{Node, NodeOptions};

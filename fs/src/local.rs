@@ -1,0 +1,187 @@
+//! `shoal local up|down`: a cluster on this machine, for trying shoal out.
+//!
+//! Each node lives in `DIR/node-K/` with its data in `data/`, its mount at `mnt/`, its log in
+//! `daemon.log` and its pid in `daemon.pid`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use shoal_fs::admin::{self, AdminReply, AdminRequest};
+use shoal_fs::fuse::mount::{detach, mount_entry};
+use shoal_fs::node;
+
+#[derive(Subcommand)]
+pub enum LocalCommand {
+    /// Start a local cluster and return once every node is mounted and healthy
+    Up {
+        /// How many nodes
+        #[arg(long, default_value_t = 1)]
+        nodes: u32,
+        /// Where the nodes keep their data, mounts and logs
+        #[arg(long, default_value = "/tmp/shoal")]
+        dir: PathBuf,
+    },
+    /// Stop the local cluster's daemons and unmount their mounts
+    Down {
+        #[arg(long, default_value = "/tmp/shoal")]
+        dir: PathBuf,
+    },
+}
+
+pub fn run(cmd: LocalCommand) -> anyhow::Result<()> {
+    match cmd {
+        LocalCommand::Up { nodes, dir } => up(nodes, &dir),
+        LocalCommand::Down { dir } => down(&dir),
+    }
+}
+
+struct NodeDir {
+    root: PathBuf,
+}
+
+impl NodeDir {
+    fn new(dir: &Path, k: u32) -> NodeDir {
+        NodeDir {
+            root: dir.join(format!("node-{k}")),
+        }
+    }
+    fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    fn mnt(&self) -> PathBuf {
+        self.root.join("mnt")
+    }
+    fn log(&self) -> PathBuf {
+        self.root.join("daemon.log")
+    }
+    fn pid_file(&self) -> PathBuf {
+        self.root.join("daemon.pid")
+    }
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    rustix::process::Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn up(nodes: u32, dir: &Path) -> anyhow::Result<()> {
+    if nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    if nodes > 1 {
+        bail!(
+            "--nodes {nodes}: multi-node clusters need nodes to join over QUIC, which this build does not have yet; use --nodes 1"
+        );
+    }
+    if !rustix::process::geteuid().is_root() {
+        bail!("shoal mounts FUSE filesystems for all users, which needs root: run `sudo shoal local up …`");
+    }
+    let exe = std::env::current_exe().context("finding the shoal executable")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut started = Vec::new();
+    for k in 1..=nodes {
+        let nd = NodeDir::new(dir, k);
+        if let Some(pid) = nd.pid().filter(|p| alive(*p)) {
+            println!("node-{k} is already running (pid {pid})");
+            continue;
+        }
+        std::fs::create_dir_all(&nd.root).with_context(|| format!("creating {}", nd.root.display()))?;
+        if node::ClusterConfig::load(&nd.data()).is_err() {
+            rt.block_on(node::init(&nd.data(), 4 << 20))?;
+        }
+        let log = std::fs::File::create(nd.log()).with_context(|| format!("creating {}", nd.log().display()))?;
+        let child = {
+            use std::os::unix::process::CommandExt;
+            Command::new(&exe)
+                .arg("daemon")
+                .arg("--data")
+                .arg(nd.data())
+                .arg("--mount")
+                .arg(nd.mnt())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+                .context("starting the daemon")?
+        };
+        std::fs::write(nd.pid_file(), child.id().to_string())?;
+        started.push((k, nd, child));
+    }
+    for (k, nd, mut child) in started {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "node-{k} exited ({status}) before it was ready; its log {} ends with:\n{}",
+                    nd.log().display(),
+                    tail(&nd.log(), 15)
+                );
+            }
+            let mounted = mount_entry(&nd.mnt()).is_some();
+            let healthy = mounted
+                && matches!(
+                    rt.block_on(admin::request(&nd.data(), AdminRequest::Status)),
+                    Ok(AdminReply::Status(ref s)) if s.leader.is_some()
+                );
+            if healthy {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("node-{k} did not become ready in 60 s; see {}", nd.log().display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("node-{k} is up: mount {}, data {}", nd.mnt().display(), nd.data().display());
+    }
+    let first = NodeDir::new(dir, 1);
+    println!();
+    println!("Try it:");
+    println!("  echo hello > {}/hello.txt && cat {}/hello.txt", first.mnt().display(), first.mnt().display());
+    println!("  shoal status --data {}", first.data().display());
+    println!("  shoal local down --dir {}", dir.display());
+    Ok(())
+}
+
+fn down(dir: &Path) -> anyhow::Result<()> {
+    let mut found = false;
+    for k in 1.. {
+        let nd = NodeDir::new(dir, k);
+        if !nd.root.exists() {
+            break;
+        }
+        found = true;
+        if let Some(pid) = nd.pid().filter(|p| alive(*p)) {
+            let p = rustix::process::Pid::from_raw(pid).expect("positive pid");
+            rustix::process::kill_process(p, rustix::process::Signal::TERM)
+                .with_context(|| format!("stopping node-{k} (pid {pid})"))?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if alive(pid) {
+                bail!("node-{k} (pid {pid}) did not stop within 30 s; see {}", nd.log().display());
+            }
+            println!("node-{k} stopped");
+        }
+        let _ = std::fs::remove_file(nd.pid_file());
+        if mount_entry(&nd.mnt()).is_some() {
+            detach(&nd.mnt()).with_context(|| format!("unmounting {}", nd.mnt().display()))?;
+        }
+    }
+    if !found {
+        bail!("no local cluster in {}", dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,379 @@
+//! The node: one shoal daemon's state. It owns the Raft instance, the metadata view, the block
+//! store and cache, and the open files' write buffers. POSIX operations on it live in `ops`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::{BasicNode, ServerState};
+use serde::{Deserialize, Serialize};
+use shoal_raft::{BlockId, FsError, Ino, MetaCommand, MetaRequest, Raft, Reply, StateView};
+use tokio::sync::{Notify, mpsc};
+use tracing::{error, info, warn};
+
+use crate::blocks::{BlockCache, BlockError, BlockStore};
+use crate::file::OpenFile;
+use crate::raft_net::NoPeers;
+
+/// The file in the data directory that says which cluster and node it belongs to.
+pub const CONFIG_FILE: &str = "shoal.json";
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ClusterConfig {
+    pub node_id: u64,
+    pub cluster_id: String,
+    /// The largest block a file's data is cut into.
+    pub block_size: u32,
+}
+
+impl ClusterConfig {
+    pub fn load(data: &Path) -> Result<ClusterConfig, NodeError> {
+        let path = data.join(CONFIG_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(NodeError::NotInitialized(data.to_path_buf()));
+            }
+            Err(e) => return Err(NodeError::Io(path, e)),
+        };
+        serde_json::from_str(&text).map_err(|e| NodeError::BadConfig(path, e.to_string()))
+    }
+
+    pub fn save(&self, data: &Path) -> Result<(), NodeError> {
+        let path = data.join(CONFIG_FILE);
+        let tmp = data.join(format!("{CONFIG_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(self).expect("config serializes");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| NodeError::Io(path, e))
+    }
+}
+
+/// Tunables of a running node that are not part of the cluster's identity.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Bytes of verified blocks kept in memory.
+    pub cache_bytes: u64,
+    /// A file's buffered writes are committed in the background once they reach this size.
+    pub commit_bytes: usize,
+    /// Buffered writes are committed at least this often.
+    pub commit_interval: Duration,
+    /// Unreferenced blocks younger than this are left alone by the garbage collector.
+    pub gc_grace: Duration,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            cache_bytes: 256 << 20,
+            commit_bytes: 32 << 20,
+            commit_interval: Duration::from_secs(1),
+            gc_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0} is not a shoal data directory: run `shoal init --data {d}` first", d = .0.display())]
+    NotInitialized(PathBuf),
+    #[error("{0} is already initialized for cluster {1}: use another --data directory, or delete it to start over")]
+    AlreadyInitialized(PathBuf, String),
+    #[error("cannot parse {0}: {1}")]
+    BadConfig(PathBuf, String),
+    #[error("another shoal daemon is using {0}: stop it first (see `shoal status --data {d}`)", d = .0.display())]
+    Locked(PathBuf),
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("metadata store: {0}")]
+    Store(#[from] shoal_raft::StoreError),
+    #[error("block store: {0}")]
+    Blocks(#[from] BlockError),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// The failure of one filesystem operation.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    Fs(#[from] FsError),
+    #[error("{0}")]
+    Block(#[from] BlockError),
+    #[error("metadata proposal failed: {0}")]
+    Raft(String),
+    #[error("errno {0}")]
+    Errno(i32),
+}
+
+impl OpError {
+    /// Maps the failure to the errno the application sees.
+    pub fn errno(&self) -> i32 {
+        match self {
+            OpError::Fs(e) => fs_errno(*e),
+            OpError::Block(e) => e.errno(),
+            OpError::Raft(_) => libc::EIO,
+            OpError::Errno(n) => *n,
+        }
+    }
+}
+
+pub fn fs_errno(e: FsError) -> i32 {
+    match e {
+        FsError::NotFound => libc::ENOENT,
+        FsError::Exists => libc::EEXIST,
+        FsError::NotDir => libc::ENOTDIR,
+        FsError::IsDir => libc::EISDIR,
+        FsError::NotEmpty => libc::ENOTEMPTY,
+        FsError::Invalid => libc::EINVAL,
+        FsError::NameTooLong => libc::ENAMETOOLONG,
+        FsError::NotPermitted => libc::EPERM,
+        FsError::TooManyLinks => libc::EMLINK,
+        FsError::NoAttr => libc::ENODATA,
+        FsError::TooLarge => libc::E2BIG,
+        FsError::WouldBlock => libc::EAGAIN,
+        FsError::FileTooBig => libc::EFBIG,
+        FsError::NotSupported => libc::EOPNOTSUPP,
+    }
+}
+
+pub type OpResult<T> = Result<T, OpError>;
+
+pub fn now_nanos() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+pub struct Node {
+    pub id: u64,
+    pub config: ClusterConfig,
+    pub options: NodeOptions,
+    pub data_dir: PathBuf,
+    pub raft: Raft,
+    pub view: StateView,
+    pub blocks: Arc<BlockStore>,
+    pub cache: BlockCache,
+    /// This daemon run's session: owns its locks and the orphans it keeps open.
+    pub session: u64,
+    pub started: Instant,
+    pub(crate) files: Mutex<HashMap<Ino, Arc<OpenFile>>>,
+    /// Blocks written but not yet referenced by a committed layout; the collector skips them.
+    pub(crate) unreferenced_writes: Mutex<HashMap<BlockId, u32>>,
+    pub(crate) dirty_bytes: AtomicU64,
+    pub(crate) purge_tx: mpsc::UnboundedSender<Ino>,
+    /// Woken whenever this node releases a lock, so blocked lock requests retry.
+    pub(crate) locks_changed: Notify,
+    /// Held for the whole life of the node: the data directory's lock file.
+    _lock: std::fs::File,
+}
+
+fn raft_config() -> Result<Arc<openraft::Config>, NodeError> {
+    let config = openraft::Config {
+        cluster_name: "shoal".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    };
+    Ok(Arc::new(config.validate().map_err(|e| NodeError::Raft(e.to_string()))?))
+}
+
+fn lock_data_dir(data: &Path) -> Result<std::fs::File, NodeError> {
+    let path = data.join("LOCK");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| NodeError::Io(path.clone(), e))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(NodeError::Locked(data.to_path_buf())),
+        Err(e) => Err(NodeError::Io(path, e.into())),
+    }
+}
+
+async fn open_raft(
+    id: u64,
+    data: &Path,
+) -> Result<(Raft, StateView), NodeError> {
+    let (log, sm) = shoal_raft::open(&data.join("meta"))?;
+    let view = sm.view();
+    let raft = Raft::new(id, raft_config()?, NoPeers, log, sm)
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    Ok((raft, view))
+}
+
+async fn wait_leader(raft: &Raft, id: u64) -> Result<(), NodeError> {
+    raft.wait(Some(Duration::from_secs(30)))
+        .state(ServerState::Leader, "become leader")
+        .await
+        .map_err(|e| NodeError::Raft(format!("node {id} did not become leader: {e}")))?;
+    Ok(())
+}
+
+/// Creates a new single-node cluster in `data`.
+pub async fn init(data: &Path, block_size: u32) -> Result<ClusterConfig, NodeError> {
+    std::fs::create_dir_all(data).map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
+    if let Ok(existing) = ClusterConfig::load(data) {
+        return Err(NodeError::AlreadyInitialized(data.to_path_buf(), existing.cluster_id));
+    }
+    let _lock = lock_data_dir(data)?;
+    let config = ClusterConfig {
+        node_id: 1,
+        cluster_id: format!("{:016x}", rand::random::<u64>()),
+        block_size,
+    };
+    let (raft, _) = open_raft(config.node_id, data).await?;
+    let members = BTreeMap::from([(config.node_id, BasicNode::new("local"))]);
+    raft.initialize(members)
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    wait_leader(&raft, config.node_id).await?;
+    // The root directory is created by the first applied command.
+    raft.client_write(MetaRequest {
+        now: now_nanos(),
+        session: 0,
+        cmds: Vec::new(),
+    })
+    .await
+    .map_err(|e| NodeError::Raft(e.to_string()))?;
+    raft.shutdown().await.map_err(|e| NodeError::Raft(e.to_string()))?;
+    config.save(data)?;
+    Ok(config)
+}
+
+impl Node {
+    /// Opens the node in `data` and makes it ready to serve: Raft running and leader, a new
+    /// session opened, orphans of the last run purged. Does not mount anything.
+    pub async fn start(data: &Path, options: NodeOptions) -> Result<Arc<Node>, NodeError> {
+        let config = ClusterConfig::load(data)?;
+        let lock = lock_data_dir(data)?;
+        let blocks = Arc::new(BlockStore::open(&data.join("blocks"))?);
+        let (raft, view) = open_raft(config.node_id, data).await?;
+        wait_leader(&raft, config.node_id).await?;
+        let (purge_tx, purge_rx) = mpsc::unbounded_channel();
+        let node = Arc::new(Node {
+            id: config.node_id,
+            cache: BlockCache::new(options.cache_bytes),
+            options,
+            data_dir: data.to_path_buf(),
+            raft,
+            view,
+            blocks,
+            session: rand::random::<u64>() | 1,
+            started: Instant::now(),
+            files: Mutex::new(HashMap::new()),
+            unreferenced_writes: Mutex::new(HashMap::new()),
+            dirty_bytes: AtomicU64::new(0),
+            purge_tx,
+            locks_changed: Notify::new(),
+            _lock: lock,
+            config,
+        });
+        node.run(MetaCommand::OpenSession {
+            node: node.id,
+            session: node.session,
+        })
+        .await
+        .map_err(|e| NodeError::Raft(format!("opening this run's session: {e}")))?;
+        // Nothing is in flight yet, so every block no layout references is a leftover of a
+        // crash between writing a block and committing it.
+        match crate::blocks::gc::sweep_unreferenced(&node, Duration::ZERO) {
+            Ok(0) => {}
+            Ok(n) => info!(blocks = n, "removed blocks a crashed run wrote but never committed"),
+            Err(e) => warn!(error = %e, "startup sweep of unreferenced blocks failed"),
+        }
+        tokio::spawn(purge_worker(node.clone(), purge_rx));
+        tokio::spawn(crate::file::commit_worker(Arc::downgrade(&node)));
+        tokio::spawn(crate::blocks::gc::worker(Arc::downgrade(&node)));
+        info!(node = node.id, cluster = %node.config.cluster_id, "node started");
+        Ok(node)
+    }
+
+    /// Proposes a batch of commands through Raft; returns once they are durable and applied.
+    pub async fn propose(&self, cmds: Vec<MetaCommand>) -> OpResult<Vec<Result<Reply, FsError>>> {
+        let req = MetaRequest {
+            now: now_nanos(),
+            session: self.session,
+            cmds,
+        };
+        match self.raft.client_write(req).await {
+            Ok(resp) => Ok(resp.data.results),
+            Err(e) => {
+                error!(error = %e, "metadata proposal failed");
+                Err(OpError::Raft(e.to_string()))
+            }
+        }
+    }
+
+    /// Proposes one command and returns its reply.
+    pub async fn run(&self, cmd: MetaCommand) -> OpResult<Reply> {
+        let mut results = self.propose(vec![cmd]).await?;
+        match results.pop() {
+            Some(r) => Ok(r?),
+            None => Err(OpError::Raft("empty response".into())),
+        }
+    }
+
+    /// Commits every buffered write and stops Raft.
+    pub async fn shutdown(&self) {
+        let files: Vec<Arc<OpenFile>> = self.files.lock().expect("files lock").values().cloned().collect();
+        for f in files {
+            if let Err(e) = f.commit(self).await {
+                error!(ino = f.ino, error = %e, "could not commit buffered writes at shutdown");
+            }
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown");
+        }
+        if let Err(e) = self.view_flush() {
+            warn!(error = %e, "metadata flush at shutdown");
+        }
+        info!(node = self.id, "node stopped");
+    }
+
+    fn view_flush(&self) -> Result<(), shoal_raft::StoreError> {
+        self.view.flush()
+    }
+
+    /// Asks the purge worker to delete `ino` if its last link is gone and it is not open here.
+    pub(crate) fn maybe_purge(&self, ino: Ino) {
+        let _ = self.purge_tx.send(ino);
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Deletes unlinked inodes once nobody here has them open, a batch per Raft entry.
+async fn purge_worker(node: Arc<Node>, mut rx: mpsc::UnboundedReceiver<Ino>) {
+    while let Some(first) = rx.recv().await {
+        let mut inos = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            inos.push(more);
+        }
+        let cmds: Vec<MetaCommand> = {
+            let files = node.files.lock().expect("files lock");
+            inos.into_iter()
+                .filter(|ino| !files.contains_key(ino))
+                .map(|ino| MetaCommand::Purge { ino })
+                .collect()
+        };
+        if cmds.is_empty() {
+            continue;
+        }
+        if let Err(e) = node.propose(cmds).await {
+            warn!(error = %e, "purging unlinked files failed; they are retried at the next start");
+        }
+    }
+}

@@ -1,0 +1,503 @@
+// PERF-CRITICAL: every filesystem operation passes through here.
+//! POSIX operations on a node, below FUSE: the FUSE adapter translates to and from these, and
+//! the tests drive them directly.
+//!
+//! Metadata reads come from the local state machine; metadata changes are Raft proposals that
+//! return once durable and applied, so every namespace change is as durable as an fsync when
+//! the call returns.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use shoal_raft::{
+    BlockId, Fallocate, FileKind, FsError, Ino, Inode, Kv, LockKind, LockOwner, MetaCommand, RangeLock, RenameFlags,
+    Reply, SetAttr, XattrMode, conflicting,
+};
+use tracing::error;
+
+use crate::blocks::BlockError;
+use crate::file::OpenFile;
+use crate::node::{Node, OpError, OpResult};
+
+/// Everything needed to create a directory entry.
+#[derive(Clone, Debug)]
+pub struct NewEntry {
+    pub kind: FileKind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub target: Vec<u8>,
+}
+
+/// What a write asks of its caller.
+pub enum WriteAck {
+    /// Buffered; reply at once.
+    Buffered,
+    /// Buffered, and the file has enough buffered to start a background commit.
+    Commit(Arc<OpenFile>),
+    /// Buffered, but the file holds too much uncommitted data: commit before replying.
+    CommitFirst(Arc<OpenFile>),
+}
+
+/// Space and inode figures for statfs, in units of `bsize`.
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+}
+
+pub const SEEK_DATA: i32 = 3;
+pub const SEEK_HOLE: i32 = 4;
+
+fn store_err(e: shoal_raft::StoreError) -> OpError {
+    error!(error = %e, "metadata store read failed");
+    OpError::Errno(libc::EIO)
+}
+
+fn inode_reply(r: Reply) -> OpResult<Inode> {
+    match r {
+        Reply::Inode(i) => Ok(i),
+        other => Err(OpError::Raft(format!("unexpected reply {other:?}"))),
+    }
+}
+
+impl Node {
+    fn open_file(&self, ino: Ino) -> Option<Arc<OpenFile>> {
+        self.files.lock().expect("files lock").get(&ino).cloned()
+    }
+
+    /// An inode with the size this node sees, counting its buffered writes.
+    pub fn getattr(&self, ino: Ino) -> OpResult<Inode> {
+        let mut inode = self.view.inode(ino).map_err(store_err)?.ok_or(FsError::NotFound)?;
+        if let Some(end) = self.open_file(ino).and_then(|f| f.buffered_end()) {
+            inode.size = inode.size.max(end);
+        }
+        Ok(inode)
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> OpResult<Inode> {
+        if name.len() > shoal_raft::NAME_MAX {
+            return Err(FsError::NameTooLong.into());
+        }
+        let d = self.view.lookup(parent, name).map_err(store_err)?.ok_or(FsError::NotFound)?;
+        self.getattr(d.ino)
+    }
+
+    pub async fn create(&self, parent: Ino, name: &[u8], e: NewEntry) -> OpResult<Inode> {
+        inode_reply(
+            self.run(MetaCommand::Create {
+                parent,
+                name: name.to_vec(),
+                kind: e.kind,
+                perm: e.perm,
+                uid: e.uid,
+                gid: e.gid,
+                rdev: e.rdev,
+                target: e.target,
+            })
+            .await?,
+        )
+    }
+
+    pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> OpResult<Inode> {
+        let mut inode = inode_reply(
+            self.run(MetaCommand::Link {
+                ino,
+                new_parent,
+                new_name: new_name.to_vec(),
+            })
+            .await?,
+        )?;
+        if let Some(end) = self.open_file(ino).and_then(|f| f.buffered_end()) {
+            inode.size = inode.size.max(end);
+        }
+        Ok(inode)
+    }
+
+    fn purge_removed(&self, reply: Reply) {
+        if let Reply::Removed { removed: Some(ino) } = reply {
+            self.maybe_purge(ino);
+        }
+    }
+
+    pub async fn unlink(&self, parent: Ino, name: &[u8]) -> OpResult<()> {
+        let r = self
+            .run(MetaCommand::Unlink {
+                parent,
+                name: name.to_vec(),
+            })
+            .await?;
+        self.purge_removed(r);
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> OpResult<()> {
+        self.run(MetaCommand::Rmdir {
+            parent,
+            name: name.to_vec(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: RenameFlags,
+    ) -> OpResult<()> {
+        let r = self
+            .run(MetaCommand::Rename {
+                parent,
+                name: name.to_vec(),
+                new_parent,
+                new_name: new_name.to_vec(),
+                flags,
+            })
+            .await?;
+        self.purge_removed(r);
+        Ok(())
+    }
+
+    /// Commits the buffered writes of `ino`, if it is open here.
+    pub async fn commit(&self, ino: Ino) -> OpResult<()> {
+        match self.open_file(ino) {
+            Some(f) => f.commit(self).await,
+            None => Ok(()),
+        }
+    }
+
+    pub async fn setattr(&self, ino: Ino, attr: SetAttr) -> OpResult<Inode> {
+        if attr.size.is_some() {
+            // A truncate applies after everything written before it.
+            self.commit(ino).await?;
+        }
+        let inode = inode_reply(self.run(MetaCommand::SetAttr { ino, attr }).await?)?;
+        self.getattr(inode.ino)
+    }
+
+    /// Opens a file for I/O on this node.
+    pub fn open(&self, ino: Ino) -> OpResult<Inode> {
+        let inode = self.getattr(ino)?;
+        if inode.kind == FileKind::File {
+            let mut files = self.files.lock().expect("files lock");
+            let f = files.entry(ino).or_insert_with(|| Arc::new(OpenFile::new(ino)));
+            f.opens.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(inode)
+    }
+
+    /// Closes one handle: commits, and purges the file if it was the last handle of an
+    /// unlinked file.
+    pub async fn release(&self, ino: Ino) -> OpResult<()> {
+        let Some(f) = self.open_file(ino) else {
+            return Ok(());
+        };
+        let committed = f.commit(self).await;
+        let last = {
+            let mut files = self.files.lock().expect("files lock");
+            let last = f.opens.fetch_sub(1, Ordering::SeqCst) == 1;
+            if last && !f.has_buffered() {
+                files.remove(&ino);
+            }
+            last
+        };
+        if last {
+            if let Ok(Some(inode)) = self.view.inode(ino) {
+                if inode.nlink == 0 {
+                    self.maybe_purge(ino);
+                }
+            }
+        }
+        committed
+    }
+
+    pub fn write(&self, ino: Ino, off: u64, data: &[u8]) -> OpResult<WriteAck> {
+        if off.checked_add(data.len() as u64).is_none_or(|e| e > i64::MAX as u64) {
+            return Err(FsError::FileTooBig.into());
+        }
+        let f = self.open_file(ino).ok_or(OpError::Errno(libc::EBADF))?;
+        let buffered = f.buffer(self, off, data);
+        Ok(if buffered >= self.options.commit_bytes * 4 {
+            WriteAck::CommitFirst(f)
+        } else if buffered >= self.options.commit_bytes {
+            WriteAck::Commit(f)
+        } else {
+            WriteAck::Buffered
+        })
+    }
+
+    /// Space of the disk under the data directory, and the inode count.
+    pub fn statfs(&self) -> OpResult<StatFs> {
+        let st = rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Errno(e.raw_os_error()))?;
+        let bsize: u64 = 4096;
+        let scale = |n: u64| n.saturating_mul(st.f_frsize) / bsize;
+        let used = self.view.inode_count().map_err(store_err)?;
+        let free_inodes = u64::from(u32::MAX).saturating_sub(used);
+        Ok(StatFs {
+            blocks: scale(st.f_blocks),
+            bfree: scale(st.f_bfree),
+            bavail: scale(st.f_bavail),
+            files: used + free_inodes,
+            ffree: free_inodes,
+            bsize: bsize as u32,
+        })
+    }
+
+    async fn block(&self, id: BlockId) -> OpResult<Bytes> {
+        if let Some(b) = self.cache.get(&id) {
+            return Ok(b);
+        }
+        let store = self.blocks.clone();
+        let result = tokio::task::spawn_blocking(move || store.get(&id))
+            .await
+            .map_err(|e| OpError::Raft(format!("block reader panicked: {e}")))?;
+        match result {
+            Ok(b) => {
+                self.cache.insert(id, b.clone());
+                Ok(b)
+            }
+            Err(e) => {
+                error!(block = %id, error = %e, "block read failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Reads up to `size` bytes at `off`: committed data overlaid with this node's buffered writes.
+    pub async fn read(&self, ino: Ino, off: u64, size: usize) -> OpResult<Vec<u8>> {
+        // Take the buffered bytes first: a commit that finishes after this point is in the
+        // layout read below, and overlaying its bytes again changes nothing.
+        let file = self.open_file(ino);
+        let overlay = file.as_ref().map(|f| f.snapshot_overlay(off, size)).unwrap_or_default();
+        let inode = self.getattr(ino)?;
+        if inode.kind == FileKind::Dir {
+            return Err(FsError::IsDir.into());
+        }
+        if off >= inode.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (off + size as u64).min(inode.size);
+        let mut buf = vec![0u8; (end - off) as usize];
+        for s in self.view.slices(ino, off, end).map_err(store_err)? {
+            let block = self.block(s.block).await?;
+            let from = s.block_off as usize;
+            let to = from + s.len as usize;
+            if to > block.len() {
+                error!(block = %s.block, "slice reaches past the end of its block");
+                return Err(BlockError::Missing(s.block).into());
+            }
+            let at = (s.off - off) as usize;
+            buf[at..at + s.len as usize].copy_from_slice(&block[from..to]);
+        }
+        for (at, data) in overlay {
+            if at >= end {
+                continue;
+            }
+            let n = data.len().min((end - at) as usize);
+            let i = (at - off) as usize;
+            buf[i..i + n].copy_from_slice(&data[..n]);
+        }
+        Ok(buf)
+    }
+
+    /// The entries of a directory, starting with `.` and `..`.
+    pub fn readdir(&self, ino: Ino) -> OpResult<Vec<(Ino, FileKind, Vec<u8>)>> {
+        let dir = self.getattr(ino)?;
+        if dir.kind != FileKind::Dir {
+            return Err(FsError::NotDir.into());
+        }
+        let mut out = vec![
+            (ino, FileKind::Dir, b".".to_vec()),
+            (dir.parent, FileKind::Dir, b"..".to_vec()),
+        ];
+        for (name, d) in self.view.readdir(ino).map_err(store_err)? {
+            out.push((d.ino, d.kind, name));
+        }
+        Ok(out)
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> OpResult<Vec<u8>> {
+        self.getattr(ino)?;
+        let xattrs = self.view.xattrs(ino).map_err(store_err)?;
+        xattrs.get(name).cloned().ok_or_else(|| FsError::NoAttr.into())
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> OpResult<Vec<u8>> {
+        self.getattr(ino)?;
+        let mut out = Vec::new();
+        for name in self.view.xattrs(ino).map_err(store_err)?.keys() {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> OpResult<()> {
+        self.run(MetaCommand::SetXattr {
+            ino,
+            name: name.to_vec(),
+            value: value.to_vec(),
+            mode,
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> OpResult<()> {
+        self.run(MetaCommand::RemoveXattr {
+            ino,
+            name: name.to_vec(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub fn lock_owner(&self, owner: u64) -> LockOwner {
+        LockOwner {
+            session: self.session,
+            owner,
+        }
+    }
+
+    /// The first lock that would conflict with `probe`, as F_GETLK reports it.
+    pub fn getlk(&self, ino: Ino, probe: &RangeLock) -> OpResult<Option<RangeLock>> {
+        Ok(conflicting(&self.view.locks(ino).map_err(store_err)?, probe))
+    }
+
+    /// Sets or clears a POSIX lock. With `wait`, retries until the lock is free.
+    pub async fn setlk(&self, ino: Ino, lock: RangeLock, unlock: bool, wait: bool) -> OpResult<()> {
+        loop {
+            let changed = self.locks_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.run(MetaCommand::SetLock { ino, lock, unlock }).await {
+                Ok(_) => {
+                    if unlock {
+                        self.locks_changed.notify_waiters();
+                    }
+                    return Ok(());
+                }
+                Err(OpError::Fs(FsError::WouldBlock)) if wait => {
+                    // Retry when a lock is released here, or after a while for other holders.
+                    let _ = tokio::time::timeout(std::time::Duration::from_millis(250), changed).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// What close(2) does to a file: commit it, and drop the closing process's POSIX locks.
+    pub async fn flush(&self, ino: Ino, owner: u64) -> OpResult<()> {
+        let committed = self.commit(ino).await;
+        let owner = self.lock_owner(owner);
+        let holds = self.view.locks(ino).map_err(store_err)?.iter().any(|l| l.owner == owner);
+        if holds {
+            self.run(MetaCommand::ReleaseLocks { ino, owner }).await?;
+            self.locks_changed.notify_waiters();
+        }
+        committed
+    }
+
+    pub async fn fallocate(&self, ino: Ino, off: u64, len: u64, mode: i32) -> OpResult<()> {
+        const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        if len == 0 {
+            return Err(FsError::Invalid.into());
+        }
+        let keep_size = mode & KEEP_SIZE != 0;
+        let mode = match mode & !KEEP_SIZE {
+            0 => Fallocate::Allocate { keep_size },
+            PUNCH_HOLE if keep_size => Fallocate::PunchHole,
+            ZERO_RANGE => Fallocate::ZeroRange { keep_size },
+            _ => return Err(FsError::NotSupported.into()),
+        };
+        self.commit(ino).await?;
+        self.run(MetaCommand::Fallocate { ino, off, len, mode }).await?;
+        Ok(())
+    }
+
+    pub async fn copy_range(&self, src: Ino, src_off: u64, dst: Ino, dst_off: u64, len: u64) -> OpResult<u64> {
+        self.commit(src).await?;
+        self.commit(dst).await?;
+        match self
+            .run(MetaCommand::CopyRange {
+                src,
+                src_off,
+                dst,
+                dst_off,
+                len,
+            })
+            .await?
+        {
+            Reply::Copied(n) => Ok(n),
+            other => Err(OpError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// SEEK_DATA and SEEK_HOLE over committed slices and buffered writes.
+    pub fn lseek(&self, ino: Ino, off: u64, whence: i32) -> OpResult<u64> {
+        let inode = self.getattr(ino)?;
+        if off >= inode.size {
+            return Err(OpError::Errno(libc::ENXIO));
+        }
+        let mut ranges: Vec<(u64, u64)> = self
+            .view
+            .slices(ino, off, inode.size)
+            .map_err(store_err)?
+            .iter()
+            .map(|s| (s.off, s.end()))
+            .collect();
+        if let Some(f) = self.open_file(ino) {
+            ranges.extend(f.buffered_ranges());
+        }
+        ranges.sort_unstable();
+        match whence {
+            SEEK_DATA => ranges
+                .iter()
+                .find(|(_, end)| *end > off)
+                .map(|(start, _)| (*start).max(off))
+                .filter(|pos| *pos < inode.size)
+                .ok_or(OpError::Errno(libc::ENXIO)),
+            SEEK_HOLE => {
+                let mut pos = off;
+                for (start, end) in ranges {
+                    if start > pos {
+                        break;
+                    }
+                    pos = pos.max(end);
+                }
+                Ok(pos.min(inode.size))
+            }
+            _ => Err(FsError::Invalid.into()),
+        }
+    }
+}
+
+/// Builds the lock record of a FUSE lock request.
+pub fn range_lock(owner: LockOwner, pid: u32, typ: i32, start: u64, end: u64) -> Option<(RangeLock, bool)> {
+    let (kind, unlock) = match typ {
+        libc::F_RDLCK => (LockKind::Read, false),
+        libc::F_WRLCK => (LockKind::Write, false),
+        libc::F_UNLCK => (LockKind::Write, true),
+        _ => return None,
+    };
+    Some((
+        RangeLock {
+            owner,
+            pid,
+            kind,
+            start,
+            end,
+        },
+        unlock,
+    ))
+}
