@@ -56,7 +56,10 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         .list()
         .map(|l| (l.len() as u64, l.iter().map(|(_, n, _)| n).sum()))
         .unwrap_or((0, 0));
-    let disk_free_bytes = node.statfs().map(|s| s.bavail * u64::from(s.bsize)).unwrap_or(0);
+    let disk_free_bytes = node
+        .statfs()
+        .map(|s| s.bavail * u64::from(s.bsize))
+        .unwrap_or(0);
     Status {
         version: env!("CARGO_PKG_VERSION").into(),
         node_id: node.id,
@@ -93,7 +96,9 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                 Ok(r) => r,
                 Err(e) => {
                     debug!(error = %e, "bad admin request");
-                    let _ = frame::write(&mut conn, &AdminReply::Error(format!("bad request: {e}"))).await;
+                    let _ =
+                        frame::write(&mut conn, &AdminReply::Error(format!("bad request: {e}")))
+                            .await;
                     return;
                 }
             };

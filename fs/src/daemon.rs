@@ -22,7 +22,12 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
     // Check the mount point before starting anything, so a bad --mount fails fast.
     fuse::mount::prepare(args.mount)?;
     let node = Node::start(args.data, args.options).await?;
-    let handle = fuse::mount(node.clone(), args.mount, tokio::runtime::Handle::current(), args.fuse_threads)?;
+    let handle = fuse::mount(
+        node.clone(),
+        args.mount,
+        tokio::runtime::Handle::current(),
+        args.fuse_threads,
+    )?;
     let admin = tokio::spawn(admin::serve(node.clone(), Some(handle.mountpoint.clone())));
     info!(mount = %handle.mountpoint.display(), data = %args.data.display(), "shoal is serving");
 

@@ -117,7 +117,10 @@ impl OpenFile {
                 let from = e.off.max(off);
                 let to = e.end().min(end);
                 let s = (from - e.off) as usize;
-                (from, Bytes::copy_from_slice(&e.data[s..s + (to - from) as usize]))
+                (
+                    from,
+                    Bytes::copy_from_slice(&e.data[s..s + (to - from) as usize]),
+                )
             })
             .collect()
     }
@@ -126,7 +129,10 @@ impl OpenFile {
     pub(crate) fn buffered_ranges(&self) -> Vec<(u64, u64)> {
         let b = self.bufs();
         let committing = b.committing.iter().flat_map(|c| c.iter());
-        committing.chain(b.pending.iter()).map(|e| (e.off, e.end())).collect()
+        committing
+            .chain(b.pending.iter())
+            .map(|e| (e.off, e.end()))
+            .collect()
     }
 
     /// Commits everything buffered so far. Returns once the data and its layout are durable,
@@ -182,7 +188,8 @@ impl OpenFile {
         let ids: Vec<BlockId> = packed.iter().map(|(id, _)| *id).collect();
         node.guard_blocks(&ids);
         let stored = {
-            let packed: Vec<(BlockId, Bytes)> = packed.iter().map(|(id, p)| (*id, p.data.clone())).collect();
+            let packed: Vec<(BlockId, Bytes)> =
+                packed.iter().map(|(id, p)| (*id, p.data.clone())).collect();
             tokio::task::spawn_blocking(move || store_blocks(&store, &packed))
                 .await
                 .map_err(|e| OpError::Raft(format!("block writer panicked: {e}")))
@@ -268,13 +275,21 @@ fn pack(extents: &[Extent], block_size: usize) -> Vec<(BlockId, Packed)> {
     out
 }
 
-fn store_blocks(store: &BlockStore, blocks: &[(BlockId, Bytes)]) -> Result<(), crate::blocks::BlockError> {
+fn store_blocks(
+    store: &BlockStore,
+    blocks: &[(BlockId, Bytes)],
+) -> Result<(), crate::blocks::BlockError> {
     std::thread::scope(|s| {
         let workers = blocks.len().clamp(1, 4);
         let per = blocks.len().div_ceil(workers).max(1);
         let handles: Vec<_> = blocks
             .chunks(per)
-            .map(|part| s.spawn(move || part.iter().try_for_each(|(id, data)| store.put(id, data).map(|_| ()))))
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .try_for_each(|(id, data)| store.put(id, data).map(|_| ()))
+                })
+            })
             .collect();
         handles
             .into_iter()
@@ -335,16 +350,29 @@ mod tests {
     #[test]
     fn pack_fills_blocks_in_order_and_keeps_offsets() {
         let extents = vec![
-            Extent { off: 100, data: vec![1; 6] },
-            Extent { off: 0, data: vec![2; 4] },
-            Extent { off: 50, data: vec![3; 8] },
+            Extent {
+                off: 100,
+                data: vec![1; 6],
+            },
+            Extent {
+                off: 0,
+                data: vec![2; 4],
+            },
+            Extent {
+                off: 50,
+                data: vec![3; 8],
+            },
         ];
         let packed = pack(&extents, 10);
         assert_eq!(packed.len(), 2);
         let (id0, p0) = &packed[0];
         assert_eq!(p0.data.len(), 10);
         assert_eq!(*id0, BlockId::of(&p0.data));
-        let offs: Vec<(u64, u32, u32)> = p0.slices.iter().map(|s| (s.off, s.len, s.block_off)).collect();
+        let offs: Vec<(u64, u32, u32)> = p0
+            .slices
+            .iter()
+            .map(|s| (s.off, s.len, s.block_off))
+            .collect();
         assert_eq!(offs, vec![(100, 6, 0), (0, 4, 6)]);
         assert_eq!(packed[1].1.slices[0].off, 50);
         assert_eq!(packed[1].1.slices[0].block_len, 8);

@@ -61,12 +61,17 @@ impl NodeDir {
         self.root.join("daemon.pid")
     }
     fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 
 fn alive(pid: i32) -> bool {
-    rustix::process::Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+    rustix::process::Pid::from_raw(pid)
+        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -85,10 +90,14 @@ fn up(nodes: u32, dir: &Path) -> anyhow::Result<()> {
         );
     }
     if !rustix::process::geteuid().is_root() {
-        bail!("shoal mounts FUSE filesystems for all users, which needs root: run `sudo shoal local up …`");
+        bail!(
+            "shoal mounts FUSE filesystems for all users, which needs root: run `sudo shoal local up …`"
+        );
     }
     let exe = std::env::current_exe().context("finding the shoal executable")?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut started = Vec::new();
     for k in 1..=nodes {
         let nd = NodeDir::new(dir, k);
@@ -96,11 +105,13 @@ fn up(nodes: u32, dir: &Path) -> anyhow::Result<()> {
             println!("node-{k} is already running (pid {pid})");
             continue;
         }
-        std::fs::create_dir_all(&nd.root).with_context(|| format!("creating {}", nd.root.display()))?;
+        std::fs::create_dir_all(&nd.root)
+            .with_context(|| format!("creating {}", nd.root.display()))?;
         if node::ClusterConfig::load(&nd.data()).is_err() {
             rt.block_on(node::init(&nd.data(), 4 << 20))?;
         }
-        let log = std::fs::File::create(nd.log()).with_context(|| format!("creating {}", nd.log().display()))?;
+        let log = std::fs::File::create(nd.log())
+            .with_context(|| format!("creating {}", nd.log().display()))?;
         let child = {
             use std::os::unix::process::CommandExt;
             Command::new(&exe)
@@ -139,16 +150,27 @@ fn up(nodes: u32, dir: &Path) -> anyhow::Result<()> {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("node-{k} did not become ready in 60 s; see {}", nd.log().display());
+                bail!(
+                    "node-{k} did not become ready in 60 s; see {}",
+                    nd.log().display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        println!("node-{k} is up: mount {}, data {}", nd.mnt().display(), nd.data().display());
+        println!(
+            "node-{k} is up: mount {}, data {}",
+            nd.mnt().display(),
+            nd.data().display()
+        );
     }
     let first = NodeDir::new(dir, 1);
     println!();
     println!("Try it:");
-    println!("  echo hello > {}/hello.txt && cat {}/hello.txt", first.mnt().display(), first.mnt().display());
+    println!(
+        "  echo hello > {}/hello.txt && cat {}/hello.txt",
+        first.mnt().display(),
+        first.mnt().display()
+    );
     println!("  shoal status --data {}", first.data().display());
     println!("  shoal local down --dir {}", dir.display());
     Ok(())
@@ -171,7 +193,10 @@ fn down(dir: &Path) -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_millis(100));
             }
             if alive(pid) {
-                bail!("node-{k} (pid {pid}) did not stop within 30 s; see {}", nd.log().display());
+                bail!(
+                    "node-{k} (pid {pid}) did not stop within 30 s; see {}",
+                    nd.log().display()
+                );
             }
             println!("node-{k} stopped");
         }

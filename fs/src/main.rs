@@ -12,7 +12,12 @@ use shoal_fs::admin::{self, AdminReply, AdminRequest};
 use shoal_fs::{NodeOptions, daemon, node};
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "A distributed filesystem for Docker volumes", propagate_version = true)]
+#[command(
+    name = "shoal",
+    version,
+    about = "A distributed filesystem for Docker volumes",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,7 +48,7 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         fuse_threads: usize,
         /// Log filter, e.g. `info` or `shoal_fs=debug` (RUST_LOG wins when set)
-        #[arg(long, default_value = "info")]
+        #[arg(long, default_value = "info,openraft=warn")]
         log: String,
     },
     /// Show the running node's state: Raft, mount, usage
@@ -82,7 +87,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn check_block_size(size: ByteSize) -> anyhow::Result<u32> {
     let n = size.as_u64();
     if !(64 << 10..=64 << 20).contains(&n) {
-        anyhow::bail!("--block-size {size} is out of range: use a size from 64KiB to 64MiB (default 4MiB)");
+        anyhow::bail!(
+            "--block-size {size} is out of range: use a size from 64KiB to 64MiB (default 4MiB)"
+        );
     }
     Ok(n as u32)
 }
@@ -142,7 +149,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn print_status(s: &admin::Status) {
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    println!("node          {} (cluster {}, shoal {})", s.node_id, s.cluster_id, s.version);
+    println!(
+        "node          {} (cluster {}, shoal {})",
+        s.node_id, s.cluster_id, s.version
+    );
     println!(
         "raft          {} term {}, leader {}, log {}, applied {}",
         s.raft_state,

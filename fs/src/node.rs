@@ -80,7 +80,9 @@ impl Default for NodeOptions {
 pub enum NodeError {
     #[error("{0} is not a shoal data directory: run `shoal init --data {d}` first", d = .0.display())]
     NotInitialized(PathBuf),
-    #[error("{0} is already initialized for cluster {1}: use another --data directory, or delete it to start over")]
+    #[error(
+        "{0} is already initialized for cluster {1}: use another --data directory, or delete it to start over"
+    )]
     AlreadyInitialized(PathBuf, String),
     #[error("cannot parse {0}: {1}")]
     BadConfig(PathBuf, String),
@@ -182,7 +184,11 @@ fn raft_config() -> Result<Arc<openraft::Config>, NodeError> {
         max_in_snapshot_log_to_keep: 1_000,
         ..Default::default()
     };
-    Ok(Arc::new(config.validate().map_err(|e| NodeError::Raft(e.to_string()))?))
+    Ok(Arc::new(
+        config
+            .validate()
+            .map_err(|e| NodeError::Raft(e.to_string()))?,
+    ))
 }
 
 fn lock_data_dir(data: &Path) -> Result<std::fs::File, NodeError> {
@@ -200,10 +206,7 @@ fn lock_data_dir(data: &Path) -> Result<std::fs::File, NodeError> {
     }
 }
 
-async fn open_raft(
-    id: u64,
-    data: &Path,
-) -> Result<(Raft, StateView), NodeError> {
+async fn open_raft(id: u64, data: &Path) -> Result<(Raft, StateView), NodeError> {
     let (log, sm) = shoal_raft::open(&data.join("meta"))?;
     let view = sm.view();
     let raft = Raft::new(id, raft_config()?, NoPeers, log, sm)
@@ -224,7 +227,10 @@ async fn wait_leader(raft: &Raft, id: u64) -> Result<(), NodeError> {
 pub async fn init(data: &Path, block_size: u32) -> Result<ClusterConfig, NodeError> {
     std::fs::create_dir_all(data).map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
     if let Ok(existing) = ClusterConfig::load(data) {
-        return Err(NodeError::AlreadyInitialized(data.to_path_buf(), existing.cluster_id));
+        return Err(NodeError::AlreadyInitialized(
+            data.to_path_buf(),
+            existing.cluster_id,
+        ));
     }
     let _lock = lock_data_dir(data)?;
     let config = ClusterConfig {
@@ -246,7 +252,9 @@ pub async fn init(data: &Path, block_size: u32) -> Result<ClusterConfig, NodeErr
     })
     .await
     .map_err(|e| NodeError::Raft(e.to_string()))?;
-    raft.shutdown().await.map_err(|e| NodeError::Raft(e.to_string()))?;
+    raft.shutdown()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
     config.save(data)?;
     Ok(config)
 }
@@ -289,10 +297,13 @@ impl Node {
         // crash between writing a block and committing it.
         match crate::blocks::gc::sweep_unreferenced(&node, Duration::ZERO) {
             Ok(0) => {}
-            Ok(n) => info!(blocks = n, "removed blocks a crashed run wrote but never committed"),
+            Ok(n) => info!(
+                blocks = n,
+                "removed blocks a crashed run wrote but never committed"
+            ),
             Err(e) => warn!(error = %e, "startup sweep of unreferenced blocks failed"),
         }
-        tokio::spawn(purge_worker(node.clone(), purge_rx));
+        tokio::spawn(purge_worker(Arc::downgrade(&node), purge_rx));
         tokio::spawn(crate::file::commit_worker(Arc::downgrade(&node)));
         tokio::spawn(crate::blocks::gc::worker(Arc::downgrade(&node)));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");
@@ -326,7 +337,13 @@ impl Node {
 
     /// Commits every buffered write and stops Raft.
     pub async fn shutdown(&self) {
-        let files: Vec<Arc<OpenFile>> = self.files.lock().expect("files lock").values().cloned().collect();
+        let files: Vec<Arc<OpenFile>> = self
+            .files
+            .lock()
+            .expect("files lock")
+            .values()
+            .cloned()
+            .collect();
         for f in files {
             if let Err(e) = f.commit(self).await {
                 error!(ino = f.ino, error = %e, "could not commit buffered writes at shutdown");
@@ -356,8 +373,9 @@ impl Node {
 }
 
 /// Deletes unlinked inodes once nobody here has them open, a batch per Raft entry.
-async fn purge_worker(node: Arc<Node>, mut rx: mpsc::UnboundedReceiver<Ino>) {
+async fn purge_worker(node: std::sync::Weak<Node>, mut rx: mpsc::UnboundedReceiver<Ino>) {
     while let Some(first) = rx.recv().await {
+        let Some(node) = node.upgrade() else { return };
         let mut inos = vec![first];
         while let Ok(more) = rx.try_recv() {
             inos.push(more);

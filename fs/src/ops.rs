@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use shoal_raft::{
-    BlockId, Fallocate, FileKind, FsError, Ino, Inode, Kv, LockKind, LockOwner, MetaCommand, RangeLock, RenameFlags,
-    Reply, SetAttr, XattrMode, conflicting,
+    BlockId, Fallocate, FileKind, FsError, Ino, Inode, Kv, LockKind, LockOwner, MetaCommand,
+    RangeLock, RenameFlags, Reply, SetAttr, XattrMode, conflicting,
 };
 use tracing::error;
 
@@ -73,7 +73,11 @@ impl Node {
 
     /// An inode with the size this node sees, counting its buffered writes.
     pub fn getattr(&self, ino: Ino) -> OpResult<Inode> {
-        let mut inode = self.view.inode(ino).map_err(store_err)?.ok_or(FsError::NotFound)?;
+        let mut inode = self
+            .view
+            .inode(ino)
+            .map_err(store_err)?
+            .ok_or(FsError::NotFound)?;
         if let Some(end) = self.open_file(ino).and_then(|f| f.buffered_end()) {
             inode.size = inode.size.max(end);
         }
@@ -84,7 +88,11 @@ impl Node {
         if name.len() > shoal_raft::NAME_MAX {
             return Err(FsError::NameTooLong.into());
         }
-        let d = self.view.lookup(parent, name).map_err(store_err)?.ok_or(FsError::NotFound)?;
+        let d = self
+            .view
+            .lookup(parent, name)
+            .map_err(store_err)?
+            .ok_or(FsError::NotFound)?;
         self.getattr(d.ino)
     }
 
@@ -188,7 +196,9 @@ impl Node {
         let inode = self.getattr(ino)?;
         if inode.kind == FileKind::File {
             let mut files = self.files.lock().expect("files lock");
-            let f = files.entry(ino).or_insert_with(|| Arc::new(OpenFile::new(ino)));
+            let f = files
+                .entry(ino)
+                .or_insert_with(|| Arc::new(OpenFile::new(ino)));
             f.opens.fetch_add(1, Ordering::SeqCst);
         }
         Ok(inode)
@@ -220,7 +230,10 @@ impl Node {
     }
 
     pub fn write(&self, ino: Ino, off: u64, data: &[u8]) -> OpResult<WriteAck> {
-        if off.checked_add(data.len() as u64).is_none_or(|e| e > i64::MAX as u64) {
+        if off
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > i64::MAX as u64)
+        {
             return Err(FsError::FileTooBig.into());
         }
         let f = self.open_file(ino).ok_or(OpError::Errno(libc::EBADF))?;
@@ -236,7 +249,8 @@ impl Node {
 
     /// Space of the disk under the data directory, and the inode count.
     pub fn statfs(&self) -> OpResult<StatFs> {
-        let st = rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Errno(e.raw_os_error()))?;
+        let st =
+            rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Errno(e.raw_os_error()))?;
         let bsize: u64 = 4096;
         let scale = |n: u64| n.saturating_mul(st.f_frsize) / bsize;
         let used = self.view.inode_count().map_err(store_err)?;
@@ -276,7 +290,10 @@ impl Node {
         // Take the buffered bytes first: a commit that finishes after this point is in the
         // layout read below, and overlaying its bytes again changes nothing.
         let file = self.open_file(ino);
-        let overlay = file.as_ref().map(|f| f.snapshot_overlay(off, size)).unwrap_or_default();
+        let overlay = file
+            .as_ref()
+            .map(|f| f.snapshot_overlay(off, size))
+            .unwrap_or_default();
         let inode = self.getattr(ino)?;
         if inode.kind == FileKind::Dir {
             return Err(FsError::IsDir.into());
@@ -327,7 +344,10 @@ impl Node {
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> OpResult<Vec<u8>> {
         self.getattr(ino)?;
         let xattrs = self.view.xattrs(ino).map_err(store_err)?;
-        xattrs.get(name).cloned().ok_or_else(|| FsError::NoAttr.into())
+        xattrs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| FsError::NoAttr.into())
     }
 
     pub fn listxattr(&self, ino: Ino) -> OpResult<Vec<u8>> {
@@ -340,7 +360,13 @@ impl Node {
         Ok(out)
     }
 
-    pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> OpResult<()> {
+    pub async fn setxattr(
+        &self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> OpResult<()> {
         self.run(MetaCommand::SetXattr {
             ino,
             name: name.to_vec(),
@@ -369,7 +395,10 @@ impl Node {
 
     /// The first lock that would conflict with `probe`, as F_GETLK reports it.
     pub fn getlk(&self, ino: Ino, probe: &RangeLock) -> OpResult<Option<RangeLock>> {
-        Ok(conflicting(&self.view.locks(ino).map_err(store_err)?, probe))
+        Ok(conflicting(
+            &self.view.locks(ino).map_err(store_err)?,
+            probe,
+        ))
     }
 
     /// Sets or clears a POSIX lock. With `wait`, retries until the lock is free.
@@ -387,7 +416,8 @@ impl Node {
                 }
                 Err(OpError::Fs(FsError::WouldBlock)) if wait => {
                     // Retry when a lock is released here, or after a while for other holders.
-                    let _ = tokio::time::timeout(std::time::Duration::from_millis(250), changed).await;
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_millis(250), changed).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -398,7 +428,12 @@ impl Node {
     pub async fn flush(&self, ino: Ino, owner: u64) -> OpResult<()> {
         let committed = self.commit(ino).await;
         let owner = self.lock_owner(owner);
-        let holds = self.view.locks(ino).map_err(store_err)?.iter().any(|l| l.owner == owner);
+        let holds = self
+            .view
+            .locks(ino)
+            .map_err(store_err)?
+            .iter()
+            .any(|l| l.owner == owner);
         if holds {
             self.run(MetaCommand::ReleaseLocks { ino, owner }).await?;
             self.locks_changed.notify_waiters();
@@ -421,11 +456,24 @@ impl Node {
             _ => return Err(FsError::NotSupported.into()),
         };
         self.commit(ino).await?;
-        self.run(MetaCommand::Fallocate { ino, off, len, mode }).await?;
+        self.run(MetaCommand::Fallocate {
+            ino,
+            off,
+            len,
+            mode,
+        })
+        .await?;
         Ok(())
     }
 
-    pub async fn copy_range(&self, src: Ino, src_off: u64, dst: Ino, dst_off: u64, len: u64) -> OpResult<u64> {
+    pub async fn copy_range(
+        &self,
+        src: Ino,
+        src_off: u64,
+        dst: Ino,
+        dst_off: u64,
+        len: u64,
+    ) -> OpResult<u64> {
         self.commit(src).await?;
         self.commit(dst).await?;
         match self
@@ -483,7 +531,13 @@ impl Node {
 }
 
 /// Builds the lock record of a FUSE lock request.
-pub fn range_lock(owner: LockOwner, pid: u32, typ: i32, start: u64, end: u64) -> Option<(RangeLock, bool)> {
+pub fn range_lock(
+    owner: LockOwner,
+    pid: u32,
+    typ: i32,
+    start: u64,
+    end: u64,
+) -> Option<(RangeLock, bool)> {
     let (kind, unlock) = match typ {
         libc::F_RDLCK => (LockKind::Read, false),
         libc::F_WRLCK => (LockKind::Write, false),

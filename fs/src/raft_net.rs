@@ -4,13 +4,13 @@
 //! naming a node this build cannot reach), the RPC fails as unreachable with a message that
 //! says so. The QUIC network that joins nodes replaces this with the cluster work.
 
+use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 use shoal_raft::TypeConfig;
 
 pub struct NoPeers;
@@ -23,7 +23,10 @@ impl NoPeer {
     fn unreachable(&self) -> Unreachable {
         Unreachable::new(&std::io::Error::new(
             std::io::ErrorKind::NotConnected,
-            format!("node {} is not reachable: this node runs a single-node cluster", self.target),
+            format!(
+                "node {} is not reachable: this node runs a single-node cluster",
+                self.target
+            ),
         ))
     }
 }
@@ -49,7 +52,10 @@ impl RaftNetwork<TypeConfig> for NoPeer {
         &mut self,
         _rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
         Err(RPCError::Unreachable(self.unreachable()))
     }
 

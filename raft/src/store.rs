@@ -291,7 +291,6 @@ impl StateMachine {
                     responses.push(apply_request(&mut txn, &req)?);
                 }
                 EntryPayload::Membership(m) => {
-                    ensure_root(&mut txn, 0)?;
                     txn.put(
                         keys::META_MEMBERSHIP,
                         &StoredMembership::new(Some(entry.log_id), m),

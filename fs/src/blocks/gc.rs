@@ -23,7 +23,10 @@ const SWEEP_AGE: Duration = Duration::from_secs(3600);
 /// Deletes garbage blocks older than `grace`. Returns how many were deleted.
 pub async fn collect(node: &Node, grace: Duration) -> OpResult<usize> {
     let cutoff = now_nanos() - grace.as_nanos() as i64;
-    let candidates = node.view.garbage(10_000).map_err(|e| crate::node::OpError::Raft(e.to_string()))?;
+    let candidates = node
+        .view
+        .garbage(10_000)
+        .map_err(|e| crate::node::OpError::Raft(e.to_string()))?;
     let mut deleted: Vec<BlockId> = Vec::new();
     {
         let guard = node.unreferenced_writes.lock().expect("guard lock");
@@ -31,7 +34,12 @@ pub async fn collect(node: &Node, grace: Duration) -> OpResult<usize> {
             if since > cutoff || guard.contains_key(&id) {
                 continue;
             }
-            if node.view.block_refs(&id).map_err(|e| crate::node::OpError::Raft(e.to_string()))? > 0 {
+            if node
+                .view
+                .block_refs(&id)
+                .map_err(|e| crate::node::OpError::Raft(e.to_string()))?
+                > 0
+            {
                 continue;
             }
             node.cache.remove(&id);
@@ -43,7 +51,8 @@ pub async fn collect(node: &Node, grace: Duration) -> OpResult<usize> {
     }
     let n = deleted.len();
     if n > 0 {
-        node.run(MetaCommand::ForgetGarbage { blocks: deleted }).await?;
+        node.run(MetaCommand::ForgetGarbage { blocks: deleted })
+            .await?;
         debug!(blocks = n, "garbage blocks deleted");
     }
     Ok(n)
@@ -51,7 +60,10 @@ pub async fn collect(node: &Node, grace: Duration) -> OpResult<usize> {
 
 /// Deletes blocks on disk that no layout references and no commit is writing, if their files
 /// are older than `min_age`. These are left by a crash between storing a block and committing.
-pub fn sweep_unreferenced(node: &Node, min_age: Duration) -> Result<usize, crate::blocks::BlockError> {
+pub fn sweep_unreferenced(
+    node: &Node,
+    min_age: Duration,
+) -> Result<usize, crate::blocks::BlockError> {
     let mut n = 0;
     for (id, _, age) in node.blocks.list()? {
         if age < min_age.as_secs() {
@@ -89,7 +101,8 @@ pub(crate) async fn worker(node: Weak<Node>) {
         rounds += 1;
         if rounds % SWEEP_EVERY == 0 {
             let n = Arc::clone(&node);
-            let swept = tokio::task::spawn_blocking(move || sweep_unreferenced(&n, SWEEP_AGE)).await;
+            let swept =
+                tokio::task::spawn_blocking(move || sweep_unreferenced(&n, SWEEP_AGE)).await;
             if let Ok(Err(e)) = swept {
                 warn!(error = %e, "sweep of unreferenced blocks failed");
             }

@@ -49,4 +49,3 @@ impl BlockCache {
         self.cache.weight()
     }
 }
-

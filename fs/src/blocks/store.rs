@@ -59,7 +59,9 @@ impl BlockStore {
             let entry = entry.map_err(|e| BlockError::io(&tmp, e))?;
             let _ = fs::remove_file(entry.path());
         }
-        Ok(BlockStore { root: root.to_path_buf() })
+        Ok(BlockStore {
+            root: root.to_path_buf(),
+        })
     }
 
     fn dir_of(&self, id: &BlockId) -> PathBuf {
@@ -83,10 +85,10 @@ impl BlockStore {
         }
         let dir = self.dir_of(id);
         fs::create_dir_all(&dir).map_err(|e| BlockError::io(&dir, e))?;
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{}.{:016x}", id.to_hex(), rand::random::<u64>()));
+        let tmp =
+            self.root
+                .join("tmp")
+                .join(format!("{}.{:016x}", id.to_hex(), rand::random::<u64>()));
         let result = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(data)?;
@@ -101,7 +103,10 @@ impl BlockStore {
     }
 
     /// Makes the renames of `put` durable: fsyncs each fan-out directory the blocks went into.
-    pub fn sync_dirs<'a>(&self, ids: impl IntoIterator<Item = &'a BlockId>) -> Result<(), BlockError> {
+    pub fn sync_dirs<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a BlockId>,
+    ) -> Result<(), BlockError> {
         let dirs: BTreeSet<PathBuf> = ids.into_iter().map(|id| self.dir_of(id)).collect();
         for dir in dirs {
             File::open(&dir)
@@ -116,7 +121,9 @@ impl BlockStore {
         let path = self.path_of(id);
         let mut data = Vec::new();
         match File::open(&path) {
-            Ok(mut f) => f.read_to_end(&mut data).map_err(|e| BlockError::io(&path, e))?,
+            Ok(mut f) => f
+                .read_to_end(&mut data)
+                .map_err(|e| BlockError::io(&path, e))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BlockError::Missing(*id)),
             Err(e) => return Err(BlockError::io(&path, e)),
         };
@@ -152,7 +159,9 @@ impl BlockStore {
             if name.len() != 2 {
                 continue;
             }
-            let Ok(files) = fs::read_dir(fan.path()) else { continue };
+            let Ok(files) = fs::read_dir(fan.path()) else {
+                continue;
+            };
             for f in files.flatten() {
                 let Some(id) = f.file_name().to_str().and_then(BlockId::from_hex) else {
                     continue;
@@ -197,7 +206,10 @@ mod tests {
         let err = store.get(&id).unwrap_err();
         assert!(matches!(err, BlockError::Corrupt { .. }), "{err}");
         assert!(!path.exists(), "corrupt block is moved out of the way");
-        assert!(matches!(store.get(&id).unwrap_err(), BlockError::Missing(_)));
+        assert!(matches!(
+            store.get(&id).unwrap_err(),
+            BlockError::Missing(_)
+        ));
         // Writing the same content again heals it.
         assert!(store.put(&id, &data).unwrap());
         assert_eq!(store.get(&id).unwrap(), Bytes::from(data));

@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use shoal_raft::{FileKind, FsError, Ino, Inode, Nanos, SetAttr, XattrMode};
 use tracing::{debug, warn};
@@ -139,7 +140,14 @@ impl ShoalFs {
         self.rt.spawn(f(self.node.clone()));
     }
 
-    fn new_entry(&self, req: &Request, parent: INodeNo, name: &OsStr, e: NewEntry, reply: ReplyEntry) {
+    fn new_entry(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        e: NewEntry,
+        reply: ReplyEntry,
+    ) {
         let name = name.as_bytes().to_vec();
         let e = NewEntry {
             uid: req.uid(),
@@ -268,7 +276,9 @@ impl Filesystem for ShoalFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let Some(kind) = kind_of_mode(mode).filter(|k| !matches!(k, FileKind::Dir | FileKind::Symlink)) else {
+        let Some(kind) =
+            kind_of_mode(mode).filter(|k| !matches!(k, FileKind::Dir | FileKind::Symlink))
+        else {
             reply.error(Errno::EINVAL);
             return;
         };
@@ -283,7 +293,15 @@ impl Filesystem for ShoalFs {
         self.new_entry(req, parent, name, e, reply);
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         let e = NewEntry {
             kind: FileKind::Dir,
             perm: mode & 0o7777,
@@ -297,15 +315,26 @@ impl Filesystem for ShoalFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.reply_empty(reply, move |node| async move { node.unlink(parent.0, &name).await });
+        self.reply_empty(reply, move |node| async move {
+            node.unlink(parent.0, &name).await
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.reply_empty(reply, move |node| async move { node.rmdir(parent.0, &name).await });
+        self.reply_empty(reply, move |node| async move {
+            node.rmdir(parent.0, &name).await
+        });
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &std::path::Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
         let e = NewEntry {
             kind: FileKind::Symlink,
             perm: 0o777,
@@ -339,11 +368,19 @@ impl Filesystem for ShoalFs {
         };
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         self.reply_empty(reply, move |node| async move {
-            node.rename(parent.0, &name, newparent.0, &newname, flags).await
+            node.rename(parent.0, &name, newparent.0, &newname, flags)
+                .await
         });
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let newname = newname.as_bytes().to_vec();
         self.spawn(move |node| async move {
             match node.link(ino.0, newparent.0, &newname).await {
@@ -409,8 +446,17 @@ impl Filesystem for ShoalFs {
         }
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.reply_empty(reply, move |node| async move { node.flush(ino.0, lock_owner.0).await });
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.reply_empty(reply, move |node| async move {
+            node.flush(ino.0, lock_owner.0).await
+        });
     }
 
     fn release(
@@ -426,7 +472,14 @@ impl Filesystem for ShoalFs {
         self.reply_empty(reply, move |node| async move { node.release(ino.0).await });
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.reply_empty(reply, move |node| async move { node.commit(ino.0).await });
     }
 
@@ -434,34 +487,58 @@ impl Filesystem for ShoalFs {
         match self.node.readdir(ino.0) {
             Ok(list) => {
                 let fh = self.fh();
-                self.dirs.lock().expect("dirs lock").insert(fh, Arc::new(list));
+                self.dirs
+                    .lock()
+                    .expect("dirs lock")
+                    .insert(fh, Arc::new(list));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let Some(list) = self.listing(fh) else {
             reply.error(Errno::EBADF);
             return;
         };
         for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*ino), i as u64 + 1, file_type(*kind), OsStr::from_bytes(name)) {
+            if reply.add(
+                INodeNo(*ino),
+                i as u64 + 1,
+                file_type(*kind),
+                OsStr::from_bytes(name),
+            ) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let Some(list) = self.listing(fh) else {
             reply.error(Errno::EBADF);
             return;
         };
         for (i, (ino, _, name)) in list.iter().enumerate().skip(offset as usize) {
             // An entry removed since opendir is skipped rather than reported stale.
-            let Ok(inode) = self.node.getattr(*ino) else { continue };
+            let Ok(inode) = self.node.getattr(*ino) else {
+                continue;
+            };
             if reply.add(
                 INodeNo(*ino),
                 i as u64 + 1,
@@ -476,12 +553,26 @@ impl Filesystem for ShoalFs {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.dirs.lock().expect("dirs lock").remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         // Namespace changes are durable in the Raft log before they return.
         match self.node.getattr(ino.0) {
             Ok(_) => reply.ok(),
@@ -491,7 +582,9 @@ impl Filesystem for ShoalFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.node.statfs() {
-            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, 255, s.bsize),
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, 255, s.bsize,
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -521,7 +614,9 @@ impl Filesystem for ShoalFs {
             return;
         }
         let value = value.to_vec();
-        self.reply_empty(reply, move |node| async move { node.setxattr(ino.0, &name, &value, mode).await });
+        self.reply_empty(reply, move |node| async move {
+            node.setxattr(ino.0, &name, &value, mode).await
+        });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -534,7 +629,9 @@ impl Filesystem for ShoalFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.reply_empty(reply, move |node| async move { node.removexattr(ino.0, &name).await });
+        self.reply_empty(reply, move |node| async move {
+            node.removexattr(ino.0, &name).await
+        });
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -566,7 +663,10 @@ impl Filesystem for ShoalFs {
         };
         let fh = self.fh();
         self.spawn(move |node| async move {
-            let created = node.create(parent.0, &name, e).await.and_then(|i| node.open(i.ino));
+            let created = node
+                .create(parent.0, &name, e)
+                .await
+                .and_then(|i| node.open(i.ino));
             match created {
                 Ok(i) => reply.created(
                     &TTL,
@@ -592,7 +692,8 @@ impl Filesystem for ShoalFs {
         pid: u32,
         reply: ReplyLock,
     ) {
-        let Some((probe, _)) = range_lock(self.node.lock_owner(lock_owner.0), pid, typ, start, end) else {
+        let Some((probe, _)) = range_lock(self.node.lock_owner(lock_owner.0), pid, typ, start, end)
+        else {
             reply.error(Errno::EINVAL);
             return;
         };
@@ -622,11 +723,15 @@ impl Filesystem for ShoalFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let Some((lock, unlock)) = range_lock(self.node.lock_owner(lock_owner.0), pid, typ, start, end) else {
+        let Some((lock, unlock)) =
+            range_lock(self.node.lock_owner(lock_owner.0), pid, typ, start, end)
+        else {
             reply.error(Errno::EINVAL);
             return;
         };
-        self.reply_empty(reply, move |node| async move { node.setlk(ino.0, lock, unlock, sleep).await });
+        self.reply_empty(reply, move |node| async move {
+            node.setlk(ino.0, lock, unlock, sleep).await
+        });
     }
 
     fn fallocate(
@@ -639,10 +744,20 @@ impl Filesystem for ShoalFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.reply_empty(reply, move |node| async move { node.fallocate(ino.0, offset, length, mode).await });
+        self.reply_empty(reply, move |node| async move {
+            node.fallocate(ino.0, offset, length, mode).await
+        });
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         if offset < 0 {
             reply.error(Errno::EINVAL);
             return;
@@ -668,7 +783,10 @@ impl Filesystem for ShoalFs {
     ) {
         let len = len.min(1 << 30);
         self.spawn(move |node| async move {
-            match node.copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len).await {
+            match node
+                .copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len)
+                .await
+            {
                 Ok(n) => reply.written(n as u32),
                 Err(e) => reply.error(errno(&e)),
             }

@@ -14,7 +14,9 @@ use crate::node::Node;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("/dev/fuse is missing: load the fuse module (`modprobe fuse`), or give the container `--device /dev/fuse --cap-add SYS_ADMIN`")]
+    #[error(
+        "/dev/fuse is missing: load the fuse module (`modprobe fuse`), or give the container `--device /dev/fuse --cap-add SYS_ADMIN`"
+    )]
     NoFuseDevice,
     #[error("cannot open /dev/fuse ({0}): run shoal as root")]
     FuseDevice(io::Error),
@@ -48,7 +50,10 @@ pub fn mount_entry(path: &Path) -> Option<(String, String)> {
         if mnt != want {
             return None;
         }
-        Some((fields.get(sep + 1)?.to_string(), fields.get(sep + 2)?.to_string()))
+        Some((
+            fields.get(sep + 1)?.to_string(),
+            fields.get(sep + 2)?.to_string(),
+        ))
     })
 }
 
@@ -59,30 +64,35 @@ pub fn detach(path: &Path) -> io::Result<()> {
 
 /// Checks the FUSE device and the mount point, creating it or clearing a stale shoal mount.
 pub fn prepare(mountpoint: &Path) -> Result<PathBuf, MountError> {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(MountError::NoFuseDevice),
         Err(e) => return Err(MountError::FuseDevice(e)),
     }
-    if let Err(e) = std::fs::create_dir_all(mountpoint) {
-        // A dead FUSE mount answers ENOTCONN even to mkdir -p.
-        if e.raw_os_error() != Some(libc::ENOTCONN) {
-            return Err(MountError::Prepare(mountpoint.to_path_buf(), e));
+    let abs = std::path::absolute(mountpoint)
+        .map_err(|e| MountError::Prepare(mountpoint.to_path_buf(), e))?;
+    if let Some((fstype, source)) = mount_entry(&abs) {
+        // statfs always goes to the filesystem; a FUSE mount whose daemon died answers ENOTCONN.
+        let dead = matches!(rustix::fs::statfs(&abs), Err(rustix::io::Errno::NOTCONN));
+        if !(dead && source.starts_with("shoal:")) {
+            let what = if dead { "a dead mount" } else { "mounted" };
+            return Err(MountError::Occupied(
+                abs,
+                format!("{what}: {fstype} from {source}"),
+            ));
         }
+        warn!(mount = %abs.display(), "clearing the stale mount of a crashed shoal daemon");
+        detach(&abs).map_err(|e| MountError::Prepare(abs.clone(), e))?;
     }
-    let abs = std::path::absolute(mountpoint).map_err(|e| MountError::Prepare(mountpoint.to_path_buf(), e))?;
+    std::fs::create_dir_all(&abs).map_err(|e| MountError::Prepare(abs.clone(), e))?;
     match std::fs::metadata(&abs) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            warn!(mount = %abs.display(), "clearing the stale mount of a crashed daemon");
-            detach(&abs).map_err(|e| MountError::Prepare(abs.clone(), e))?;
-        }
         Err(e) => return Err(MountError::Prepare(abs, e)),
         Ok(m) if !m.is_dir() => return Err(MountError::NotADirectory(abs)),
-        Ok(_) => {
-            if let Some((fstype, source)) = mount_entry(&abs) {
-                return Err(MountError::Occupied(abs, format!("{fstype} from {source}")));
-            }
-        }
+        Ok(_) => {}
     }
     let abs = std::fs::canonicalize(&abs).map_err(|e| MountError::Prepare(abs.clone(), e))?;
     Ok(abs)
@@ -108,7 +118,8 @@ pub fn mount(
     config.n_threads = Some(threads.max(1));
     config.clone_fd = threads > 1;
     let fs = ShoalFs::new(node, rt);
-    let mut session = Session::new(fs, &mountpoint, &config).map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
+    let mut session = Session::new(fs, &mountpoint, &config)
+        .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
     let notifier = session.notifier();
     let unmounter = session.unmount_callable();
     let thread = std::thread::Builder::new()

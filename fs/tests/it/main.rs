@@ -1,1 +1,8 @@
-//! Integration tests of the node.
+//! Integration tests of the node: POSIX operations below FUSE on an in-process node, and the
+//! `shoal` binary on a real FUSE mount (these need root and /dev/fuse).
+
+mod daemon;
+mod durability;
+mod mount;
+mod node_ops;
+mod testkit;

@@ -1,0 +1,84 @@
+//! The CLI's answers to bad input: one line that says what to do.
+
+use std::process::Command;
+
+use crate::testkit::shoal;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(shoal()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let missing = missing.to_str().unwrap();
+
+    let (ok, err) = run(&[
+        "daemon",
+        "--data",
+        missing,
+        "--mount",
+        "/tmp/unused-shoal-mnt",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("is not a shoal data directory: run `shoal init --data"),
+        "{err}"
+    );
+
+    let (ok, err) = run(&["status", "--data", missing]);
+    assert!(!ok);
+    assert!(err.contains("no shoal daemon is running"), "{err}");
+
+    let (ok, err) = run(&["init", "--data", missing, "--block-size", "1KiB"]);
+    assert!(!ok);
+    assert!(err.contains("use a size from 64KiB to 64MiB"), "{err}");
+
+    let (ok, err) = run(&["init", "--data", missing, "--block-size", "lots"]);
+    assert!(!ok);
+    assert!(err.contains("invalid value 'lots'"), "{err}");
+
+    let (ok, err) = run(&["daemon", "--frobnicate"]);
+    assert!(!ok);
+    assert!(err.contains("unexpected argument '--frobnicate'"), "{err}");
+
+    let (ok, _) = run(&["init", "--data", missing]);
+    assert!(ok);
+    let (ok, err) = run(&["init", "--data", missing]);
+    assert!(!ok);
+    assert!(err.contains("is already initialized for cluster"), "{err}");
+
+    let (ok, err) = run(&[
+        "local",
+        "up",
+        "--nodes",
+        "3",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("use --nodes 1"), "{err}");
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [
+        &["--help"][..],
+        &["init", "--help"],
+        &["daemon", "--help"],
+        &["status", "--help"],
+        &["local", "up", "--help"],
+    ] {
+        let out = Command::new(shoal()).args(cmd).output().unwrap();
+        assert!(out.status.success(), "{cmd:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage: shoal"),
+            "{cmd:?}"
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! Crash durability: `kill -9` the daemon at several points and check, after a restart with
+//! caches dropped, that every fsynced byte and every committed rename is there, and that no
+//! file holds bytes that were never written to it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::testkit::{Daemon, hash_file};
+
+/// The deterministic content of file `seed`: any prefix of it is a state some commit held.
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Files the writer recorded as durable: name → (seed, length, hash).
+type Done = Arc<Mutex<BTreeMap<String, (u64, usize, String)>>>;
+
+/// Writes files until stopped or until the mount fails; records each after fsync of the file
+/// and its directory. With `rename`, writes `tmp.N` and renames it to `file.N` before recording.
+fn writer(
+    dir: PathBuf,
+    sizes: Vec<usize>,
+    rename: bool,
+    stop: Arc<AtomicBool>,
+    done: Done,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let _ = (|| -> std::io::Result<()> {
+            for (n, size) in sizes.iter().cycle().enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let seed = n as u64 + 1;
+                let data = content(seed, *size);
+                let final_name = format!("file.{n}");
+                let first = if rename {
+                    format!("tmp.{n}")
+                } else {
+                    final_name.clone()
+                };
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(dir.join(&first))?;
+                for piece in data.chunks(256 << 10) {
+                    f.write_all(piece)?;
+                }
+                f.sync_all()?;
+                drop(f);
+                if rename {
+                    fs::rename(dir.join(&first), dir.join(&final_name))?;
+                }
+                fsync_dir(&dir)?;
+                let hash = blake3::hash(&data).to_hex().to_string();
+                done.lock().unwrap().insert(final_name, (seed, *size, hash));
+            }
+            Ok(())
+        })();
+    })
+}
+
+/// Every recorded file has its bytes; every other file is a prefix of what was written to it.
+fn verify(dir: &Path, done: &Done) -> usize {
+    Daemon::drop_caches();
+    let done = done.lock().unwrap();
+    for (name, (_, _, hash)) in done.iter() {
+        let path = dir.join(name);
+        assert!(
+            path.exists(),
+            "{name} was fsynced but is gone after the crash"
+        );
+        assert_eq!(
+            &hash_file(&path),
+            hash,
+            "{name} was fsynced but its bytes changed"
+        );
+    }
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        if done.contains_key(&name) {
+            continue;
+        }
+        let n: u64 = name.rsplit('.').next().unwrap().parse().unwrap();
+        let bytes = fs::read(entry.path()).unwrap();
+        assert_eq!(
+            bytes,
+            content(n + 1, bytes.len()),
+            "{name} (not fsynced) holds bytes that were never written to it"
+        );
+    }
+    done.len()
+}
+
+fn crash_during(sizes: Vec<usize>, rename: bool, run_for: Duration) {
+    let mut d = Daemon::start();
+    let dir = d.mnt().join("work");
+    fs::create_dir(&dir).unwrap();
+    fsync_dir(&d.mnt()).unwrap();
+    let done: Done = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(dir.clone(), sizes, rename, stop.clone(), done.clone());
+    std::thread::sleep(run_for);
+    d.kill9();
+    stop.store(true, Ordering::Relaxed);
+    w.join().unwrap();
+    d.restart();
+    let n = verify(&dir, &done);
+    assert!(
+        n > 0,
+        "the writer finished no file before the crash; the test proved nothing"
+    );
+}
+
+#[test]
+fn kill_9_during_small_file_writes_keeps_every_fsynced_file() {
+    crash_during(
+        vec![1, 4096, 10_000, 100_000],
+        false,
+        Duration::from_millis(1500),
+    );
+}
+
+#[test]
+fn kill_9_during_a_large_write_keeps_every_fsynced_file() {
+    crash_during(
+        vec![6 << 20, 3 << 20, 9 << 20],
+        false,
+        Duration::from_millis(2500),
+    );
+}
+
+#[test]
+fn kill_9_during_a_rename_storm_keeps_every_committed_rename() {
+    crash_during(vec![100, 5000, 70_000], true, Duration::from_millis(2000));
+}
+
+#[test]
+fn kill_9_repeatedly_at_different_points() {
+    let mut d = Daemon::start();
+    let dir = d.mnt().join("work");
+    fs::create_dir(&dir).unwrap();
+    let done: Done = Arc::default();
+    for (round, ms) in [300u64, 900, 1700].into_iter().enumerate() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sizes = vec![2 << 20, 50_000, 1];
+        // Each round writes new names, so earlier rounds' files must stay intact.
+        let round_dir = dir.join(format!("r{round}"));
+        fs::create_dir(&round_dir).unwrap();
+        fsync_dir(&dir).unwrap();
+        let round_done: Done = Arc::default();
+        let w = writer(
+            round_dir.clone(),
+            sizes,
+            round % 2 == 1,
+            stop.clone(),
+            round_done.clone(),
+        );
+        std::thread::sleep(Duration::from_millis(ms));
+        d.kill9();
+        stop.store(true, Ordering::Relaxed);
+        w.join().unwrap();
+        d.restart();
+        verify(&round_dir, &round_done);
+        for (k, v) in round_done.lock().unwrap().iter() {
+            done.lock()
+                .unwrap()
+                .insert(format!("r{round}/{k}"), v.clone());
+        }
+        for (name, (_, _, hash)) in done.lock().unwrap().iter() {
+            assert_eq!(
+                &hash_file(&dir.join(name)),
+                hash,
+                "{name} changed after a later crash"
+            );
+        }
+    }
+}
