@@ -182,6 +182,7 @@ impl OpenFile {
 
     async fn store_and_propose(&self, node: &Node, batch: &Arc<Vec<Extent>>) -> OpResult<()> {
         let size = batch.iter().map(Extent::end).max().unwrap_or(0);
+        node.check_space(batch.iter().map(|e| e.data.len() as u64).sum())?;
         let store = node.blocks.clone();
         let block_size = node.config.block_size as usize;
         let packed = pack(batch, block_size);

@@ -17,6 +17,9 @@ use crate::blocks::{BlockCache, BlockError, BlockStore};
 use crate::file::OpenFile;
 use crate::raft_net::NoPeers;
 
+/// Disk space kept free for metadata: data writes fail with ENOSPC before the disk is full.
+pub const SPACE_RESERVE: u64 = 128 << 20;
+
 /// The file in the data directory that says which cluster and node it belongs to.
 pub const CONFIG_FILE: &str = "shoal.json";
 
@@ -365,6 +368,22 @@ impl Node {
     /// Asks the purge worker to delete `ino` if its last link is gone and it is not open here.
     pub(crate) fn maybe_purge(&self, ino: Ino) {
         let _ = self.purge_tx.send(ino);
+    }
+
+    /// Refuses new data with ENOSPC while the data disk has less than the reserve free, so the
+    /// Raft log and state machine always have room to record what was already accepted.
+    pub fn check_space(&self, incoming: u64) -> OpResult<()> {
+        let st =
+            rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Errno(e.raw_os_error()))?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < SPACE_RESERVE.saturating_add(incoming) {
+            warn!(
+                free,
+                incoming, "data disk is full; refusing new data with ENOSPC"
+            );
+            return Err(OpError::Errno(libc::ENOSPC));
+        }
+        Ok(())
     }
 
     pub fn dirty_bytes(&self) -> u64 {

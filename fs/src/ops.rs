@@ -97,6 +97,7 @@ impl Node {
     }
 
     pub async fn create(&self, parent: Ino, name: &[u8], e: NewEntry) -> OpResult<Inode> {
+        self.check_space(0)?;
         inode_reply(
             self.run(MetaCommand::Create {
                 parent,

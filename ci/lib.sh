@@ -1,0 +1,44 @@
+# Helpers shared by the ci/ scripts: start a shoal daemon in a temp dir and always stop it.
+# shellcheck shell=bash
+
+SHOAL=${SHOAL:-$PWD/target/release/shoal}
+WORK=""
+DAEMON_PID=""
+
+shoal_up() {
+  WORK=$(mktemp -d /tmp/shoal-ci.XXXXXX)
+  "$SHOAL" init --data "$WORK/data" >/dev/null
+  "$SHOAL" daemon --data "$WORK/data" --mount "$WORK/mnt" >"$WORK/daemon.log" 2>&1 &
+  DAEMON_PID=$!
+  trap shoal_down EXIT
+  for _ in $(seq 1 300); do
+    if grep -q " $WORK/mnt " /proc/self/mountinfo && ls "$WORK/mnt" >/dev/null 2>&1; then
+      return 0
+    fi
+    if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
+      echo "shoal daemon exited early:" >&2
+      cat "$WORK/daemon.log" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "shoal daemon did not mount within 30 s" >&2
+  cat "$WORK/daemon.log" >&2
+  return 1
+}
+
+shoal_down() {
+  if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
+    kill -TERM "$DAEMON_PID"
+    for _ in $(seq 1 300); do
+      kill -0 "$DAEMON_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+  fi
+  if [ -n "$WORK" ] && grep -q " $WORK/mnt " /proc/self/mountinfo; then
+    umount -l "$WORK/mnt" || true
+  fi
+  [ -n "$WORK" ] && rm -rf "$WORK"
+  DAEMON_PID=""
+  WORK=""
+}
