@@ -7,6 +7,8 @@ DAEMON_PID=""
 
 shoal_up() {
   WORK=$(mktemp -d /tmp/shoal-ci.XXXXXX)
+  # Tests switch to unprivileged users, who must be able to reach the mount.
+  chmod 755 "$WORK"
   "$SHOAL" init --data "$WORK/data" >/dev/null
   "$SHOAL" daemon --data "$WORK/data" --mount "$WORK/mnt" >"$WORK/daemon.log" 2>&1 &
   DAEMON_PID=$!
