@@ -71,12 +71,13 @@ impl OpenFile {
         let mut b = self.bufs();
         let len = data.len();
         // Extend the last extent when the write continues it, so sequential writes fill blocks.
-        if let Some(last) = b.pending.last_mut() {
-            if last.end() == off && last.data.len() < block {
-                let take = data.len().min(block - last.data.len());
-                last.data.extend_from_slice(&data[..take]);
-                data = &data[take..];
-            }
+        if let Some(last) = b.pending.last_mut()
+            && last.end() == off
+            && last.data.len() < block
+        {
+            let take = data.len().min(block - last.data.len());
+            last.data.extend_from_slice(&data[..take]);
+            data = &data[take..];
         }
         let mut at = off + (len - data.len()) as u64;
         for piece in data.chunks(block) {
@@ -198,7 +199,7 @@ impl OpenFile {
         let result = match stored {
             Ok(Ok(())) => {
                 for (id, p) in &packed {
-                    node.cache.insert(*id, p.data.clone());
+                    node.cache.insert_block(*id, &p.data);
                 }
                 let slices = packed.into_iter().flat_map(|(_, p)| p.slices).collect();
                 node.run(MetaCommand::Write {
@@ -225,8 +226,9 @@ impl OpenFile {
             return;
         }
         let file = self.clone();
+        let rt = node.rt.clone();
         let node = node.clone();
-        tokio::spawn(async move {
+        rt.spawn(async move {
             file.commit_queued.store(false, Ordering::Release);
             if let Err(e) = file.commit(&node).await {
                 warn!(ino = file.ino, error = %e, "background commit failed; the next fsync or close reports it");

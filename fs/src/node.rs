@@ -162,10 +162,12 @@ pub struct Node {
     pub raft: Raft,
     pub view: StateView,
     pub blocks: Arc<BlockStore>,
-    pub cache: BlockCache,
+    pub cache: Arc<BlockCache>,
     /// This daemon run's session: owns its locks and the orphans it keeps open.
     pub session: u64,
     pub started: Instant,
+    /// The runtime the node's tasks run on; FUSE threads spawn onto it.
+    pub rt: tokio::runtime::Handle,
     pub(crate) files: Mutex<HashMap<Ino, Arc<OpenFile>>>,
     /// Blocks written but not yet referenced by a committed layout; the collector skips them.
     pub(crate) unreferenced_writes: Mutex<HashMap<BlockId, u32>>,
@@ -210,7 +212,21 @@ fn lock_data_dir(data: &Path) -> Result<std::fs::File, NodeError> {
 }
 
 async fn open_raft(id: u64, data: &Path) -> Result<(Raft, StateView), NodeError> {
-    let (log, sm) = shoal_raft::open(&data.join("meta"))?;
+    // The data dir's LOCK is ours, so a busy sled lock can only be this process's previous Raft
+    // instance still shutting down (init, then start): wait for it briefly.
+    let mut tries = 0;
+    let (log, sm) = loop {
+        match shoal_raft::open(&data.join("meta")) {
+            Ok(stores) => break stores,
+            Err(shoal_raft::StoreError::Sled(sled::Error::Io(e)))
+                if tries < 100 && e.to_string().contains("could not acquire lock") =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let view = sm.view();
     let raft = Raft::new(id, raft_config()?, NoPeers, log, sm)
         .await
@@ -274,7 +290,7 @@ impl Node {
         let (purge_tx, purge_rx) = mpsc::unbounded_channel();
         let node = Arc::new(Node {
             id: config.node_id,
-            cache: BlockCache::new(options.cache_bytes),
+            cache: Arc::new(BlockCache::new(options.cache_bytes)),
             options,
             data_dir: data.to_path_buf(),
             raft,
@@ -282,6 +298,7 @@ impl Node {
             blocks,
             session: rand::random::<u64>() | 1,
             started: Instant::now(),
+            rt: tokio::runtime::Handle::current(),
             files: Mutex::new(HashMap::new()),
             unreferenced_writes: Mutex::new(HashMap::new()),
             dirty_bytes: AtomicU64::new(0),

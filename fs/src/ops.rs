@@ -9,14 +9,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use shoal_raft::{
-    BlockId, Fallocate, FileKind, FsError, Ino, Inode, Kv, LockKind, LockOwner, MetaCommand,
-    RangeLock, RenameFlags, Reply, SetAttr, XattrMode, conflicting,
+    Fallocate, FileKind, FsError, Ino, Inode, Kv, LockKind, LockOwner, MetaCommand, RangeLock,
+    RenameFlags, Reply, SetAttr, XattrMode, conflicting,
 };
 use tracing::error;
 
-use crate::blocks::BlockError;
+use crate::blocks::{BlockError, read_range};
 use crate::file::OpenFile;
 use crate::node::{Node, OpError, OpResult};
 
@@ -220,12 +219,11 @@ impl Node {
             }
             last
         };
-        if last {
-            if let Ok(Some(inode)) = self.view.inode(ino) {
-                if inode.nlink == 0 {
-                    self.maybe_purge(ino);
-                }
-            }
+        if last
+            && let Ok(Some(inode)) = self.view.inode(ino)
+            && inode.nlink == 0
+        {
+            self.maybe_purge(ino);
         }
         committed
     }
@@ -266,26 +264,6 @@ impl Node {
         })
     }
 
-    async fn block(&self, id: BlockId) -> OpResult<Bytes> {
-        if let Some(b) = self.cache.get(&id) {
-            return Ok(b);
-        }
-        let store = self.blocks.clone();
-        let result = tokio::task::spawn_blocking(move || store.get(&id))
-            .await
-            .map_err(|e| OpError::Raft(format!("block reader panicked: {e}")))?;
-        match result {
-            Ok(b) => {
-                self.cache.insert(id, b.clone());
-                Ok(b)
-            }
-            Err(e) => {
-                error!(block = %id, error = %e, "block read failed");
-                Err(e.into())
-            }
-        }
-    }
-
     /// Reads up to `size` bytes at `off`: committed data overlaid with this node's buffered writes.
     pub async fn read(&self, ino: Ino, off: u64, size: usize) -> OpResult<Vec<u8>> {
         // Take the buffered bytes first: a commit that finishes after this point is in the
@@ -304,16 +282,41 @@ impl Node {
         }
         let end = (off + size as u64).min(inode.size);
         let mut buf = vec![0u8; (end - off) as usize];
+        let mut misses = Vec::new();
         for s in self.view.slices(ino, off, end).map_err(store_err)? {
-            let block = self.block(s.block).await?;
-            let from = s.block_off as usize;
-            let to = from + s.len as usize;
-            if to > block.len() {
-                error!(block = %s.block, "slice reaches past the end of its block");
-                return Err(BlockError::Missing(s.block).into());
-            }
             let at = (s.off - off) as usize;
-            buf[at..at + s.len as usize].copy_from_slice(&block[from..to]);
+            let dst = &mut buf[at..at + s.len as usize];
+            if !self.cache.copy_cached(&s.block, s.block_off as usize, dst) {
+                misses.push(s);
+            }
+        }
+        if !misses.is_empty() {
+            let (store, cache) = (self.blocks.clone(), self.cache.clone());
+            let filled = tokio::task::spawn_blocking(move || {
+                misses
+                    .into_iter()
+                    .map(|s| {
+                        let mut data = vec![0u8; s.len as usize];
+                        read_range(
+                            &store,
+                            &cache,
+                            &s.block,
+                            s.block_len,
+                            s.block_off as usize,
+                            &mut data,
+                        )
+                        .inspect_err(
+                            |e| error!(block = %s.block, error = %e, "block read failed"),
+                        )?;
+                        Ok(((s.off - off) as usize, data))
+                    })
+                    .collect::<Result<Vec<_>, BlockError>>()
+            })
+            .await
+            .map_err(|e| OpError::Raft(format!("block reader panicked: {e}")))??;
+            for (at, data) in filled {
+                buf[at..at + data.len()].copy_from_slice(&data);
+            }
         }
         for (at, data) in overlay {
             if at >= end {

@@ -781,10 +781,10 @@ impl Ctx<'_, '_> {
     }
 
     fn purge(&mut self, ino: Ino) -> Outcome {
-        if let Some(inode) = self.txn.inode(ino)? {
-            if inode.nlink == 0 {
-                self.destroy(&inode)?;
-            }
+        if let Some(inode) = self.txn.inode(ino)?
+            && inode.nlink == 0
+        {
+            self.destroy(&inode)?;
         }
         Ok(Ok(Reply::Done))
     }

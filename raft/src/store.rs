@@ -27,6 +27,10 @@ use crate::view::{Kv, StateView, decode, encode};
 
 type NodeId = u64;
 type SError = StorageError<NodeId>;
+type Applied = (
+    Option<LogId<NodeId>>,
+    StoredMembership<NodeId, openraft::BasicNode>,
+);
 
 fn io_err<E: std::error::Error + 'static>(
     f: impl FnOnce(AnyError) -> StorageIOError<NodeId>,
@@ -256,15 +260,7 @@ impl StateMachine {
         }
     }
 
-    fn applied(
-        &self,
-    ) -> Result<
-        (
-            Option<LogId<NodeId>>,
-            StoredMembership<NodeId, openraft::BasicNode>,
-        ),
-        StoreError,
-    > {
+    fn applied(&self) -> Result<Applied, StoreError> {
         let view = self.view();
         let applied = view
             .get::<Option<LogId<NodeId>>>("applied", keys::META_APPLIED)?
@@ -403,15 +399,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<
-        (
-            Option<LogId<NodeId>>,
-            StoredMembership<NodeId, openraft::BasicNode>,
-        ),
-        SError,
-    > {
+    async fn applied_state(&mut self) -> Result<Applied, SError> {
         self.applied()
             .map_err(|e| io_err(StorageIOError::read_state_machine, e))
     }

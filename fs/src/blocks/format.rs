@@ -40,7 +40,10 @@ fn footer_hash(hashes: &[[u8; 32]], len: u32) -> [u8; 32] {
 
 /// The trailer (chunk hashes and footer) to write after `data`.
 pub fn trailer(data: &[u8]) -> Vec<u8> {
-    let hashes: Vec<[u8; 32]> = data.chunks(CHUNK).map(|c| *blake3::hash(c).as_bytes()).collect();
+    let hashes: Vec<[u8; 32]> = data
+        .chunks(CHUNK)
+        .map(|c| *blake3::hash(c).as_bytes())
+        .collect();
     let len = data.len() as u32;
     let mut out = Vec::with_capacity(hashes.len() * 32 + FOOTER);
     for h in &hashes {
@@ -136,12 +139,19 @@ mod tests {
         for i in (0..t.len()).step_by(7) {
             let mut bad = t.clone();
             bad[i] ^= 0x10;
-            assert_eq!(parse_trailer(&bad, len as u32), Err(Damage::Footer), "byte {i}");
+            assert_eq!(
+                parse_trailer(&bad, len as u32),
+                Err(Damage::Footer),
+                "byte {i}"
+            );
         }
         if len > 0 {
             let mut bad = data.clone();
             bad[len - 1] ^= 1;
-            assert_eq!(verify_chunks(&index, 0, &bad), Err(Damage::Chunk((len - 1) / CHUNK)));
+            assert_eq!(
+                verify_chunks(&index, 0, &bad),
+                Err(Damage::Chunk((len - 1) / CHUNK))
+            );
         }
     }
 

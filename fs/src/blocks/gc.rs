@@ -42,7 +42,6 @@ pub async fn collect(node: &Node, grace: Duration) -> OpResult<usize> {
             {
                 continue;
             }
-            node.cache.remove(&id);
             match node.blocks.delete(&id) {
                 Ok(()) => deleted.push(id),
                 Err(e) => warn!(block = %id, error = %e, "could not delete a garbage block"),
@@ -81,7 +80,6 @@ pub fn sweep_unreferenced(
                 break;
             }
         }
-        node.cache.remove(&id);
         node.blocks.delete(&id)?;
         n += 1;
     }
@@ -99,7 +97,7 @@ pub(crate) async fn worker(node: Weak<Node>) {
             warn!(error = %e, "garbage collection failed; retrying next round");
         }
         rounds += 1;
-        if rounds % SWEEP_EVERY == 0 {
+        if rounds.is_multiple_of(SWEEP_EVERY) {
             let n = Arc::clone(&node);
             let swept =
                 tokio::task::spawn_blocking(move || sweep_unreferenced(&n, SWEEP_AGE)).await;

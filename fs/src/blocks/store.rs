@@ -1,25 +1,28 @@
 //! The local block store: content-addressed files under `DATA/blocks/ab/abcdef…`.
 //!
 //! A block is written to `tmp/`, fsynced, and renamed into place; the fan-out directories are
-//! fsynced once per commit by `sync_dirs`. Every read from disk is verified against its blake3
-//! hash: a block whose bytes do not match is moved to `quarantine/` and reported, never served.
+//! fsynced once per commit by `sync_dirs`. Every read from disk is verified (see `format`): a
+//! block whose bytes do not match is moved to `quarantine/` and reported, never served.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use shoal_raft::BlockId;
 
+use super::format::{self, CHUNK, ChunkIndex, Damage};
+
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("block {0} is missing from the local store")]
     Missing(BlockId),
-    #[error("block {id} is corrupt on disk (its bytes hash to {actual}); moved to {quarantined}")]
+    #[error("block {id} is corrupt on disk ({damage}); moved to {quarantined}")]
     Corrupt {
         id: BlockId,
-        actual: BlockId,
+        damage: Damage,
         quarantined: String,
     },
     #[error("block store i/o on {path}: {source}")]
@@ -89,9 +92,11 @@ impl BlockStore {
             self.root
                 .join("tmp")
                 .join(format!("{}.{:016x}", id.to_hex(), rand::random::<u64>()));
+        let trailer = format::trailer(data);
         let result = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(data)?;
+            f.write_all(&trailer)?;
             f.sync_data()?;
             fs::rename(&tmp, &dest)
         })();
@@ -116,27 +121,67 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Reads a block and verifies it against its hash.
-    pub fn get(&self, id: &BlockId) -> Result<Bytes, BlockError> {
+    fn open_block(&self, id: &BlockId) -> Result<File, BlockError> {
         let path = self.path_of(id);
-        let mut data = Vec::new();
         match File::open(&path) {
-            Ok(mut f) => f
-                .read_to_end(&mut data)
-                .map_err(|e| BlockError::io(&path, e))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BlockError::Missing(*id)),
-            Err(e) => return Err(BlockError::io(&path, e)),
-        };
-        let actual = BlockId::of(&data);
-        if actual != *id {
-            let quarantined = self.root.join("quarantine").join(id.to_hex());
-            let _ = fs::rename(&path, &quarantined);
-            return Err(BlockError::Corrupt {
-                id: *id,
-                actual,
-                quarantined: quarantined.display().to_string(),
-            });
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(BlockError::Missing(*id)),
+            Err(e) => Err(BlockError::io(&path, e)),
         }
+    }
+
+    fn pread(&self, id: &BlockId, f: &File, at: u64, len: usize) -> Result<Vec<u8>, BlockError> {
+        let mut buf = vec![0u8; len];
+        match f.read_exact_at(&mut buf, at) {
+            Ok(()) => Ok(buf),
+            // A block file shorter than its trailer says is damaged, not missing.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(self.quarantine(id, Damage::Footer))
+            }
+            Err(e) => Err(BlockError::io(&self.path_of(id), e)),
+        }
+    }
+
+    /// Moves a damaged block out of the way so it is never served, and names the damage.
+    fn quarantine(&self, id: &BlockId, damage: Damage) -> BlockError {
+        let quarantined = self.root.join("quarantine").join(id.to_hex());
+        let _ = fs::rename(self.path_of(id), &quarantined);
+        BlockError::Corrupt {
+            id: *id,
+            damage,
+            quarantined: quarantined.display().to_string(),
+        }
+    }
+
+    /// Reads and verifies a block's chunk index; `len` is the block's length from its slice.
+    pub fn index(&self, id: &BlockId, len: u32) -> Result<ChunkIndex, BlockError> {
+        let f = self.open_block(id)?;
+        let trailer = self.pread(id, &f, u64::from(len), format::trailer_len(len as usize))?;
+        format::parse_trailer(&trailer, len).map_err(|d| self.quarantine(id, d))
+    }
+
+    /// Reads chunks `first..=last` of a block and verifies each against the index.
+    pub fn read_chunks(
+        &self,
+        id: &BlockId,
+        index: &ChunkIndex,
+        first: usize,
+        last: usize,
+    ) -> Result<Bytes, BlockError> {
+        let f = self.open_block(id)?;
+        let start = first * CHUNK;
+        let end = ((last + 1) * CHUNK).min(index.len as usize);
+        let data = self.pread(id, &f, start as u64, end - start)?;
+        format::verify_chunks(index, first, &data).map_err(|d| self.quarantine(id, d))?;
+        Ok(Bytes::from(data))
+    }
+
+    /// Reads a whole block and verifies every chunk and its name.
+    pub fn get(&self, id: &BlockId, len: u32) -> Result<Bytes, BlockError> {
+        let index = self.index(id, len)?;
+        let f = self.open_block(id)?;
+        let data = self.pread(id, &f, 0, len as usize)?;
+        format::verify_block(id, &index, &data).map_err(|d| self.quarantine(id, d))?;
         Ok(Bytes::from(data))
     }
 
@@ -149,7 +194,7 @@ impl BlockStore {
         }
     }
 
-    /// Every block on disk with its size in bytes and the age of its file in seconds.
+    /// Every block on disk with its file size in bytes and the age of its file in seconds.
     pub fn list(&self) -> Result<Vec<(BlockId, u64, u64)>, BlockError> {
         let mut out = Vec::new();
         let rd = fs::read_dir(&self.root).map_err(|e| BlockError::io(&self.root, e))?;
@@ -191,28 +236,52 @@ mod tests {
     fn blocks_round_trip_and_corruption_is_detected_and_quarantined() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlockStore::open(dir.path()).unwrap();
-        let data = b"hello block".to_vec();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let len = data.len() as u32;
         let id = BlockId::of(&data);
         assert!(store.put(&id, &data).unwrap());
         assert!(!store.put(&id, &data).unwrap(), "second put is a no-op");
         store.sync_dirs([&id]).unwrap();
-        assert_eq!(store.get(&id).unwrap(), Bytes::from(data.clone()));
+        assert_eq!(store.get(&id, len).unwrap(), Bytes::from(data.clone()));
+        let index = store.index(&id, len).unwrap();
+        assert_eq!(
+            store.read_chunks(&id, &index, 1, 2).unwrap(),
+            Bytes::copy_from_slice(&data[CHUNK..3 * CHUNK])
+        );
 
-        // Flip one byte on disk: the read must fail, not return wrong bytes.
+        // Flip one byte of chunk 2 on disk: a read of chunk 0 still works, chunk 2 fails.
         let path = store.path_of(&id);
         let mut bytes = fs::read(&path).unwrap();
-        bytes[0] ^= 0xff;
+        bytes[2 * CHUNK + 5] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
-        let err = store.get(&id).unwrap_err();
-        assert!(matches!(err, BlockError::Corrupt { .. }), "{err}");
-        assert!(!path.exists(), "corrupt block is moved out of the way");
+        assert!(store.read_chunks(&id, &index, 0, 0).is_ok());
+        let err = store.read_chunks(&id, &index, 2, 3).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BlockError::Corrupt {
+                    damage: Damage::Chunk(2),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!path.exists(), "a corrupt block is moved out of the way");
         assert!(matches!(
-            store.get(&id).unwrap_err(),
+            store.get(&id, len).unwrap_err(),
             BlockError::Missing(_)
         ));
         // Writing the same content again heals it.
         assert!(store.put(&id, &data).unwrap());
-        assert_eq!(store.get(&id).unwrap(), Bytes::from(data));
-        assert_eq!(store.list().unwrap().len(), 1);
+        assert_eq!(store.get(&id, len).unwrap(), Bytes::from(data.clone()));
+
+        // A truncated file is damage too, not a short read.
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(1000).unwrap();
+        assert!(matches!(
+            store.get(&id, len).unwrap_err(),
+            BlockError::Corrupt { .. }
+        ));
+        assert_eq!(store.list().unwrap().len(), 0);
     }
 }

@@ -296,3 +296,25 @@ fn a_stale_mount_of_a_killed_daemon_is_cleared_on_restart() {
     d.restart();
     assert_eq!(hash_file(&d.mnt().join("f")), h);
 }
+
+#[test]
+fn a_large_write_commits_in_the_background_and_reads_back() {
+    let d = Daemon::start();
+    let path = d.mnt().join("large");
+    // Well past the 32 MiB background-commit threshold, written without fsync.
+    let piece: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let mut f = fs::File::create(&path).unwrap();
+    for i in 0..150u8 {
+        let mut p = piece.clone();
+        p[0] = i;
+        f.write_all(&p).unwrap();
+    }
+    drop(f);
+    Daemon::drop_caches();
+    let got = fs::read(&path).unwrap();
+    assert_eq!(got.len(), 150 << 20);
+    for (i, chunk) in got.chunks(1 << 20).enumerate() {
+        assert_eq!(chunk[0], i as u8);
+        assert_eq!(&chunk[1..], &piece[1..], "MiB {i}");
+    }
+}
