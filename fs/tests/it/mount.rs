@@ -87,6 +87,7 @@ fn posix_basics_through_the_kernel() {
     // Sparse files, punch hole, SEEK_DATA/SEEK_HOLE, copy_file_range.
     let mut s = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(m.join("sparse"))
@@ -124,6 +125,7 @@ fn posix_basics_through_the_kernel() {
     let src = fs::File::open(m.join("src")).unwrap();
     let dst = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .write(true)
         .open(m.join("dst"))
         .unwrap();
