@@ -5,7 +5,8 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Frames larger than this are refused, so a confused peer cannot make us allocate gigabytes.
-pub const MAX_FRAME: usize = 16 << 20;
+/// It fits the largest block (64 MiB) with room for its envelope.
+pub const MAX_FRAME: usize = 80 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -19,23 +20,32 @@ pub enum FrameError {
     Decode(#[from] serde_json::Error),
 }
 
-/// Writes one message as a frame.
+/// Writes one message as a JSON frame.
 pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     msg: &T,
 ) -> Result<(), FrameError> {
-    let body = serde_json::to_vec(msg)?;
+    write_bytes(w, &serde_json::to_vec(msg)?).await
+}
+
+/// Reads one JSON frame and decodes it. A clean end of stream before the length is `Closed`.
+pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    Ok(serde_json::from_slice(&read_bytes(r).await?)?)
+}
+
+/// Writes one frame of raw bytes.
+pub async fn write_bytes<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> Result<(), FrameError> {
     if body.len() > MAX_FRAME {
         return Err(FrameError::TooLarge(body.len()));
     }
     w.write_all(&(body.len() as u32).to_be_bytes()).await?;
-    w.write_all(&body).await?;
+    w.write_all(body).await?;
     w.flush().await?;
     Ok(())
 }
 
-/// Reads one frame and decodes it. A clean end of stream before the length is `Closed`.
-pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+/// Reads one frame of raw bytes. A clean end of stream before the length is `Closed`.
+pub async fn read_bytes<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -48,7 +58,7 @@ pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Resul
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
-    Ok(serde_json::from_slice(&body)?)
+    Ok(body)
 }
 
 #[cfg(test)]

@@ -3,7 +3,14 @@
 //! **Architecture invariant:** this crate knows nothing of FUSE or of the metadata model; it
 //! moves typed messages between processes.
 //!
-//! Today it holds the RPC framing used by the node's admin socket: each message is a
-//! length-prefixed JSON document. The QUIC transport with mutual TLS joins it with the cluster.
+//! - `frame`: length-prefixed frames (JSON for the admin socket, raw bytes for RPC).
+//! - `pki`: the cluster CA and node identities (rcgen).
+//! - `token`: join tokens.
+//! - `quic`: QUIC endpoints with mutual TLS (quinn, rustls).
+//! - `rpc`: request/response calls over QUIC streams, and a per-peer connection cache.
 
 pub mod frame;
+pub mod pki;
+pub mod quic;
+pub mod rpc;
+pub mod token;

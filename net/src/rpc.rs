@@ -1,0 +1,132 @@
+//! Request and response over QUIC: one bidirectional stream per call, each way one frame of
+//! postcard bytes. `Peers` keeps one connection per peer address and reconnects when it drops.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::debug;
+
+use crate::frame::{self, FrameError};
+use crate::quic::{self, QuicError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("{0}")]
+    Connect(#[from] QuicError),
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Frame(#[from] FrameError),
+    #[error("stream closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("malformed message: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+/// Sends one request and waits for its response.
+pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    conn: &quinn::Connection,
+    req: &Req,
+) -> Result<Resp, RpcError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    frame::write_bytes(&mut send, &postcard::to_stdvec(req)?).await?;
+    send.finish()?;
+    let bytes = frame::read_bytes(&mut recv).await?;
+    Ok(postcard::from_bytes(&bytes)?)
+}
+
+/// Answers the requests of one connection until it closes. `handler` gets the peer's node id
+/// (`None` for a peer without a certificate) and the request.
+pub async fn serve<Req, Resp, F, Fut>(conn: quinn::Connection, handler: F)
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(Option<u64>, Req) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    let peer = quic::peer_node_id(&conn);
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(peer = ?peer, error = %e, "connection closed");
+                return;
+            }
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let req: Req = match frame::read_bytes(&mut recv)
+                .await
+                .map(|b| postcard::from_bytes(&b))
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    debug!(peer = ?peer, error = %e, "malformed request");
+                    return;
+                }
+                Err(e) => {
+                    debug!(peer = ?peer, error = %e, "request stream failed");
+                    return;
+                }
+            };
+            let resp = handler(peer, req).await;
+            let Ok(bytes) = postcard::to_stdvec(&resp) else {
+                return;
+            };
+            if frame::write_bytes(&mut send, &bytes).await.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+/// One connection per peer address, made on first use and remade when it drops.
+pub struct Peers {
+    endpoint: quinn::Endpoint,
+    conns: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+}
+
+impl Peers {
+    pub fn new(endpoint: quinn::Endpoint) -> Peers {
+        Peers {
+            endpoint,
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    async fn conn(&self, addr: SocketAddr) -> Result<quinn::Connection, RpcError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&addr)
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let c = quic::connect(&self.endpoint, addr).await?;
+        conns.insert(addr, c.clone());
+        Ok(c)
+    }
+
+    /// Calls `addr`, reconnecting once if the cached connection turns out to be dead.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: SocketAddr,
+        req: &Req,
+    ) -> Result<Resp, RpcError> {
+        let conn = self.conn(addr).await?;
+        match call(&conn, req).await {
+            Err(RpcError::Connection(_)) => {
+                self.conns.lock().await.remove(&addr);
+                let conn = self.conn(addr).await?;
+                call(&conn, req).await
+            }
+            other => other,
+        }
+    }
+}
