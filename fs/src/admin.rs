@@ -16,12 +16,42 @@ pub const SOCKET: &str = "admin.sock";
 #[derive(Serialize, Deserialize, Debug)]
 pub enum AdminRequest {
     Status,
+    Members,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
 pub enum AdminReply {
     Status(Status),
+    Members(Vec<Member>),
     Error(String),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+    /// leader, voter or learner
+    pub role: String,
+}
+
+pub fn members(node: &Node) -> Vec<Member> {
+    let m = node.raft.metrics().borrow().clone();
+    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+    node.members()
+        .into_iter()
+        .map(|(id, addr)| Member {
+            id,
+            addr,
+            role: if m.current_leader == Some(id) {
+                "leader"
+            } else if voters.contains(&id) {
+                "voter"
+            } else {
+                "learner"
+            }
+            .into(),
+        })
+        .collect()
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -103,6 +133,7 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                 }
             };
             let reply = match req {
+                AdminRequest::Members => AdminReply::Members(members(&node)),
                 AdminRequest::Status => {
                     let n = node.clone();
                     match tokio::task::spawn_blocking(move || status(&n, mount.as_deref())).await {

@@ -201,6 +201,10 @@ impl OpenFile {
                 for (id, p) in &packed {
                     node.cache.insert_block(*id, &p.data);
                 }
+                // The layout may name the blocks only once the replicas have them.
+                let copies: Vec<(BlockId, Bytes)> =
+                    packed.iter().map(|(id, p)| (*id, p.data.clone())).collect();
+                crate::cluster::replicate::push(node, &copies).await?;
                 let slices = packed.into_iter().flat_map(|(_, p)| p.slices).collect();
                 node.run(MetaCommand::Write {
                     ino: self.ino,

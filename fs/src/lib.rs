@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod blocks;
+pub mod cluster;
 pub mod daemon;
 mod file;
 pub mod fuse;

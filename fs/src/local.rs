@@ -108,7 +108,7 @@ fn up(nodes: u32, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(&nd.root)
             .with_context(|| format!("creating {}", nd.root.display()))?;
         if node::ClusterConfig::load(&nd.data()).is_err() {
-            rt.block_on(node::init(&nd.data(), 4 << 20))?;
+            rt.block_on(node::init(&nd.data(), 4 << 20, None))?;
         }
         let log = std::fs::File::create(nd.log())
             .with_context(|| format!("creating {}", nd.log().display()))?;

@@ -2,6 +2,7 @@
 
 mod local;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,6 +11,7 @@ use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use shoal_fs::admin::{self, AdminReply, AdminRequest};
 use shoal_fs::{NodeOptions, daemon, node};
+use shoal_net::token::JoinToken;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +35,34 @@ enum Command {
         /// The largest block file data is cut into
         #[arg(long, default_value = "4MiB")]
         block_size: ByteSize,
+        /// Where this node listens for other nodes (UDP, QUIC). Without it the node stays alone;
+        /// with it `shoal init` also makes the cluster's CA and prints a join token
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Join an existing cluster with a token from one of its nodes
+    Join {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        /// The join token (`shoal token show` on the node that ran `shoal init`)
+        #[arg(long)]
+        token: String,
+        /// A cluster node's address (its --listen)
+        #[arg(long)]
+        peer: SocketAddr,
+        /// Where this node listens for other nodes
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Show the cluster's join token
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Cluster membership
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
     },
     /// Run the node in the foreground and mount its filesystem
     Daemon {
@@ -66,6 +96,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print the current join token (only the node that ran `shoal init` has it)
+    Show {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// List the cluster's nodes: id, address, role
+    Ls {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+    },
+}
+
 fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
@@ -96,10 +144,14 @@ fn check_block_size(size: ByteSize) -> anyhow::Result<u32> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { data, block_size } => {
+        Command::Init {
+            data,
+            block_size,
+            listen,
+        } => {
             let block_size = check_block_size(block_size)?;
             init_tracing("warn");
-            let config = runtime()?.block_on(node::init(&data, block_size))?;
+            let config = runtime()?.block_on(node::init(&data, block_size, listen))?;
             println!(
                 "initialized cluster {} with node {} in {}\nstart it with: shoal daemon --data {} --mount /mnt/shoal",
                 config.cluster_id,
@@ -107,6 +159,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data.display(),
                 data.display()
             );
+            if let Some(listen) = listen {
+                println!(
+                    "other nodes join with: shoal join --token {} --peer {listen} --listen ADDR:PORT",
+                    token_of(&data)?
+                );
+            }
+            Ok(())
+        }
+        Command::Join {
+            data,
+            token,
+            peer,
+            listen,
+        } => {
+            init_tracing("warn");
+            let token: JoinToken = token.parse()?;
+            let config =
+                runtime()?.block_on(shoal_fs::cluster::join::join(&data, token, peer, listen))?;
+            println!(
+                "joined cluster {} as node {}\nstart it with: shoal daemon --data {} --mount /mnt/shoal",
+                config.cluster_id,
+                config.node_id,
+                data.display()
+            );
+            Ok(())
+        }
+        Command::Token {
+            command: TokenCommand::Show { data },
+        } => {
+            println!("{}", token_of(&data)?);
+            Ok(())
+        }
+        Command::Node {
+            command: NodeCommand::Ls { data },
+        } => {
+            let reply = runtime()?.block_on(admin::request(&data, AdminRequest::Members))?;
+            let AdminReply::Members(members) = reply else {
+                anyhow::bail!("unexpected reply from the daemon: {reply:?}");
+            };
+            println!("{:<6} {:<24} {:<8}", "ID", "ADDRESS", "ROLE");
+            for m in members {
+                println!("{:<6} {:<24} {:<8}", m.id, m.addr, m.role);
+            }
             Ok(())
         }
         Command::Daemon {
@@ -145,6 +240,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Local { command } => local::run(command),
     }
+}
+
+fn token_of(data: &std::path::Path) -> anyhow::Result<String> {
+    let path = shoal_fs::cluster::tls_dir(data).join("join-token");
+    let token = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {}: only the node that ran `shoal init --listen` has the join token",
+            path.display()
+        )
+    })?;
+    Ok(token.trim().to_string())
 }
 
 fn print_status(s: &admin::Status) {

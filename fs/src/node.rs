@@ -29,6 +29,12 @@ pub struct ClusterConfig {
     pub cluster_id: String,
     /// The largest block a file's data is cut into.
     pub block_size: u32,
+    /// Where this node listens for other nodes (QUIC); none for a node that never joins others.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Members this node joined through, asked to add it when it first starts.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 impl ClusterConfig {
@@ -99,6 +105,8 @@ pub enum NodeError {
     Blocks(#[from] BlockError),
     #[error("raft: {0}")]
     Raft(String),
+    #[error("joining the cluster failed: {0}")]
+    Join(String),
 }
 
 /// The failure of one filesystem operation.
@@ -172,9 +180,14 @@ pub struct Node {
     /// Blocks written but not yet referenced by a committed layout; the collector skips them.
     pub(crate) unreferenced_writes: Mutex<HashMap<BlockId, u32>>,
     pub(crate) dirty_bytes: AtomicU64,
+    /// Each file's (mtime, size) when this node last opened it, to tell whether the kernel's
+    /// cached pages are still good.
+    pub(crate) seen: Mutex<HashMap<Ino, (shoal_raft::Nanos, u64)>>,
     pub(crate) purge_tx: mpsc::UnboundedSender<Ino>,
     /// Woken whenever this node releases a lock, so blocked lock requests retry.
     pub(crate) locks_changed: Notify,
+    /// The cluster network, for a node started with a listen address.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Held for the whole life of the node: the data directory's lock file.
     _lock: std::fs::File,
 }
@@ -211,7 +224,11 @@ fn lock_data_dir(data: &Path) -> Result<std::fs::File, NodeError> {
     }
 }
 
-async fn open_raft(id: u64, data: &Path) -> Result<(Raft, StateView), NodeError> {
+async fn open_raft(
+    id: u64,
+    data: &Path,
+    cluster: Option<&crate::cluster::Cluster>,
+) -> Result<(Raft, StateView), NodeError> {
     // The data dir's LOCK is ours, so a busy sled lock can only be this process's previous Raft
     // instance still shutting down (init, then start): wait for it briefly.
     let mut tries = 0;
@@ -228,9 +245,16 @@ async fn open_raft(id: u64, data: &Path) -> Result<(Raft, StateView), NodeError>
         }
     };
     let view = sm.view();
-    let raft = Raft::new(id, raft_config()?, NoPeers, log, sm)
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let raft = match cluster {
+        Some(c) => {
+            let network = crate::cluster::network::QuicNetwork {
+                peers: c.peers.clone(),
+            };
+            Raft::new(id, raft_config()?, network, log, sm).await
+        }
+        None => Raft::new(id, raft_config()?, NoPeers, log, sm).await,
+    }
+    .map_err(|e| NodeError::Raft(e.to_string()))?;
     Ok((raft, view))
 }
 
@@ -242,8 +266,13 @@ async fn wait_leader(raft: &Raft, id: u64) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// Creates a new single-node cluster in `data`.
-pub async fn init(data: &Path, block_size: u32) -> Result<ClusterConfig, NodeError> {
+/// Creates a new cluster in `data` with this node as its only member. With `listen`, the node
+/// gets a CA, a certificate and a join token so that other nodes can join it.
+pub async fn init(
+    data: &Path,
+    block_size: u32,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<ClusterConfig, NodeError> {
     std::fs::create_dir_all(data).map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
     if let Ok(existing) = ClusterConfig::load(data) {
         return Err(NodeError::AlreadyInitialized(
@@ -256,18 +285,32 @@ pub async fn init(data: &Path, block_size: u32) -> Result<ClusterConfig, NodeErr
         node_id: 1,
         cluster_id: format!("{:016x}", rand::random::<u64>()),
         block_size,
+        listen: listen.map(|l| l.to_string()),
+        peers: Vec::new(),
     };
-    let (raft, _) = open_raft(config.node_id, data).await?;
-    let members = BTreeMap::from([(config.node_id, BasicNode::new("local"))]);
+    let token = match listen {
+        Some(_) => Some(crate::cluster::init_tls(data, &config)?),
+        None => None,
+    };
+    let (raft, _) = open_raft(config.node_id, data, None).await?;
+    let addr = config.listen.clone().unwrap_or_default();
+    let members = BTreeMap::from([(config.node_id, BasicNode::new(addr))]);
     raft.initialize(members)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     wait_leader(&raft, config.node_id).await?;
     // The root directory is created by the first applied command.
+    let cmds = token
+        .map(|t| {
+            vec![MetaCommand::SetJoinSecret {
+                hash: t.secret_hash(),
+            }]
+        })
+        .unwrap_or_default();
     raft.client_write(MetaRequest {
         now: now_nanos(),
         session: 0,
-        cmds: Vec::new(),
+        cmds,
     })
     .await
     .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -285,8 +328,19 @@ impl Node {
         let config = ClusterConfig::load(data)?;
         let lock = lock_data_dir(data)?;
         let blocks = Arc::new(BlockStore::open(&data.join("blocks"))?);
-        let (raft, view) = open_raft(config.node_id, data).await?;
-        wait_leader(&raft, config.node_id).await?;
+        let cluster = match &config.listen {
+            Some(listen) => {
+                let addr = listen.parse().map_err(|e| {
+                    NodeError::BadConfig(
+                        data.join(CONFIG_FILE),
+                        format!("listen address {listen:?}: {e}"),
+                    )
+                })?;
+                Some(Arc::new(crate::cluster::Cluster::open(data, addr)?))
+            }
+            None => None,
+        };
+        let (raft, view) = open_raft(config.node_id, data, cluster.as_deref()).await?;
         let (purge_tx, purge_rx) = mpsc::unbounded_channel();
         let node = Arc::new(Node {
             id: config.node_id,
@@ -302,11 +356,19 @@ impl Node {
             files: Mutex::new(HashMap::new()),
             unreferenced_writes: Mutex::new(HashMap::new()),
             dirty_bytes: AtomicU64::new(0),
+            seen: Mutex::new(HashMap::new()),
             purge_tx,
             locks_changed: Notify::new(),
+            cluster,
             _lock: lock,
             config,
         });
+        if let Some(c) = &node.cluster {
+            c.serve(Arc::downgrade(&node));
+            crate::cluster::ensure_member(&node).await?;
+        } else {
+            wait_leader(&node.raft, node.id).await?;
+        }
         node.run(MetaCommand::OpenSession {
             node: node.id,
             session: node.session,
@@ -337,12 +399,54 @@ impl Node {
             session: self.session,
             cmds,
         };
-        match self.raft.client_write(req).await {
-            Ok(resp) => Ok(resp.data.results),
+        let resp = match self.raft.client_write(req.clone()).await {
+            Ok(resp) => resp.data,
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::ForwardToLeader(_),
+            )) if self.cluster.is_some() => self.forward(req).await?,
             Err(e) => {
                 error!(error = %e, "metadata proposal failed");
-                Err(OpError::Raft(e.to_string()))
+                return Err(OpError::Raft(e.to_string()));
             }
+        };
+        Ok(resp.results)
+    }
+
+    /// Proposes a request that came from another node: only the leader accepts it. Returns the
+    /// log index it was applied at, with the results.
+    pub(crate) async fn propose_request(
+        &self,
+        req: MetaRequest,
+    ) -> OpResult<(u64, shoal_raft::MetaResponse)> {
+        let resp = self
+            .raft
+            .client_write(req)
+            .await
+            .map_err(|e| OpError::Raft(e.to_string()))?;
+        Ok((resp.log_id.index, resp.data))
+    }
+
+    /// Sends a proposal to the leader and waits until this node has applied it too, so the
+    /// caller reads its own write.
+    async fn forward(&self, req: MetaRequest) -> OpResult<shoal_raft::MetaResponse> {
+        match self
+            .to_leader(&crate::cluster::rpc::Request::Propose(req))
+            .await?
+        {
+            crate::cluster::rpc::Response::Propose(Ok((index, resp))) => {
+                self.raft
+                    .wait(Some(Duration::from_secs(30)))
+                    .applied_index_at_least(Some(index), "apply a forwarded proposal")
+                    .await
+                    .map_err(|e| {
+                        OpError::Raft(format!("waiting to apply log index {index}: {e}"))
+                    })?;
+                Ok(resp)
+            }
+            crate::cluster::rpc::Response::Propose(Err(e)) => {
+                Err(OpError::Raft(format!("the leader refused: {e}")))
+            }
+            other => Err(OpError::Raft(format!("unexpected response {other:?}"))),
         }
     }
 

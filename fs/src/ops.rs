@@ -191,8 +191,10 @@ impl Node {
         self.getattr(inode.ino)
     }
 
-    /// Opens a file for I/O on this node.
-    pub fn open(&self, ino: Ino) -> OpResult<Inode> {
+    /// Opens a file for I/O on this node. Also says whether the kernel may keep the pages it
+    /// cached at an earlier open: yes, unless the file changed since this node last opened it
+    /// (close-to-open consistency across nodes).
+    pub fn open(&self, ino: Ino) -> OpResult<(Inode, bool)> {
         let inode = self.getattr(ino)?;
         if inode.kind == FileKind::File {
             let mut files = self.files.lock().expect("files lock");
@@ -201,7 +203,14 @@ impl Node {
                 .or_insert_with(|| Arc::new(OpenFile::new(ino)));
             f.opens.fetch_add(1, Ordering::SeqCst);
         }
-        Ok(inode)
+        let keep = match self.cluster() {
+            None => true,
+            Some(_) => {
+                let mut seen = self.seen.lock().expect("seen lock");
+                seen.insert(ino, (inode.mtime, inode.size)) == Some((inode.mtime, inode.size))
+            }
+        };
+        Ok((inode, keep))
     }
 
     /// Closes one handle: commits, and purges the file if it was the last handle of an
@@ -292,29 +301,44 @@ impl Node {
         }
         if !misses.is_empty() {
             let (store, cache) = (self.blocks.clone(), self.cache.clone());
-            let filled = tokio::task::spawn_blocking(move || {
+            let local = tokio::task::spawn_blocking(move || {
                 misses
                     .into_iter()
                     .map(|s| {
                         let mut data = vec![0u8; s.len as usize];
-                        read_range(
+                        let r = read_range(
                             &store,
                             &cache,
                             &s.block,
                             s.block_len,
                             s.block_off as usize,
                             &mut data,
-                        )
-                        .inspect_err(
-                            |e| error!(block = %s.block, error = %e, "block read failed"),
-                        )?;
-                        Ok(((s.off - off) as usize, data))
+                        );
+                        (s, r.map(|()| data))
                     })
-                    .collect::<Result<Vec<_>, BlockError>>()
+                    .collect::<Vec<_>>()
             })
             .await
-            .map_err(|e| OpError::Raft(format!("block reader panicked: {e}")))??;
-            for (at, data) in filled {
+            .map_err(|e| OpError::Raft(format!("block reader panicked: {e}")))?;
+            for (s, r) in local {
+                let data = match r {
+                    Ok(data) => data,
+                    // Not here (or damaged here): another node has a copy.
+                    Err(BlockError::Missing(_) | BlockError::Corrupt { .. })
+                        if self.cluster().is_some() =>
+                    {
+                        let block = crate::cluster::replicate::fetch(self, s.block, s.block_len)
+                            .await
+                            .inspect_err(|e| error!(block = %s.block, error = %e, "no node has a good copy of the block"))?;
+                        self.cache.insert_block(s.block, &block);
+                        block[s.block_off as usize..(s.block_off + s.len) as usize].to_vec()
+                    }
+                    Err(e) => {
+                        error!(block = %s.block, error = %e, "block read failed");
+                        return Err(e.into());
+                    }
+                };
+                let at = (s.off - off) as usize;
                 buf[at..at + data.len()].copy_from_slice(&data);
             }
         }

@@ -204,6 +204,16 @@ impl Ctx<'_, '_> {
             MetaCommand::ReleaseLocks { ino, owner } => self.release_locks(*ino, *owner),
             MetaCommand::OpenSession { node, session } => self.open_session(*node, *session),
             MetaCommand::ForgetGarbage { blocks } => self.forget_garbage(blocks),
+            MetaCommand::SetJoinSecret { hash } => {
+                self.txn.put(keys::META_JOIN_SECRET, hash);
+                Ok(Ok(Reply::Done))
+            }
+            MetaCommand::AllocNodeId => {
+                // Node 1 is the one that ran `shoal init`.
+                let id = self.txn.counter(keys::META_NEXT_NODE)?.max(2);
+                self.txn.put(keys::META_NEXT_NODE, &(id + 1));
+                Ok(Ok(Reply::NodeId(id)))
+            }
         }
     }
 

@@ -19,6 +19,8 @@ pub const META_APPLIED: &[u8] = b"m/applied";
 pub const META_MEMBERSHIP: &[u8] = b"m/membership";
 pub const META_NEXT_INO: &[u8] = b"m/next_ino";
 pub const META_INODES: &[u8] = b"m/inodes";
+pub const META_JOIN_SECRET: &[u8] = b"m/join_secret";
+pub const META_NEXT_NODE: &[u8] = b"m/next_node";
 
 fn with_u64(tag: u8, n: u64) -> [u8; 9] {
     let mut k = [0u8; 9];

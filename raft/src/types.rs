@@ -257,6 +257,12 @@ pub enum MetaCommand {
     ForgetGarbage {
         blocks: Vec<BlockId>,
     },
+    /// Sets the hash of the secret that join tokens must carry; older tokens stop working.
+    SetJoinSecret {
+        hash: [u8; 32],
+    },
+    /// Allocates the id of a node that is joining.
+    AllocNodeId,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -303,6 +309,8 @@ pub enum Reply {
     },
     /// A copy_file_range: how many bytes were copied.
     Copied(u64),
+    /// A node id allocated for a joining node.
+    NodeId(u64),
     Done,
 }
 

@@ -123,6 +123,11 @@ impl StateView {
         Ok(out)
     }
 
+    /// The hash of the secret join tokens must carry, once a token was made.
+    pub fn join_secret(&self) -> Result<Option<[u8; 32]>, StoreError> {
+        self.get("join secret", keys::META_JOIN_SECRET)
+    }
+
     pub fn inode_count(&self) -> Result<u64, StoreError> {
         self.counter(keys::META_INODES)
     }

@@ -392,8 +392,8 @@ impl Filesystem for ShoalFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node.open(ino.0) {
-            Ok(i) if i.kind == FileKind::Dir => reply.error(Errno::EISDIR),
-            Ok(_) => reply.opened(FileHandle(self.fh()), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((i, _)) if i.kind == FileKind::Dir => reply.error(Errno::EISDIR),
+            Ok((_, keep)) => reply.opened(FileHandle(self.fh()), keep_cache(keep)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -668,12 +668,12 @@ impl Filesystem for ShoalFs {
                 .await
                 .and_then(|i| node.open(i.ino));
             match created {
-                Ok(i) => reply.created(
+                Ok((i, keep)) => reply.created(
                     &TTL,
                     &attr(&i),
                     Generation(i.generation),
                     FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
+                    keep_cache(keep),
                 ),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -791,6 +791,14 @@ impl Filesystem for ShoalFs {
                 Err(e) => reply.error(errno(&e)),
             }
         });
+    }
+}
+
+fn keep_cache(keep: bool) -> FopenFlags {
+    if keep {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
     }
 }
 

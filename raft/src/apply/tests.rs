@@ -664,3 +664,14 @@ fn a_new_session_purges_the_orphans_of_the_old_one() {
     assert!(sm.view().inode(f).unwrap().is_none());
     assert_eq!(sm.refs(1), 0);
 }
+
+#[test]
+fn node_ids_and_join_secrets() {
+    let mut sm = Sm::new();
+    assert_eq!(sm.run(MetaCommand::AllocNodeId), Ok(Reply::NodeId(2)));
+    assert_eq!(sm.run(MetaCommand::AllocNodeId), Ok(Reply::NodeId(3)));
+    assert_eq!(sm.view().join_secret().unwrap(), None);
+    sm.run(MetaCommand::SetJoinSecret { hash: [9; 32] })
+        .unwrap();
+    assert_eq!(sm.view().join_secret().unwrap(), Some([9; 32]));
+}

@@ -1,0 +1,66 @@
+//! `shoal join`: a new node gets its certificate from the cluster.
+//!
+//! The node makes its key pair, connects to a member trusting only the CA whose fingerprint the
+//! token carries, and sends the token's secret with a certificate signing request. The member
+//! checks the secret, allocates a node id through Raft and signs the certificate. The node is
+//! added to the Raft membership when its daemon first starts (`Request::AddMember`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use shoal_net::pki::PendingIdentity;
+use shoal_net::rpc::Peers;
+use shoal_net::token::JoinToken;
+
+use super::rpc::{JoinRequest, Request, Response};
+use super::tls_dir;
+use crate::node::{ClusterConfig, NodeError};
+
+pub async fn join(
+    data: &Path,
+    token: JoinToken,
+    peer: SocketAddr,
+    listen: SocketAddr,
+) -> Result<ClusterConfig, NodeError> {
+    if let Ok(existing) = ClusterConfig::load(data) {
+        return Err(NodeError::AlreadyInitialized(
+            data.to_path_buf(),
+            existing.cluster_id,
+        ));
+    }
+    std::fs::create_dir_all(tls_dir(data)).map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
+    let pending = PendingIdentity::generate().map_err(|e| NodeError::Join(e.to_string()))?;
+    let endpoint = shoal_net::quic::join_endpoint(token.ca_fingerprint)
+        .map_err(|e| NodeError::Join(e.to_string()))?;
+    let req = Request::Join(JoinRequest {
+        secret: token.secret,
+        csr: pending.csr_der.clone(),
+    });
+    let reply = match Peers::new(endpoint).call::<_, Response>(peer, &req).await {
+        Ok(Response::Join(Ok(reply))) => reply,
+        Ok(Response::Join(Err(why))) | Ok(Response::Denied(why)) => {
+            return Err(NodeError::Join(why));
+        }
+        Ok(other) => return Err(NodeError::Join(format!("unexpected response {other:?}"))),
+        Err(e) => {
+            return Err(NodeError::Join(format!(
+                "cannot reach a cluster node at {peer} whose CA matches the token: {e}"
+            )));
+        }
+    };
+    let identity = pending
+        .complete(reply.cert.into(), reply.ca.into())
+        .map_err(|e| NodeError::Join(e.to_string()))?;
+    identity
+        .save(&tls_dir(data))
+        .map_err(|e| NodeError::Join(e.to_string()))?;
+    let config = ClusterConfig {
+        node_id: reply.node_id,
+        cluster_id: reply.cluster_id,
+        block_size: reply.block_size,
+        listen: Some(listen.to_string()),
+        peers: vec![peer.to_string()],
+    };
+    config.save(data)?;
+    Ok(config)
+}

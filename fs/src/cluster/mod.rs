@@ -1,0 +1,316 @@
+//! The node's side of the cluster: its QUIC endpoint, the RPCs nodes send each other, joining,
+//! membership, and block replication.
+//!
+//! **Architecture invariant:** `shoal-net` moves bytes and knows nothing of Raft or blocks;
+//! this module is where the openraft network and the block protocol meet it.
+
+pub mod join;
+pub mod network;
+pub mod replicate;
+pub mod rpc;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use openraft::BasicNode;
+use shoal_net::pki::{Ca, Identity, PendingIdentity};
+use shoal_net::rpc::Peers;
+use shoal_net::token::JoinToken;
+use shoal_raft::{MetaCommand, Reply};
+use tracing::{debug, info, warn};
+
+use crate::node::{Node, NodeError, OpError};
+use rpc::{JoinReply, JoinRequest, Request, Response};
+
+/// How long a node certificate is valid.
+pub const CERT_VALIDITY: Duration = Duration::from_secs(7 * 86400);
+/// The first nodes of a cluster are voters; later ones are learners.
+pub const VOTERS: usize = 3;
+
+/// Where a node keeps its TLS material: `DATA/tls/`.
+pub fn tls_dir(data: &Path) -> PathBuf {
+    data.join("tls")
+}
+
+/// This node's membership in the cluster network.
+pub struct Cluster {
+    pub identity: Identity,
+    pub peers: Arc<Peers>,
+    pub listen: SocketAddr,
+    /// The CA, on the nodes that hold its key (the one that ran `shoal init`).
+    pub ca: Option<Ca>,
+}
+
+impl Cluster {
+    /// Loads the node's identity and opens its endpoint on `listen`.
+    pub fn open(data: &Path, listen: SocketAddr) -> Result<Cluster, NodeError> {
+        let dir = tls_dir(data);
+        let identity = Identity::load(&dir)
+            .map_err(|e| NodeError::Raft(format!("loading this node's certificate: {e}")))?;
+        let ca = Ca::load(&dir.join("ca.crt"), &dir.join("ca.key")).ok();
+        let endpoint = shoal_net::quic::endpoint(&identity, listen)
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        Ok(Cluster {
+            identity,
+            peers: Arc::new(Peers::new(endpoint)),
+            listen,
+            ca,
+        })
+    }
+
+    /// Accepts connections and serves requests for as long as the node lives.
+    pub fn serve(&self, node: Weak<Node>) {
+        let endpoint = self.peers.endpoint().clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let conn = match incoming.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            debug!(error = %e, "refused a connection");
+                            return;
+                        }
+                    };
+                    shoal_net::rpc::serve(conn, move |peer, req| {
+                        let node = node.clone();
+                        async move {
+                            match node.upgrade() {
+                                Some(node) => handle(node, peer, req).await,
+                                None => Response::Denied("the node is shutting down".into()),
+                            }
+                        }
+                    })
+                    .await;
+                });
+            }
+        });
+    }
+}
+
+impl Node {
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// The members of the cluster with their addresses.
+    pub fn members(&self) -> Vec<(u64, String)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+    }
+
+    fn is_member(&self, id: u64) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        // A node that is still joining has no membership yet and trusts the cluster's CA.
+        m.nodes().next().is_none() || m.nodes().any(|(n, _)| *n == id)
+    }
+
+    /// The leader's address, if a leader is known and is another node.
+    pub fn leader_addr(&self) -> Option<SocketAddr> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        if leader == self.id {
+            return None;
+        }
+        m.membership_config
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .and_then(|(_, n)| n.addr.parse().ok())
+    }
+
+    /// Sends a request to the leader and returns its response.
+    pub(crate) async fn to_leader(&self, req: &Request) -> Result<Response, OpError> {
+        let cluster = self
+            .cluster()
+            .ok_or_else(|| OpError::Raft("this node is not part of a cluster".into()))?;
+        let addr = self.leader_addr().ok_or_else(|| {
+            OpError::Raft("no leader is known; the cluster may have lost its quorum".into())
+        })?;
+        cluster
+            .peers
+            .call(addr, req)
+            .await
+            .map_err(|e| OpError::Raft(format!("forwarding to the leader at {addr}: {e}")))
+    }
+
+    async fn handle_join(&self, req: JoinRequest) -> Result<JoinReply, String> {
+        let cluster = self.cluster().ok_or("this node is not part of a cluster")?;
+        let ca = cluster.ca.as_ref().ok_or(
+            "this node does not hold the cluster CA: join through the node that ran `shoal init`",
+        )?;
+        let expected = self.view.join_secret().map_err(|e| e.to_string())?;
+        if expected != Some(*blake3::hash(&req.secret).as_bytes()) {
+            return Err("the join token is not valid (wrong or rotated): get the current one with `shoal token show`".into());
+        }
+        let node_id = match self
+            .run(MetaCommand::AllocNodeId)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Reply::NodeId(id) => id,
+            other => return Err(format!("unexpected reply {other:?}")),
+        };
+        let cert = ca
+            .sign(&req.csr, node_id, CERT_VALIDITY)
+            .map_err(|e| e.to_string())?;
+        info!(node = node_id, "signed the certificate of a joining node");
+        Ok(JoinReply {
+            node_id,
+            cert: cert.to_vec(),
+            ca: ca.cert.to_vec(),
+            cluster_id: self.config.cluster_id.clone(),
+            block_size: self.config.block_size,
+        })
+    }
+
+    /// On the leader: adds a node as a learner, and as a voter while there are fewer than three.
+    async fn add_member(&self, id: u64, addr: String) -> Result<(), String> {
+        if self.leader_addr().is_some() {
+            return match self.to_leader(&Request::AddMember { id, addr }).await {
+                Ok(Response::AddMember(r)) => r,
+                Ok(other) => Err(format!("unexpected response {other:?}")),
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        self.raft
+            .add_learner(id, BasicNode::new(addr.clone()), true)
+            .await
+            .map_err(|e| format!("adding node {id} as a learner: {e}"))?;
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let mut voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+        if voters.len() < VOTERS && voters.insert(id) {
+            self.raft
+                .change_membership(voters, false)
+                .await
+                .map_err(|e| format!("making node {id} a voter: {e}"))?;
+        }
+        info!(node = id, addr, "node added to the cluster");
+        Ok(())
+    }
+}
+
+/// Creates the cluster's CA and node 1's certificate in `DATA/tls`, and the first join token.
+pub fn init_tls(data: &Path, config: &crate::node::ClusterConfig) -> Result<JoinToken, NodeError> {
+    let dir = tls_dir(data);
+    let err =
+        |e: shoal_net::pki::PkiError| NodeError::Raft(format!("creating the cluster CA: {e}"));
+    std::fs::create_dir_all(&dir).map_err(|e| NodeError::Io(dir.clone(), e))?;
+    let ca = Ca::generate(&config.cluster_id).map_err(err)?;
+    ca.save(&dir.join("ca.crt"), &dir.join("ca.key"))
+        .map_err(err)?;
+    let pending = PendingIdentity::generate().map_err(err)?;
+    let cert = ca
+        .sign(&pending.csr_der, config.node_id, CERT_VALIDITY)
+        .map_err(err)?;
+    pending
+        .complete(cert, ca.cert.clone())
+        .map_err(err)?
+        .save(&dir)
+        .map_err(err)?;
+    let token = JoinToken::new(ca.fingerprint());
+    save_token(data, &token)?;
+    Ok(token)
+}
+
+/// Keeps the current join token where `shoal token show` finds it (readable by root only).
+pub fn save_token(data: &Path, token: &JoinToken) -> Result<(), NodeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = tls_dir(data).join("join-token");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(format!("{token}\n").as_bytes()))
+        .map_err(|e| NodeError::Io(path, e))
+}
+
+/// Makes sure this node is in the membership (asking the peers it joined through to add it),
+/// then waits until it knows a leader.
+pub async fn ensure_member(node: &Node) -> Result<(), NodeError> {
+    let cluster = node.cluster().expect("cluster node");
+    let initialized = node
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    if !initialized {
+        let addr = cluster.listen.to_string();
+        let mut last = String::from("no peers are configured");
+        let mut added = false;
+        for peer in &node.config.peers {
+            let Ok(peer_addr) = peer.parse::<SocketAddr>() else {
+                continue;
+            };
+            let req = Request::AddMember {
+                id: node.id,
+                addr: addr.clone(),
+            };
+            match cluster.peers.call::<_, Response>(peer_addr, &req).await {
+                Ok(Response::AddMember(Ok(()))) => {
+                    added = true;
+                    break;
+                }
+                Ok(Response::AddMember(Err(e))) | Ok(Response::Denied(e)) => last = e,
+                Ok(other) => last = format!("unexpected response {other:?}"),
+                Err(e) => last = format!("{peer}: {e}"),
+            }
+        }
+        if !added {
+            return Err(NodeError::Join(format!(
+                "no member added this node: {last}"
+            )));
+        }
+    }
+    node.raft
+        .wait(Some(Duration::from_secs(60)))
+        .metrics(
+            |m| m.current_leader.is_some() && m.last_applied.is_some(),
+            "a known leader",
+        )
+        .await
+        .map_err(|e| {
+            NodeError::Raft(format!(
+                "no leader within 60 s (is a majority of voters up?): {e}"
+            ))
+        })?;
+    Ok(())
+}
+
+async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
+    let Some(peer) = peer else {
+        return match req {
+            Request::Join(j) => Response::Join(node.handle_join(j).await),
+            _ => Response::Denied(
+                "only members of this cluster may call it; join with `shoal join` first".into(),
+            ),
+        };
+    };
+    // A node the CA signed asks to be added: it is not a member yet, so it may ask only for itself.
+    let joining_itself = matches!(&req, Request::AddMember { id, .. } if *id == peer);
+    if !joining_itself && !node.is_member(peer) {
+        warn!(peer, "refused a node that is not a member of the cluster");
+        return Response::Denied(format!("node {peer} is not a member of this cluster"));
+    }
+    match req {
+        Request::Append(r) => Response::Append(node.raft.append_entries(r).await),
+        Request::Vote(r) => Response::Vote(node.raft.vote(r).await),
+        Request::Snapshot(r) => Response::Snapshot(node.raft.install_snapshot(r).await),
+        Request::Propose(r) => {
+            Response::Propose(node.propose_request(r).await.map_err(|e| e.to_string()))
+        }
+        Request::Join(j) => Response::Join(node.handle_join(j).await),
+        Request::AddMember { id, addr } => Response::AddMember(node.add_member(id, addr).await),
+        Request::PutBlock { id, data } => {
+            Response::PutBlock(replicate::accept(&node, id, data).await)
+        }
+        Request::GetBlock { id, len } => {
+            Response::GetBlock(replicate::serve_get(&node, id, len).await)
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The openraft network over QUIC: each Raft RPC is a `Request` to the target's address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use shoal_net::rpc::Peers;
+use shoal_raft::TypeConfig;
+
+use super::rpc::{Request, Response};
+
+pub struct QuicNetwork {
+    pub peers: Arc<Peers>,
+}
+
+pub struct QuicPeer {
+    peers: Arc<Peers>,
+    target: u64,
+    addr: Result<SocketAddr, String>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for QuicNetwork {
+    type Network = QuicPeer;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> QuicPeer {
+        QuicPeer {
+            peers: self.peers.clone(),
+            target,
+            addr: node
+                .addr
+                .parse()
+                .map_err(|e| format!("node {target} has a bad address {:?}: {e}", node.addr)),
+        }
+    }
+}
+
+fn io(msg: String) -> std::io::Error {
+    std::io::Error::other(msg)
+}
+
+impl QuicPeer {
+    async fn send<E: std::error::Error>(
+        &self,
+        req: Request,
+    ) -> Result<Response, RPCError<u64, BasicNode, E>> {
+        let addr = self
+            .addr
+            .clone()
+            .map_err(|e| RPCError::Network(NetworkError::new(&io(e))))?;
+        match self.peers.call::<_, Response>(addr, &req).await {
+            Ok(Response::Denied(why)) => Err(RPCError::Network(NetworkError::new(&io(why)))),
+            Ok(resp) => Ok(resp),
+            Err(e) => Err(RPCError::Unreachable(Unreachable::new(&io(e.to_string())))),
+        }
+    }
+
+    fn unexpected<E: std::error::Error>(&self, resp: Response) -> RPCError<u64, BasicNode, E> {
+        RPCError::Network(NetworkError::new(&io(format!(
+            "unexpected response {resp:?}"
+        ))))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for QuicPeer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        match self.send(Request::Append(rpc)).await? {
+            Response::Append(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        match self.send(Request::Snapshot(rpc)).await? {
+            Response::Snapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        match self.send(Request::Vote(rpc)).await? {
+            Response::Vote(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+}

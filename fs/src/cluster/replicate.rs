@@ -1,0 +1,123 @@
+//! Block replication: a committed block is on the writer and on the next R-1 nodes in
+//! rendezvous order for the block, and a reader that lacks a block fetches it from them.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use shoal_raft::BlockId;
+use tracing::warn;
+
+use super::rpc::{Request, Response};
+use crate::blocks::BlockError;
+use crate::node::{Node, OpError, OpResult};
+
+/// How many copies of each block the cluster keeps, at most.
+pub const REPLICAS: usize = 3;
+
+fn score(id: &BlockId, node: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&id.0);
+    h.update(&node.to_le_bytes());
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// The other members, best first, for block `id` (rendezvous hashing).
+pub fn candidates(node: &Node, id: &BlockId) -> Vec<(u64, SocketAddr)> {
+    let mut out: Vec<(u64, SocketAddr)> = node
+        .members()
+        .into_iter()
+        .filter(|(n, _)| *n != node.id)
+        .filter_map(|(n, addr)| Some((n, addr.parse().ok()?)))
+        .collect();
+    out.sort_by_key(|(n, _)| std::cmp::Reverse(score(id, *n)));
+    out
+}
+
+/// Copies blocks this node just stored to R-1 other nodes, trying further candidates when one
+/// fails. Returns once each block is durable on as many nodes as could take it.
+pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)]) -> OpResult<()> {
+    let Some(cluster) = node.cluster() else {
+        return Ok(());
+    };
+    let mut tasks = Vec::new();
+    for (id, data) in blocks {
+        let want = (REPLICAS - 1).min(node.members().len().saturating_sub(1));
+        let order = candidates(node, id);
+        let peers = cluster.peers.clone();
+        let (id, data) = (*id, data.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0;
+            for (n, addr) in order {
+                if done == want {
+                    break;
+                }
+                let req = Request::PutBlock { id, data: data.clone() };
+                match peers.call::<_, Response>(addr, &req).await {
+                    Ok(Response::PutBlock(Ok(()))) => done += 1,
+                    Ok(other) => warn!(block = %id, node = n, response = ?other, "replica refused"),
+                    Err(e) => warn!(block = %id, node = n, error = %e, "replica unreachable"),
+                }
+            }
+            if done < want {
+                warn!(block = %id, copies = done + 1, wanted = want + 1, "block is under-replicated");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await
+            .map_err(|e| OpError::Raft(format!("replication task failed: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Fetches a block this node does not have from the nodes that should.
+pub async fn fetch(node: &Node, id: BlockId, len: u32) -> Result<Bytes, BlockError> {
+    let Some(cluster) = node.cluster() else {
+        return Err(BlockError::Missing(id));
+    };
+    for (n, addr) in candidates(node, &id) {
+        match cluster
+            .peers
+            .call::<_, Response>(addr, &Request::GetBlock { id, len })
+            .await
+        {
+            Ok(Response::GetBlock(Ok(data))) => {
+                if BlockId::of(&data) == id {
+                    return Ok(Bytes::from(data));
+                }
+                warn!(block = %id, node = n, "a replica sent bytes that do not match the block's hash");
+            }
+            Ok(Response::GetBlock(Err(e))) => {
+                tracing::debug!(block = %id, node = n, error = e, "replica lacks the block")
+            }
+            Ok(other) => warn!(block = %id, node = n, response = ?other, "unexpected response"),
+            Err(e) => warn!(block = %id, node = n, error = %e, "replica unreachable"),
+        }
+    }
+    Err(BlockError::Missing(id))
+}
+
+/// Stores a block another node sent, after checking it against its name.
+pub async fn accept(node: &Node, id: BlockId, data: Vec<u8>) -> Result<(), String> {
+    if BlockId::of(&data) != id {
+        return Err(format!(
+            "the bytes sent for block {id} do not hash to its name"
+        ));
+    }
+    let store = node.blocks.clone();
+    tokio::task::spawn_blocking(move || {
+        store.put(&id, &data)?;
+        store.sync_dirs([&id])
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+pub async fn serve_get(node: &Node, id: BlockId, len: u32) -> Result<Vec<u8>, String> {
+    let store = node.blocks.clone();
+    tokio::task::spawn_blocking(move || store.get(&id, len).map(|b| b.to_vec()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
