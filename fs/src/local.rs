@@ -23,6 +23,9 @@ pub enum LocalCommand {
         /// Where the nodes keep their data, mounts and logs
         #[arg(long, default_value = "/tmp/shoal")]
         dir: PathBuf,
+        /// Node K listens on 127.0.0.1:(BASE_PORT + K)
+        #[arg(long, default_value_t = 7440)]
+        base_port: u16,
     },
     /// Stop the local cluster's daemons and unmount their mounts
     Down {
@@ -33,7 +36,11 @@ pub enum LocalCommand {
 
 pub fn run(cmd: LocalCommand) -> anyhow::Result<()> {
     match cmd {
-        LocalCommand::Up { nodes, dir } => up(nodes, &dir),
+        LocalCommand::Up {
+            nodes,
+            dir,
+            base_port,
+        } => up(nodes, &dir, base_port),
         LocalCommand::Down { dir } => down(&dir),
     }
 }
@@ -80,14 +87,12 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn up(nodes: u32, dir: &Path) -> anyhow::Result<()> {
-    if nodes == 0 {
-        bail!("--nodes must be at least 1");
+fn up(nodes: u32, dir: &Path, base_port: u16) -> anyhow::Result<()> {
+    if nodes == 0 || nodes > 64 {
+        bail!("--nodes must be from 1 to 64");
     }
-    if nodes > 1 {
-        bail!(
-            "--nodes {nodes}: multi-node clusters need nodes to join over QUIC, which this build does not have yet; use --nodes 1"
-        );
+    if u32::from(base_port) + nodes > 65535 {
+        bail!("--base-port {base_port} leaves no room for {nodes} nodes");
     }
     if !rustix::process::geteuid().is_root() {
         bail!(
@@ -98,82 +103,131 @@ fn up(nodes: u32, dir: &Path) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut started = Vec::new();
+    let addr = |k: u32| -> std::net::SocketAddr { ([127, 0, 0, 1], base_port + k as u16).into() };
+    // Nodes that exist already start together: a restarted cluster needs a majority of its
+    // voters up before any of them is ready. New nodes then join through node 1, one by one.
+    let mut running = Vec::new();
+    let mut fresh = Vec::new();
     for k in 1..=nodes {
         let nd = NodeDir::new(dir, k);
         if let Some(pid) = nd.pid().filter(|p| alive(*p)) {
             println!("node-{k} is already running (pid {pid})");
-            continue;
+        } else if node::ClusterConfig::load(&nd.data()).is_ok() {
+            running.push((k, spawn_daemon(&exe, &nd)?));
+        } else {
+            fresh.push(k);
         }
+    }
+    for (k, child) in running {
+        wait_ready(child, &NodeDir::new(dir, k), k, &rt)?;
+        println!(
+            "node-{k} is up: mount {}, listening on {}",
+            NodeDir::new(dir, k).mnt().display(),
+            addr(k)
+        );
+    }
+    for k in fresh {
+        let nd = NodeDir::new(dir, k);
         std::fs::create_dir_all(&nd.root)
             .with_context(|| format!("creating {}", nd.root.display()))?;
-        if node::ClusterConfig::load(&nd.data()).is_err() {
-            rt.block_on(node::init(&nd.data(), 4 << 20, None))?;
+        {
+            if k == 1 {
+                rt.block_on(node::init(&nd.data(), 4 << 20, Some(addr(1))))?;
+            } else {
+                let token_path =
+                    shoal_fs::cluster::tls_dir(&NodeDir::new(dir, 1).data()).join("join-token");
+                let token = std::fs::read_to_string(&token_path)
+                    .with_context(|| {
+                        format!("reading node-1's join token {}", token_path.display())
+                    })?
+                    .trim()
+                    .parse()?;
+                rt.block_on(shoal_fs::cluster::join::join(
+                    &nd.data(),
+                    token,
+                    addr(1),
+                    addr(k),
+                ))?;
+            }
         }
-        let log = std::fs::File::create(nd.log())
-            .with_context(|| format!("creating {}", nd.log().display()))?;
-        let child = {
-            use std::os::unix::process::CommandExt;
-            Command::new(&exe)
-                .arg("daemon")
-                .arg("--data")
-                .arg(nd.data())
-                .arg("--mount")
-                .arg(nd.mnt())
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .process_group(0)
-                .spawn()
-                .context("starting the daemon")?
-        };
-        std::fs::write(nd.pid_file(), child.id().to_string())?;
-        started.push((k, nd, child));
-    }
-    for (k, nd, mut child) in started {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "node-{k} exited ({status}) before it was ready; its log {} ends with:\n{}",
-                    nd.log().display(),
-                    tail(&nd.log(), 15)
-                );
-            }
-            let mounted = mount_entry(&nd.mnt()).is_some();
-            let healthy = mounted
-                && matches!(
-                    rt.block_on(admin::request(&nd.data(), AdminRequest::Status)),
-                    Ok(AdminReply::Status(ref s)) if s.leader.is_some()
-                );
-            if healthy {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "node-{k} did not become ready in 60 s; see {}",
-                    nd.log().display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let child = spawn_daemon(&exe, &nd)?;
+        wait_ready(child, &nd, k, &rt)?;
         println!(
-            "node-{k} is up: mount {}, data {}",
+            "node-{k} is up: mount {}, data {}, listening on {}",
             nd.mnt().display(),
-            nd.data().display()
+            nd.data().display(),
+            addr(k)
         );
     }
     let first = NodeDir::new(dir, 1);
     println!();
     println!("Try it:");
-    println!(
-        "  echo hello > {}/hello.txt && cat {}/hello.txt",
-        first.mnt().display(),
-        first.mnt().display()
-    );
+    println!("  echo hello > {}/hello.txt", first.mnt().display());
+    if nodes > 1 {
+        println!(
+            "  cat {}/hello.txt",
+            NodeDir::new(dir, nodes).mnt().display()
+        );
+        println!("  shoal node ls --data {}", first.data().display());
+    }
     println!("  shoal status --data {}", first.data().display());
     println!("  shoal local down --dir {}", dir.display());
     Ok(())
+}
+
+/// Starts a node's daemon in the background.
+fn spawn_daemon(exe: &Path, nd: &NodeDir) -> anyhow::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::File::create(nd.log())
+        .with_context(|| format!("creating {}", nd.log().display()))?;
+    let child = Command::new(exe)
+        .arg("daemon")
+        .arg("--data")
+        .arg(nd.data())
+        .arg("--mount")
+        .arg(nd.mnt())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the daemon")?;
+    std::fs::write(nd.pid_file(), child.id().to_string())?;
+    Ok(child)
+}
+
+/// Waits until a daemon serves its mount and knows a leader.
+fn wait_ready(
+    mut child: std::process::Child,
+    nd: &NodeDir,
+    k: u32,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "node-{k} exited ({status}) before it was ready; its log {} ends with:\n{}",
+                nd.log().display(),
+                tail(&nd.log(), 15)
+            );
+        }
+        let healthy = mount_entry(&nd.mnt()).is_some()
+            && matches!(
+                rt.block_on(admin::request(&nd.data(), AdminRequest::Status)),
+                Ok(AdminReply::Status(ref s)) if s.leader.is_some()
+            );
+        if healthy {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "node-{k} did not become ready in 60 s; see {}",
+                nd.log().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn down(dir: &Path) -> anyhow::Result<()> {

@@ -19,7 +19,9 @@ pub struct DataDir {
 impl DataDir {
     pub async fn new() -> DataDir {
         let dir = tempfile::tempdir().unwrap();
-        node::init(&dir.path().join("data"), BLOCK, None).await.unwrap();
+        node::init(&dir.path().join("data"), BLOCK, None)
+            .await
+            .unwrap();
         DataDir { dir }
     }
 

@@ -1,0 +1,225 @@
+//! Three `shoal` daemons on loopback, started with `shoal local up`: the same files everywhere,
+//! refused strangers, and nodes that die.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::testkit::{is_mounted, shoal};
+
+struct LocalCluster {
+    dir: tempfile::TempDir,
+    base_port: u16,
+}
+
+impl LocalCluster {
+    fn up(nodes: u32) -> LocalCluster {
+        let dir = tempfile::tempdir().unwrap();
+        // Tests run in parallel: each cluster gets its own ports.
+        let base_port = 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10;
+        let c = LocalCluster { dir, base_port };
+        c.local_up(nodes);
+        c
+    }
+
+    fn local_up(&self, nodes: u32) {
+        let out = Command::new(shoal())
+            .args([
+                "local",
+                "up",
+                "--nodes",
+                &nodes.to_string(),
+                "--base-port",
+                &self.base_port.to_string(),
+                "--dir",
+            ])
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "local up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn node(&self, k: u32) -> PathBuf {
+        self.dir.path().join(format!("node-{k}"))
+    }
+
+    fn mnt(&self, k: u32) -> PathBuf {
+        self.node(k).join("mnt")
+    }
+
+    fn data(&self, k: u32) -> PathBuf {
+        self.node(k).join("data")
+    }
+
+    fn pid(&self, k: u32) -> i32 {
+        fs::read_to_string(self.node(k).join("daemon.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn kill9(&self, k: u32) {
+        let pid = rustix::process::Pid::from_raw(self.pid(k)).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rustix::process::test_kill_process(pid).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn leader(&self, k: u32) -> Option<u64> {
+        let out = Command::new(shoal())
+            .arg("status")
+            .arg("--json")
+            .arg("--data")
+            .arg(self.data(k))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["leader"].as_u64()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(shoal())
+            .arg("local")
+            .arg("down")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .output();
+        for k in 1..=8 {
+            if is_mounted(&self.mnt(k)) {
+                let _ = shoal_fs::fuse::mount::detach(&self.mnt(k));
+            }
+        }
+    }
+}
+
+/// Waits until `f` holds, for up to 10 s: these tests say what becomes visible, not how fast.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read(path: &Path) -> Option<Vec<u8>> {
+    fs::read(path).ok()
+}
+
+#[test]
+fn three_nodes_show_the_same_files() {
+    let c = LocalCluster::up(3);
+    let data: Vec<u8> = (0..9_000_000u32).map(|i| (i % 241) as u8).collect();
+    fs::write(c.mnt(1).join("big"), &data).unwrap();
+    fs::write(c.mnt(1).join("small"), b"hello").unwrap();
+    for k in [2, 3] {
+        eventually("the big file on another node", || {
+            read(&c.mnt(k).join("big")).as_deref() == Some(&data[..])
+        });
+        assert_eq!(read(&c.mnt(k).join("small")).unwrap(), b"hello");
+    }
+    // Directory operations from node 2, seen on 1 and 3.
+    fs::create_dir(c.mnt(2).join("d")).unwrap();
+    fs::write(c.mnt(2).join("d/f"), b"from two").unwrap();
+    fs::rename(c.mnt(2).join("small"), c.mnt(2).join("d/renamed")).unwrap();
+    fs::remove_file(c.mnt(2).join("big")).unwrap();
+    for k in [1, 3] {
+        eventually("a file created on node 2", || {
+            read(&c.mnt(k).join("d/f")).as_deref() == Some(b"from two")
+        });
+        eventually("a rename on node 2", || {
+            read(&c.mnt(k).join("d/renamed")).as_deref() == Some(b"hello")
+        });
+        eventually("an unlink on node 2", || !c.mnt(k).join("big").exists());
+    }
+    // An overwrite on node 3 replaces what node 1 read before.
+    fs::write(c.mnt(3).join("d/f"), b"from three").unwrap();
+    eventually("an overwrite on node 3", || {
+        read(&c.mnt(1).join("d/f")).as_deref() == Some(b"from three")
+    });
+
+    let out = Command::new(shoal())
+        .args(["node", "ls", "--data"])
+        .arg(c.data(1))
+        .output()
+        .unwrap();
+    let ls = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        ls.matches("leader").count() + ls.matches("voter").count(),
+        3,
+        "{ls}"
+    );
+}
+
+#[test]
+fn a_wrong_token_and_a_wrong_cluster_are_refused() {
+    let c = LocalCluster::up(1);
+    let token = fs::read_to_string(c.data(1).join("tls/join-token")).unwrap();
+    let token = token.trim();
+    let peer = format!("127.0.0.1:{}", c.base_port + 1);
+    let join = |token: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(shoal())
+            .args([
+                "join",
+                "--token",
+                token,
+                "--peer",
+                &peer,
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Right cluster, wrong secret.
+    let wrong_secret = format!("{}{}", &token[..token.len() - 4], "0000");
+    let err = join(&wrong_secret);
+    assert!(err.contains("the join token is not valid"), "{err}");
+    // A token of another cluster: its CA fingerprint does not match the server's.
+    let other = format!("SHOAL1-{}-{}", "ab".repeat(32), &token[token.len() - 32..]);
+    let err = join(&other);
+    assert!(err.contains("whose CA matches the token"), "{err}");
+    let err = join("not-a-token");
+    assert!(err.contains("a join token looks like"), "{err}");
+}
+
+#[test]
+fn files_stay_readable_when_a_node_dies_and_the_leader_is_replaced() {
+    let c = LocalCluster::up(3);
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 239) as u8).collect();
+    fs::write(c.mnt(2).join("f"), &data).unwrap();
+    eventually("the leader is node 1", || c.leader(1) == Some(1));
+
+    // Kill the leader: the others elect a new one and keep taking writes.
+    c.kill9(1);
+    eventually("a new leader among nodes 2 and 3", || {
+        matches!(c.leader(2), Some(2 | 3))
+    });
+    fs::write(c.mnt(3).join("after"), b"written without node 1").unwrap();
+    assert_eq!(read(&c.mnt(2).join("f")).unwrap(), data);
+    eventually("a write after the leader died", || {
+        read(&c.mnt(2).join("after")).as_deref() == Some(b"written without node 1")
+    });
+
+    // Restart node 1 (its new daemon clears the dead mount the killed one left): it catches up.
+    c.local_up(3);
+    eventually("node 1 catches up", || {
+        read(&c.mnt(1).join("after")).as_deref() == Some(b"written without node 1")
+    });
+    assert_eq!(read(&c.mnt(1).join("f")).unwrap(), data);
+}
