@@ -186,6 +186,8 @@ pub struct Node {
     pub(crate) purge_tx: mpsc::UnboundedSender<Ino>,
     /// Woken whenever this node releases a lock, so blocked lock requests retry.
     pub(crate) locks_changed: Notify,
+    /// The kernel notifier of this node's mount, once mounted: see `invalidate`.
+    pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// The cluster network, for a node started with a listen address.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Held for the whole life of the node: the data directory's lock file.
@@ -228,6 +230,7 @@ async fn open_raft(
     id: u64,
     data: &Path,
     cluster: Option<&crate::cluster::Cluster>,
+    hook: Option<shoal_raft::ApplyHook>,
 ) -> Result<(Raft, StateView), NodeError> {
     // The data dir's LOCK is ours, so a busy sled lock can only be this process's previous Raft
     // instance still shutting down (init, then start): wait for it briefly.
@@ -245,6 +248,9 @@ async fn open_raft(
         }
     };
     let view = sm.view();
+    if let Some(hook) = hook {
+        sm.set_hook(hook);
+    }
     let raft = match cluster {
         Some(c) => {
             let network = crate::cluster::network::QuicNetwork {
@@ -292,7 +298,7 @@ pub async fn init(
         Some(_) => Some(crate::cluster::init_tls(data, &config)?),
         None => None,
     };
-    let (raft, _) = open_raft(config.node_id, data, None).await?;
+    let (raft, _) = open_raft(config.node_id, data, None, None).await?;
     let addr = config.listen.clone().unwrap_or_default();
     let members = BTreeMap::from([(config.node_id, BasicNode::new(addr))]);
     raft.initialize(members)
@@ -340,7 +346,10 @@ impl Node {
             }
             None => None,
         };
-        let (raft, view) = open_raft(config.node_id, data, cluster.as_deref()).await?;
+        let session = rand::random::<u64>() | 1;
+        let notifier = Arc::new(std::sync::OnceLock::new());
+        let hook = crate::invalidate::start(notifier.clone(), session);
+        let (raft, view) = open_raft(config.node_id, data, cluster.as_deref(), Some(hook)).await?;
         let (purge_tx, purge_rx) = mpsc::unbounded_channel();
         let node = Arc::new(Node {
             id: config.node_id,
@@ -350,7 +359,7 @@ impl Node {
             raft,
             view,
             blocks,
-            session: rand::random::<u64>() | 1,
+            session,
             started: Instant::now(),
             rt: tokio::runtime::Handle::current(),
             files: Mutex::new(HashMap::new()),
@@ -360,6 +369,7 @@ impl Node {
             purge_tx,
             locks_changed: Notify::new(),
             cluster,
+            notifier,
             _lock: lock,
             config,
         });

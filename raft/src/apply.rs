@@ -24,6 +24,8 @@ const MAX_DEPTH: usize = 1 << 16;
 pub struct Txn<'a> {
     tree: &'a sled::Tree,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Keys written since the last `take_touched`, to tell readers' caches what changed.
+    touched: Vec<Vec<u8>>,
 }
 
 impl Kv for Txn<'_> {
@@ -40,15 +42,38 @@ impl<'a> Txn<'a> {
         Txn {
             tree,
             writes: BTreeMap::new(),
+            touched: Vec::new(),
         }
     }
 
     pub fn put<T: Serialize>(&mut self, key: &[u8], value: &T) {
+        self.touched.push(key.to_vec());
         self.writes.insert(key.to_vec(), Some(encode(value)));
     }
 
     pub fn del(&mut self, key: &[u8]) {
+        self.touched.push(key.to_vec());
         self.writes.insert(key.to_vec(), None);
+    }
+
+    /// What the writes since the last call change for someone caching inodes and entries.
+    pub fn take_touched(&mut self) -> Vec<Change> {
+        let mut out: Vec<Change> = std::mem::take(&mut self.touched)
+            .into_iter()
+            .filter_map(|k| match k.first() {
+                Some(&keys::INODE) | Some(&keys::CHUNK) if k.len() >= 9 => {
+                    Some(Change::Inode(keys::u64_after_tag(&k)))
+                }
+                Some(&keys::DENTRY) if k.len() >= 9 => Some(Change::Entry {
+                    parent: keys::u64_after_tag(&k),
+                    name: k[9..].to_vec(),
+                }),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     pub fn into_batch(self) -> sled::Batch {
@@ -61,6 +86,15 @@ impl<'a> Txn<'a> {
         }
         batch
     }
+}
+
+/// Something a reader may have cached that an applied command changed.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Change {
+    /// An inode's attributes or data.
+    Inode(Ino),
+    /// A directory entry was added, removed or replaced.
+    Entry { parent: Ino, name: Vec<u8> },
 }
 
 /// Applies one request's commands in order; returns one result per command.

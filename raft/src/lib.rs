@@ -12,9 +12,9 @@ mod store;
 mod types;
 mod view;
 
-pub use apply::conflicting;
+pub use apply::{Change, conflicting};
 pub use error::{FsError, StoreError};
-pub use store::{LogStore, StateMachine, open};
+pub use store::{ApplyHook, LogStore, StateMachine, open};
 pub use types::*;
 pub use view::{Kv, StateView, Xattrs};
 

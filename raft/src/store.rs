@@ -54,6 +54,7 @@ pub fn open(dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreErro
         tree: db.open_tree("sm")?,
         snapshots: db.open_tree("snapshot")?,
         apply_lock: Arc::new(Mutex::new(())),
+        hook: Arc::new(std::sync::OnceLock::new()),
         db,
     };
     Ok((log, sm))
@@ -243,7 +244,11 @@ pub struct StateMachine {
     /// Held while a batch is written and while a snapshot copies the tree, so a snapshot is
     /// a consistent cut.
     apply_lock: Arc<Mutex<()>>,
+    hook: Arc<std::sync::OnceLock<ApplyHook>>,
 }
+
+/// Called after each applied batch with the proposer's session and what its commands changed.
+pub type ApplyHook = Arc<dyn Fn(u64, Vec<crate::apply::Change>) + Send + Sync>;
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -278,13 +283,16 @@ impl StateMachine {
         let mut txn = Txn::new(&self.tree);
         let mut responses = Vec::new();
         let mut last = None;
+        let mut changes = Vec::new();
         for entry in entries {
             last = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => responses.push(MetaResponse::default()),
                 EntryPayload::Normal(req) => {
                     ensure_root(&mut txn, req.now)?;
+                    txn.take_touched();
                     responses.push(apply_request(&mut txn, &req)?);
+                    changes.push((req.session, txn.take_touched()));
                 }
                 EntryPayload::Membership(m) => {
                     txn.put(
@@ -298,9 +306,24 @@ impl StateMachine {
         if let Some(last) = last {
             txn.put(keys::META_APPLIED, &Some(last));
         }
-        let _guard = self.apply_lock.lock().expect("apply lock poisoned");
-        self.tree.apply_batch(txn.into_batch())?;
+        {
+            let _guard = self.apply_lock.lock().expect("apply lock poisoned");
+            self.tree.apply_batch(txn.into_batch())?;
+        }
+        if let Some(hook) = self.hook.get() {
+            for (session, changes) in changes {
+                if !changes.is_empty() {
+                    hook(session, changes);
+                }
+            }
+        }
         Ok(responses)
+    }
+
+    /// Sets the function told, after each applied batch, what each proposer's commands changed.
+    /// A node uses it to invalidate its kernel caches. Set it once, before Raft starts.
+    pub fn set_hook(&self, hook: ApplyHook) {
+        let _ = self.hook.set(hook);
     }
 
     fn build(&self) -> Result<Snapshot<TypeConfig>, StoreError> {

@@ -117,10 +117,12 @@ pub fn mount(
     config.acl = SessionACL::All;
     config.n_threads = Some(threads.max(1));
     config.clone_fd = threads > 1;
+    let notifier_slot = node.notifier.clone();
     let fs = ShoalFs::new(node, rt);
     let mut session = Session::new(fs, &mountpoint, &config)
         .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
     let notifier = session.notifier();
+    let _ = notifier_slot.set(session.notifier());
     let unmounter = session.unmount_callable();
     let thread = std::thread::Builder::new()
         .name("fuse-session".into())
