@@ -57,12 +57,33 @@ fn bad_input_gets_a_clear_error() {
         "local",
         "up",
         "--nodes",
-        "3",
+        "0",
         "--dir",
         dir.path().to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert!(err.contains("use --nodes 1"), "{err}");
+    assert!(err.contains("--nodes must be from 1 to 64"), "{err}");
+
+    let (ok, err) = run(&[
+        "join",
+        "--data",
+        missing,
+        "--token",
+        "x",
+        "--peer",
+        "127.0.0.1:1",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("a join token looks like"), "{err}");
+
+    let (ok, err) = run(&["token", "show", "--data", missing]);
+    assert!(!ok);
+    assert!(
+        err.contains("only the node that ran `shoal init --listen` has the join token"),
+        "{err}"
+    );
 }
 
 #[test]
