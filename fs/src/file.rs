@@ -48,16 +48,19 @@ pub struct OpenFile {
     commit_lock: tokio::sync::Mutex<()>,
     /// A background commit is queued and has not yet taken the buffers.
     commit_queued: AtomicBool,
+    /// The node's session epoch when the file was opened: see `Node::epoch`.
+    pub(crate) epoch: u64,
 }
 
 impl OpenFile {
-    pub(crate) fn new(ino: Ino) -> OpenFile {
+    pub(crate) fn new(ino: Ino, epoch: u64) -> OpenFile {
         OpenFile {
             ino,
             opens: AtomicUsize::new(0),
             bufs: Mutex::new(Buffers::default()),
             commit_lock: tokio::sync::Mutex::new(()),
             commit_queued: AtomicBool::new(false),
+            epoch,
         }
     }
 
@@ -140,6 +143,7 @@ impl OpenFile {
     /// or the error of this commit or of an earlier background one.
     pub async fn commit(&self, node: &Node) -> OpResult<()> {
         let _serial = self.commit_lock.lock().await;
+        node.check_not_fenced(self)?;
         let batch = {
             let mut b = self.bufs();
             if let Some(errno) = b.error.take() {
@@ -306,6 +310,15 @@ fn store_blocks(
 }
 
 impl Node {
+    /// Refuses I/O through a file opened before this node's session expired: the locks its
+    /// users held are gone, so their writes must not land (fencing).
+    pub(crate) fn check_not_fenced(&self, file: &OpenFile) -> OpResult<()> {
+        if file.epoch < self.epoch.load(Ordering::Acquire) {
+            return Err(OpError::Errno(libc::EIO));
+        }
+        Ok(())
+    }
+
     pub(crate) fn guard_blocks(&self, ids: &[BlockId]) {
         let mut g = self.unreferenced_writes.lock().expect("guard lock");
         for id in ids {

@@ -12,22 +12,33 @@
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, mpsc};
+
+use tokio::sync::Notify;
 
 use fuser::{INodeNo, Notifier};
 use shoal_raft::{ApplyHook, Change};
 use tracing::debug;
 
 /// Starts the invalidation thread and returns the hook the state machine calls after applying.
-/// Changes proposed by `own_session` are skipped.
-pub fn start(notifier: Arc<OnceLock<Notifier>>, own_session: u64) -> ApplyHook {
+/// Changes proposed by this node's session are skipped; lock changes wake `locks_changed`, so
+/// a blocked lock request retries as soon as another node releases.
+pub fn start(
+    notifier: Arc<OnceLock<Notifier>>,
+    own_session: Arc<AtomicU64>,
+    locks_changed: Arc<Notify>,
+) -> ApplyHook {
     let (tx, rx) = mpsc::channel::<(u64, Vec<Change>)>();
     std::thread::Builder::new()
         .name("invalidate".into())
         .spawn(move || run(&notifier, &rx))
         .expect("spawning the invalidation thread");
     Arc::new(move |session, changes| {
-        if session != own_session {
+        if changes.iter().any(|c| matches!(c, Change::Locks(_))) {
+            locks_changed.notify_waiters();
+        }
+        if session != own_session.load(Ordering::Acquire) {
             let _ = tx.send((session, changes));
         }
     })
@@ -46,6 +57,7 @@ fn run(notifier: &OnceLock<Notifier>, rx: &mpsc::Receiver<(u64, Vec<Change>)>) {
                 Change::Entry { parent, name } => {
                     n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
                 }
+                Change::Locks(_) => continue,
             };
             if let Err(e) = r
                 && e.raw_os_error() != Some(libc::ENOENT)

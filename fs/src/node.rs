@@ -11,11 +11,14 @@ use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 use shoal_raft::{BlockId, FsError, Ino, MetaCommand, MetaRequest, Raft, Reply, StateView};
 use tokio::sync::{Notify, mpsc};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::blocks::{BlockCache, BlockError, BlockStore};
 use crate::file::OpenFile;
 use crate::raft_net::NoPeers;
+
+/// How long a proposal waits for a reachable leader (an election takes well under a second).
+const FORWARD_PATIENCE: Duration = Duration::from_secs(3);
 
 /// Disk space kept free for metadata: data writes fail with ENOSPC before the disk is full.
 pub const SPACE_RESERVE: u64 = 128 << 20;
@@ -150,6 +153,7 @@ pub fn fs_errno(e: FsError) -> i32 {
         FsError::WouldBlock => libc::EAGAIN,
         FsError::FileTooBig => libc::EFBIG,
         FsError::NotSupported => libc::EOPNOTSUPP,
+        FsError::SessionExpired => libc::EIO,
     }
 }
 
@@ -172,7 +176,10 @@ pub struct Node {
     pub blocks: Arc<BlockStore>,
     pub cache: Arc<BlockCache>,
     /// This daemon run's session: owns its locks and the orphans it keeps open.
-    pub session: u64,
+    session: Arc<AtomicU64>,
+    /// Bumped when this node's session expired and a new one was opened: files opened before
+    /// are fenced (their writes fail), because locks taken through them are gone.
+    pub(crate) epoch: AtomicU64,
     pub started: Instant,
     /// The runtime the node's tasks run on; FUSE threads spawn onto it.
     pub rt: tokio::runtime::Handle,
@@ -185,7 +192,7 @@ pub struct Node {
     pub(crate) seen: Mutex<HashMap<Ino, (shoal_raft::Nanos, u64)>>,
     pub(crate) purge_tx: mpsc::UnboundedSender<Ino>,
     /// Woken whenever this node releases a lock, so blocked lock requests retry.
-    pub(crate) locks_changed: Notify,
+    pub(crate) locks_changed: Arc<Notify>,
     /// The kernel notifier of this node's mount, once mounted: see `invalidate`.
     pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// The cluster network, for a node started with a listen address.
@@ -346,9 +353,11 @@ impl Node {
             }
             None => None,
         };
-        let session = rand::random::<u64>() | 1;
+        let session = Arc::new(AtomicU64::new(rand::random::<u64>() | 1));
         let notifier = Arc::new(std::sync::OnceLock::new());
-        let hook = crate::invalidate::start(notifier.clone(), session);
+        let locks_changed = Arc::new(Notify::new());
+        let hook =
+            crate::invalidate::start(notifier.clone(), session.clone(), locks_changed.clone());
         let (raft, view) = open_raft(config.node_id, data, cluster.as_deref(), Some(hook)).await?;
         let (purge_tx, purge_rx) = mpsc::unbounded_channel();
         let node = Arc::new(Node {
@@ -360,6 +369,7 @@ impl Node {
             view,
             blocks,
             session,
+            epoch: AtomicU64::new(0),
             started: Instant::now(),
             rt: tokio::runtime::Handle::current(),
             files: Mutex::new(HashMap::new()),
@@ -367,7 +377,7 @@ impl Node {
             dirty_bytes: AtomicU64::new(0),
             seen: Mutex::new(HashMap::new()),
             purge_tx,
-            locks_changed: Notify::new(),
+            locks_changed,
             cluster,
             notifier,
             _lock: lock,
@@ -381,7 +391,7 @@ impl Node {
         }
         node.run(MetaCommand::OpenSession {
             node: node.id,
-            session: node.session,
+            session: node.session(),
         })
         .await
         .map_err(|e| NodeError::Raft(format!("opening this run's session: {e}")))?;
@@ -396,6 +406,7 @@ impl Node {
             Err(e) => warn!(error = %e, "startup sweep of unreferenced blocks failed"),
         }
         tokio::spawn(purge_worker(Arc::downgrade(&node), purge_rx));
+        tokio::spawn(session_worker(Arc::downgrade(&node)));
         tokio::spawn(crate::file::commit_worker(Arc::downgrade(&node)));
         tokio::spawn(crate::blocks::gc::worker(Arc::downgrade(&node)));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");
@@ -406,7 +417,7 @@ impl Node {
     pub async fn propose(&self, cmds: Vec<MetaCommand>) -> OpResult<Vec<Result<Reply, FsError>>> {
         let req = MetaRequest {
             now: now_nanos(),
-            session: self.session,
+            session: self.session(),
             cmds,
         };
         let resp = match self.raft.client_write(req.clone()).await {
@@ -437,26 +448,38 @@ impl Node {
     }
 
     /// Sends a proposal to the leader and waits until this node has applied it too, so the
-    /// caller reads its own write.
+    /// caller reads its own write. While the cluster elects a new leader, retries for a while.
     async fn forward(&self, req: MetaRequest) -> OpResult<shoal_raft::MetaResponse> {
-        match self
-            .to_leader(&crate::cluster::rpc::Request::Propose(req))
-            .await?
-        {
-            crate::cluster::rpc::Response::Propose(Ok((index, resp))) => {
-                self.raft
-                    .wait(Some(Duration::from_secs(30)))
-                    .applied_index_at_least(Some(index), "apply a forwarded proposal")
-                    .await
-                    .map_err(|e| {
-                        OpError::Raft(format!("waiting to apply log index {index}: {e}"))
-                    })?;
-                Ok(resp)
-            }
-            crate::cluster::rpc::Response::Propose(Err(e)) => {
-                Err(OpError::Raft(format!("the leader refused: {e}")))
-            }
-            other => Err(OpError::Raft(format!("unexpected response {other:?}"))),
+        use crate::cluster::rpc::{Request, Response};
+        let deadline = Instant::now() + FORWARD_PATIENCE;
+        loop {
+            let attempt = self.to_leader(&Request::Propose(req.clone())).await;
+            let (index, resp) = match attempt {
+                Ok(Response::Propose(Ok(applied))) => applied,
+                Ok(Response::Propose(Err(e)))
+                    if Instant::now() < deadline && e.contains("forward") =>
+                {
+                    // The node we took for the leader no longer is one.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Ok(Response::Propose(Err(e))) => {
+                    return Err(OpError::Raft(format!("the leader refused: {e}")));
+                }
+                Ok(other) => return Err(OpError::Raft(format!("unexpected response {other:?}"))),
+                Err(e) if Instant::now() < deadline => {
+                    debug!(error = %e, "forwarding to the leader failed; waiting for a leader");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            self.raft
+                .wait(Some(Duration::from_secs(30)))
+                .applied_index_at_least(Some(index), "apply a forwarded proposal")
+                .await
+                .map_err(|e| OpError::Raft(format!("waiting to apply log index {index}: {e}")))?;
+            return Ok(resp);
         }
     }
 
@@ -517,6 +540,11 @@ impl Node {
         Ok(())
     }
 
+    /// This daemon run's current session.
+    pub fn session(&self) -> u64 {
+        self.session.load(Ordering::Acquire)
+    }
+
     pub fn dirty_bytes(&self) -> u64 {
         self.dirty_bytes.load(Ordering::Relaxed)
     }
@@ -542,6 +570,57 @@ async fn purge_worker(node: std::sync::Weak<Node>, mut rx: mpsc::UnboundedReceiv
         }
         if let Err(e) = node.propose(cmds).await {
             warn!(error = %e, "purging unlinked files failed; they are retried at the next start");
+        }
+    }
+}
+
+/// Keeps this node's session alive, and on the leader ends the sessions of nodes that stopped
+/// renewing theirs. A node that finds its own session expired opens a new one and fences the
+/// files it had open.
+async fn session_worker(node: std::sync::Weak<Node>) {
+    let renew_every = Duration::from_nanos(shoal_raft::SESSION_LEASE as u64 / 5);
+    let mut tick = tokio::time::interval(renew_every);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        match node.run(MetaCommand::RenewSession).await {
+            Ok(_) => {}
+            Err(OpError::Fs(FsError::SessionExpired)) => {
+                let old = node.session();
+                let new = rand::random::<u64>() | 1;
+                error!(
+                    old_session = old,
+                    new_session = new,
+                    "this node's session expired (was it frozen or cut off?): its locks are gone; files open until now are fenced"
+                );
+                node.epoch.fetch_add(1, Ordering::AcqRel);
+                node.session.store(new, Ordering::Release);
+                if let Err(e) = node
+                    .run(MetaCommand::OpenSession {
+                        node: node.id,
+                        session: new,
+                    })
+                    .await
+                {
+                    error!(error = %e, "opening a new session failed; retrying");
+                }
+            }
+            Err(e) => warn!(error = %e, "renewing this node's session failed; retrying"),
+        }
+        let leader = node.raft.metrics().borrow().current_leader == Some(node.id);
+        if leader {
+            let now = now_nanos();
+            let expired = node
+                .view
+                .sessions()
+                .map(|s| s.iter().any(|(_, _, until)| *until < now))
+                .unwrap_or(false);
+            if expired {
+                if let Err(e) = node.run(MetaCommand::ExpireSessions).await {
+                    warn!(error = %e, "ending expired sessions failed; retrying");
+                }
+                node.locks_changed.notify_waiters();
+            }
         }
     }
 }

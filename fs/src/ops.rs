@@ -198,9 +198,9 @@ impl Node {
         let inode = self.getattr(ino)?;
         if inode.kind == FileKind::File {
             let mut files = self.files.lock().expect("files lock");
-            let f = files
-                .entry(ino)
-                .or_insert_with(|| Arc::new(OpenFile::new(ino)));
+            let f = files.entry(ino).or_insert_with(|| {
+                Arc::new(OpenFile::new(ino, self.epoch.load(Ordering::Acquire)))
+            });
             f.opens.fetch_add(1, Ordering::SeqCst);
         }
         let keep = match self.cluster() {
@@ -245,6 +245,7 @@ impl Node {
             return Err(FsError::FileTooBig.into());
         }
         let f = self.open_file(ino).ok_or(OpError::Errno(libc::EBADF))?;
+        self.check_not_fenced(&f)?;
         let buffered = f.buffer(self, off, data);
         Ok(if buffered >= self.options.commit_bytes * 4 {
             WriteAck::CommitFirst(f)
@@ -416,7 +417,7 @@ impl Node {
 
     pub fn lock_owner(&self, owner: u64) -> LockOwner {
         LockOwner {
-            session: self.session,
+            session: self.session(),
             owner,
         }
     }
@@ -431,6 +432,9 @@ impl Node {
 
     /// Sets or clears a POSIX lock. With `wait`, retries until the lock is free.
     pub async fn setlk(&self, ino: Ino, lock: RangeLock, unlock: bool, wait: bool) -> OpResult<()> {
+        if let Some(f) = self.open_file(ino) {
+            self.check_not_fenced(&f)?;
+        }
         loop {
             let changed = self.locks_changed.notified();
             tokio::pin!(changed);

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -24,7 +25,17 @@ pub enum RpcError {
     Closed(#[from] quinn::ClosedStream),
     #[error("malformed message: {0}")]
     Decode(#[from] postcard::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0} did not answer recently; not trying again for a moment")]
+    Down(SocketAddr),
 }
+
+/// How long a call may take unless the caller says otherwise.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a peer fails to answer, calls to it fail at once for this long, so a dead node costs
+/// its callers one timeout, not one per call.
+pub const DOWN_FOR: Duration = Duration::from_secs(2);
 
 /// Sends one request and waits for its response.
 pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
@@ -87,6 +98,7 @@ where
 pub struct Peers {
     endpoint: quinn::Endpoint,
     conns: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    down: std::sync::Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 impl Peers {
@@ -94,6 +106,7 @@ impl Peers {
         Peers {
             endpoint,
             conns: tokio::sync::Mutex::new(HashMap::new()),
+            down: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -113,20 +126,57 @@ impl Peers {
         Ok(c)
     }
 
-    /// Calls `addr`, reconnecting once if the cached connection turns out to be dead.
+    /// Calls `addr` with the default timeout.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         addr: SocketAddr,
         req: &Req,
     ) -> Result<Resp, RpcError> {
-        let conn = self.conn(addr).await?;
-        match call(&conn, req).await {
-            Err(RpcError::Connection(_)) => {
-                self.conns.lock().await.remove(&addr);
-                let conn = self.conn(addr).await?;
-                call(&conn, req).await
-            }
-            other => other,
+        self.call_within(addr, req, CALL_TIMEOUT).await
+    }
+
+    /// Whether `addr` failed to answer within the last `DOWN_FOR`.
+    pub fn is_down(&self, addr: SocketAddr) -> bool {
+        let down = self.down.lock().expect("down lock");
+        down.get(&addr).is_some_and(|until| Instant::now() < *until)
+    }
+
+    /// Calls `addr`, reconnecting once if the cached connection turns out to be dead, and
+    /// giving up after `timeout`. A peer that does not answer is marked down for `DOWN_FOR`.
+    pub async fn call_within<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: SocketAddr,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RpcError> {
+        if self.is_down(addr) {
+            return Err(RpcError::Down(addr));
         }
+        let attempt = async {
+            let conn = self.conn(addr).await?;
+            match call(&conn, req).await {
+                Err(RpcError::Connection(_)) => {
+                    self.conns.lock().await.remove(&addr);
+                    let conn = self.conn(addr).await?;
+                    call(&conn, req).await
+                }
+                other => other,
+            }
+        };
+        let result = match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(RpcError::Timeout(timeout)),
+        };
+        if matches!(
+            result,
+            Err(RpcError::Timeout(_) | RpcError::Connect(_) | RpcError::Connection(_))
+        ) {
+            self.conns.lock().await.remove(&addr);
+            self.down
+                .lock()
+                .expect("down lock")
+                .insert(addr, Instant::now() + DOWN_FOR);
+        }
+        result
     }
 }

@@ -64,6 +64,7 @@ impl<'a> Txn<'a> {
                 Some(&keys::INODE) | Some(&keys::CHUNK) if k.len() >= 9 => {
                     Some(Change::Inode(keys::u64_after_tag(&k)))
                 }
+                Some(&keys::LOCKS) if k.len() >= 9 => Some(Change::Locks(keys::u64_after_tag(&k))),
                 Some(&keys::DENTRY) if k.len() >= 9 => Some(Change::Entry {
                     parent: keys::u64_after_tag(&k),
                     name: k[9..].to_vec(),
@@ -74,6 +75,27 @@ impl<'a> Txn<'a> {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// Every key with `prefix` and its value as this transaction sees it: the tree with the
+    /// staged writes laid over it. Apply must never read the tree alone: how log entries are
+    /// grouped into batches differs between nodes, and the result must not.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            merged.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        for (k, v) in self.writes.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            merged.insert(k.clone(), v.clone());
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect())
     }
 
     pub fn into_batch(self) -> sled::Batch {
@@ -95,6 +117,8 @@ pub enum Change {
     Inode(Ino),
     /// A directory entry was added, removed or replaced.
     Entry { parent: Ino, name: Vec<u8> },
+    /// The byte-range locks of an inode changed.
+    Locks(Ino),
 }
 
 /// Applies one request's commands in order; returns one result per command.
@@ -106,6 +130,18 @@ pub fn apply_request(txn: &mut Txn<'_>, req: &MetaRequest) -> Result<MetaRespons
     };
     let mut results = Vec::with_capacity(req.cmds.len());
     for cmd in &req.cmds {
+        // Fencing: once a session's lease has expired (and its locks went to others), nothing
+        // it proposes takes effect. Session 0 is the cluster's own bootstrap.
+        let exempt = req.session == 0 || matches!(cmd, MetaCommand::OpenSession { .. });
+        if !exempt
+            && ctx
+                .txn
+                .get::<(u64, Nanos)>("lease", &keys::lease(req.session))?
+                .is_none()
+        {
+            results.push(Err(FsError::SessionExpired));
+            continue;
+        }
         results.push(ctx.apply(cmd)?);
     }
     Ok(MetaResponse { results })
@@ -237,6 +273,8 @@ impl Ctx<'_, '_> {
             MetaCommand::SetLock { ino, lock, unlock } => self.set_lock(*ino, *lock, *unlock),
             MetaCommand::ReleaseLocks { ino, owner } => self.release_locks(*ino, *owner),
             MetaCommand::OpenSession { node, session } => self.open_session(*node, *session),
+            MetaCommand::RenewSession => self.renew_session(),
+            MetaCommand::ExpireSessions => self.expire_sessions(),
             MetaCommand::ForgetGarbage { blocks } => self.forget_garbage(blocks),
             MetaCommand::SetJoinSecret { hash } => {
                 self.txn.put(keys::META_JOIN_SECRET, hash);
@@ -889,33 +927,70 @@ impl Ctx<'_, '_> {
     fn open_session(&mut self, node: u64, session: u64) -> Outcome {
         let old: Option<u64> = self.txn.get("session", &keys::session(node))?;
         self.txn.put(&keys::session(node), &session);
-        let Some(old) = old else {
-            return Ok(Ok(Reply::Done));
+        self.txn
+            .put(&keys::lease(session), &(node, self.now + SESSION_LEASE));
+        if let Some(old) = old
+            && old != session
+        {
+            // The old session's process is gone: its locks and open-but-unlinked files go with it.
+            self.end_session(old)?;
+        }
+        Ok(Ok(Reply::Done))
+    }
+
+    fn renew_session(&mut self) -> Outcome {
+        let key = keys::lease(self.session);
+        let Some((node, _)) = self.txn.get::<(u64, Nanos)>("lease", &key)? else {
+            fail!(FsError::SessionExpired);
         };
-        // The old session's process is gone: its locks and open-but-unlinked files go with it.
-        let lock_keys: Vec<Vec<u8>> = self
+        self.txn.put(&key, &(node, self.now + SESSION_LEASE));
+        Ok(Ok(Reply::Done))
+    }
+
+    fn expire_sessions(&mut self) -> Outcome {
+        let leases: Vec<(u64, (u64, Nanos))> = self
             .txn
-            .tree
-            .scan_prefix([keys::LOCKS])
-            .keys()
-            .map(|k| k.map(|k| k.to_vec()))
-            .collect::<Result<_, _>>()?;
-        for key in lock_keys {
-            let ino = keys::u64_after_tag(&key);
-            let mut locks = self.txn.locks(ino)?;
-            locks.retain(|l| l.owner.session != old);
-            self.store_locks(ino, locks);
-        }
-        let orphans: Vec<(Ino, u64)> = crate::view::StateView {
-            tree: self.txn.tree.clone(),
-        }
-        .orphans()?;
-        for (ino, owner) in orphans {
-            if owner == old {
-                self.purge(ino)?.ok();
+            .scan_prefix(&[keys::LEASE])?
+            .into_iter()
+            .map(|(k, v)| Ok((keys::u64_after_tag(&k), crate::view::decode("lease", &v)?)))
+            .collect::<Result<_, StoreError>>()?;
+        for (session, (node, until)) in leases {
+            if until < self.now {
+                self.end_session(session)?;
+                if self.txn.get::<u64>("session", &keys::session(node))? == Some(session) {
+                    self.txn.del(&keys::session(node));
+                }
             }
         }
         Ok(Ok(Reply::Done))
+    }
+
+    /// Ends a session: drops its lease, releases its locks and purges what it kept open.
+    fn end_session(&mut self, session: u64) -> Result<(), StoreError> {
+        self.txn.del(&keys::lease(session));
+        let lock_keys: Vec<Vec<u8>> = self
+            .txn
+            .scan_prefix(&[keys::LOCKS])?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        for key in lock_keys {
+            let ino = keys::u64_after_tag(&key);
+            let mut locks = self.txn.locks(ino)?;
+            let before = locks.len();
+            locks.retain(|l| l.owner.session != session);
+            if locks.len() != before {
+                self.store_locks(ino, locks);
+            }
+        }
+        let orphans = self.txn.scan_prefix(&[keys::ORPHAN])?;
+        for (k, v) in orphans {
+            let owner: u64 = crate::view::decode("orphan", &v)?;
+            if owner == session {
+                self.purge(keys::u64_after_tag(&k))?.ok();
+            }
+        }
+        Ok(())
     }
 
     fn forget_garbage(&mut self, blocks: &[BlockId]) -> Outcome {

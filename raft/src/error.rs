@@ -36,6 +36,8 @@ pub enum FsError {
     FileTooBig,
     #[error("operation not supported")]
     NotSupported,
+    #[error("this node's session expired: its locks were released and its writes are refused")]
+    SessionExpired,
 }
 
 /// A failure of the metadata store itself: corrupt or unreadable state, or an I/O error in sled.

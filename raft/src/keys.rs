@@ -14,6 +14,7 @@ pub const BLOCK_REF: u8 = b'b';
 pub const GARBAGE: u8 = b'g';
 pub const ORPHAN: u8 = b'o';
 pub const SESSION: u8 = b'n';
+pub const LEASE: u8 = b'e';
 
 pub const META_APPLIED: &[u8] = b"m/applied";
 pub const META_MEMBERSHIP: &[u8] = b"m/membership";
@@ -72,6 +73,10 @@ pub fn orphan(ino: Ino) -> [u8; 9] {
 
 pub fn session(node: u64) -> [u8; 9] {
     with_u64(SESSION, node)
+}
+
+pub fn lease(session: u64) -> [u8; 9] {
+    with_u64(LEASE, session)
 }
 
 pub fn block_ref(id: &BlockId) -> [u8; 33] {

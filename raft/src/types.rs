@@ -20,6 +20,10 @@ pub const LINK_MAX: u32 = 65_000;
 /// Time in nanoseconds since the Unix epoch. Negative values are before 1970.
 pub type Nanos = i64;
 
+/// How long a session lives without a renewal. A node that stops renewing (dead, frozen,
+/// partitioned) loses its locks this long after its last renewal, and is fenced from then on.
+pub const SESSION_LEASE: Nanos = 5_000_000_000;
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FileKind {
     File,
@@ -253,6 +257,11 @@ pub enum MetaCommand {
         node: u64,
         session: u64,
     },
+    /// Extends the proposing session's lease by `SESSION_LEASE` from the command's time.
+    RenewSession,
+    /// Ends every session whose lease ran out before the command's time: their locks are
+    /// released and their later commands refused.
+    ExpireSessions,
     /// Forgets blocks that were garbage and have been deleted from disk.
     ForgetGarbage {
         blocks: Vec<BlockId>,

@@ -128,6 +128,17 @@ impl StateView {
         self.get("join secret", keys::META_JOIN_SECRET)
     }
 
+    /// Every live session: (session, node, lease end).
+    pub fn sessions(&self) -> Result<Vec<(u64, u64, Nanos)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([keys::LEASE]) {
+            let (k, v) = kv?;
+            let (node, until): (u64, Nanos) = decode("lease", &v)?;
+            out.push((keys::u64_after_tag(&k), node, until));
+        }
+        Ok(out)
+    }
+
     pub fn inode_count(&self) -> Result<u64, StoreError> {
         self.counter(keys::META_INODES)
     }

@@ -13,6 +13,8 @@ use crate::node::{Node, OpError, OpResult};
 
 /// How many copies of each block the cluster keeps, at most.
 pub const REPLICAS: usize = 3;
+/// How long a block transfer may take before the peer counts as down.
+const BLOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn score(id: &BlockId, node: u64) -> u64 {
     let mut h = blake3::Hasher::new();
@@ -52,7 +54,7 @@ pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)]) -> OpResult<()> {
                     break;
                 }
                 let req = Request::PutBlock { id, data: data.clone() };
-                match peers.call::<_, Response>(addr, &req).await {
+                match peers.call_within::<_, Response>(addr, &req, BLOCK_TIMEOUT).await {
                     Ok(Response::PutBlock(Ok(()))) => done += 1,
                     Ok(other) => warn!(block = %id, node = n, response = ?other, "replica refused"),
                     Err(e) => warn!(block = %id, node = n, error = %e, "replica unreachable"),

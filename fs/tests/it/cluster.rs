@@ -223,3 +223,76 @@ fn files_stay_readable_when_a_node_dies_and_the_leader_is_replaced() {
     });
     assert_eq!(read(&c.mnt(1).join("f")).unwrap(), data);
 }
+
+/// Runs python3 with a file path: `lock` takes a write lock and holds it; `try` tries without
+/// waiting and exits non-zero if the lock is held elsewhere.
+fn python_lock(mode: &str, path: &Path) -> std::process::Child {
+    let script = match mode {
+        "hold" => {
+            "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
+        }
+        _ => {
+            "import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)"
+        }
+    };
+    Command::new("python3")
+        .args(["-c", script])
+        .arg(path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn hold(path: &Path) -> std::process::Child {
+    use std::io::Read;
+    let mut child = python_lock("hold", path);
+    let mut line = [0u8; 7];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    assert_eq!(&line, b"locked\n");
+    child
+}
+
+fn try_lock(path: &Path) -> bool {
+    python_lock("try", path).wait().unwrap().success()
+}
+
+#[test]
+fn fcntl_locks_hold_across_nodes_and_die_with_their_holder_or_its_node() {
+    let c = LocalCluster::up(3);
+    fs::write(c.mnt(1).join("lockfile"), b"x").unwrap();
+    eventually("the file on every node", || {
+        (1..=3).all(|k| c.mnt(k).join("lockfile").exists())
+    });
+
+    // A lock held on node 1 is seen from node 2, and released when its holder exits.
+    let mut holder = hold(&c.mnt(1).join("lockfile"));
+    assert!(
+        !try_lock(&c.mnt(2).join("lockfile")),
+        "node 2 must not get a lock node 1 holds"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    eventually("the lock is free after its holder exits", || {
+        try_lock(&c.mnt(2).join("lockfile"))
+    });
+
+    // A lock held on node 2 outlives a kill -9 of node 2's daemon until its session lease runs
+    // out, and not longer.
+    let mut holder = hold(&c.mnt(2).join("lockfile"));
+    c.kill9(2);
+    assert!(
+        !try_lock(&c.mnt(3).join("lockfile")),
+        "the lock must not be released before the lease ends"
+    );
+    eventually("the lock is free once the dead node's lease ended", || {
+        try_lock(&c.mnt(3).join("lockfile"))
+    });
+    let _ = holder.kill();
+    let _ = holder.wait();
+}

@@ -24,11 +24,17 @@ impl Sm {
         let mut txn = Txn::new(&tree);
         ensure_root(&mut txn, 0).unwrap();
         tree.apply_batch(txn.into_batch()).unwrap();
-        Sm {
+        let mut sm = Sm {
             _dir: dir,
             tree,
             now: 1,
-        }
+        };
+        sm.run(MetaCommand::OpenSession {
+            node: 1,
+            session: SESSION,
+        })
+        .unwrap();
+        sm
     }
 
     fn run(&mut self, cmd: MetaCommand) -> CommandResult {
@@ -674,4 +680,129 @@ fn node_ids_and_join_secrets() {
     sm.run(MetaCommand::SetJoinSecret { hash: [9; 32] })
         .unwrap();
     assert_eq!(sm.view().join_secret().unwrap(), Some([9; 32]));
+}
+
+#[test]
+fn an_expired_session_loses_its_locks_and_is_fenced() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    let mine = lock(SESSION, 1, LockKind::Write, 0, 99);
+    sm.run(MetaCommand::SetLock {
+        ino: f,
+        lock: mine,
+        unlock: false,
+    })
+    .unwrap();
+    // Renewals keep the session alive past its first lease.
+    sm.now += SESSION_LEASE - 10;
+    sm.run(MetaCommand::RenewSession).unwrap();
+    sm.now += SESSION_LEASE - 10;
+    sm.run(MetaCommand::ExpireSessions).unwrap();
+    assert_eq!(
+        sm.view().locks(f).unwrap().len(),
+        1,
+        "a renewed session keeps its locks"
+    );
+    // Silence past the lease: the next expiry round ends the session.
+    sm.now += SESSION_LEASE + 1;
+    sm.run(MetaCommand::ExpireSessions).unwrap();
+    assert!(
+        sm.view().locks(f).unwrap().is_empty(),
+        "an expired session's locks are released"
+    );
+    assert!(sm.view().sessions().unwrap().is_empty());
+    // Everything the expired session proposes afterwards is refused.
+    assert_eq!(
+        sm.create(ROOT_INO, "late", FileKind::File),
+        Err(FsError::SessionExpired)
+    );
+    assert_eq!(
+        sm.run(MetaCommand::RenewSession),
+        Err(FsError::SessionExpired)
+    );
+    assert_eq!(sm.write(f, 0, 10, 1), Err(FsError::SessionExpired));
+    // A new session of the node works again.
+    sm.run(MetaCommand::OpenSession {
+        node: 1,
+        session: SESSION,
+    })
+    .unwrap();
+    sm.mk(ROOT_INO, "again", FileKind::File);
+}
+
+#[test]
+fn applying_in_one_batch_or_many_gives_the_same_state() {
+    // Nodes group log entries into apply batches differently; the state must not depend on it.
+    let cmds = |now: Nanos| {
+        vec![
+            MetaRequest {
+                now,
+                session: 0,
+                cmds: vec![MetaCommand::OpenSession {
+                    node: 2,
+                    session: 20,
+                }],
+            },
+            MetaRequest {
+                now: now + SESSION_LEASE - 1,
+                session: 20,
+                cmds: vec![MetaCommand::RenewSession],
+            },
+            MetaRequest {
+                now: now + SESSION_LEASE + 10,
+                session: 0,
+                cmds: vec![MetaCommand::ExpireSessions],
+            },
+            MetaRequest {
+                now: now + SESSION_LEASE + 20,
+                session: 20,
+                cmds: vec![MetaCommand::Create {
+                    parent: ROOT_INO,
+                    name: b"x".to_vec(),
+                    kind: FileKind::File,
+                    perm: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    target: Vec::new(),
+                }],
+            },
+        ]
+    };
+    // `one` applies the session's opening alone and the rest in one batch, so the renewal is
+    // staged, not yet in the tree, when the expiry runs.
+    let one = Sm::new();
+    let reqs = cmds(100);
+    let mut txn = Txn::new(&one.tree);
+    let mut together = vec![apply_request(&mut txn, &reqs[0]).unwrap()];
+    one.tree.apply_batch(txn.into_batch()).unwrap();
+    let mut txn = Txn::new(&one.tree);
+    together.extend(
+        reqs[1..]
+            .iter()
+            .map(|r| apply_request(&mut txn, r).unwrap()),
+    );
+    one.tree.apply_batch(txn.into_batch()).unwrap();
+    let many = Sm::new();
+    let apart: Vec<MetaResponse> = cmds(100)
+        .iter()
+        .map(|r| {
+            let mut txn = Txn::new(&many.tree);
+            let resp = apply_request(&mut txn, r).unwrap();
+            many.tree.apply_batch(txn.into_batch()).unwrap();
+            resp
+        })
+        .collect();
+    assert_eq!(together, apart);
+    assert!(
+        together[3].results[0].is_ok(),
+        "the renewed session is still alive"
+    );
+    let dump = |sm: &Sm| -> Vec<(Vec<u8>, Vec<u8>)> {
+        sm.tree
+            .iter()
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+            .collect()
+    };
+    assert_eq!(dump(&one), dump(&many));
 }
