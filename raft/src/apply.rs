@@ -20,6 +20,9 @@ const XATTR_VALUE_MAX: usize = 64 * 1024;
 /// How deep `is_ancestor` walks before it declares the tree corrupt.
 const MAX_DEPTH: usize = 1 << 16;
 
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Writes staged over the tree; reads see them first.
 pub struct Txn<'a> {
     tree: &'a sled::Tree,
@@ -80,7 +83,7 @@ impl<'a> Txn<'a> {
     /// Every key with `prefix` and its value as this transaction sees it: the tree with the
     /// staged writes laid over it. Apply must never read the tree alone: how log entries are
     /// grouped into batches differs between nodes, and the result must not.
-    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         for kv in self.tree.scan_prefix(prefix) {
             let (k, v) = kv?;
