@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A first fio comparison: the same jobs on the local disk and on a single-node shoal mount, in
-# one run. Prints a table. The full runner against the peers comes with the benchmark work.
+# A first fio comparison: the same jobs on the local disk, on a single-node shoal mount, and on
+# a three-node cluster (R=3: writes through node 1, reads through node 2), in one run. Prints a
+# table. The full runner against the peers comes with the benchmark work.
 # Usage (root, from the repository root): bench/first-fio.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,14 +24,19 @@ else:
 PY
 }
 
-run_jobs() { # dir label
+run_jobs() { # write-dir label [read-dir]
   declare -gA RESULT
+  local out
+  out=$(mktemp -d /tmp/shoal-fio-out.XXXXXX)
   for job in "${jobs[@]}"; do
+    local dir=$1
+    case $job in seq-read|rand-read) dir=${3:-$1} ;; esac
     drop_caches
-    (cd "$1" && fio --output-format=json --output="$1/$job.json" "$JOBS/$job.fio" >/dev/null)
-    RESULT[$2,$job]=$(figure "$1/$job.json" "$job")
+    (cd "$dir" && fio --output-format=json --output="$out/$job.json" "$JOBS/$job.fio" >/dev/null)
+    RESULT[$2,$job]=$(figure "$out/$job.json" "$job")
     echo "  $2 $job: ${RESULT[$2,$job]}"
   done
+  rm -rf "$out"
 }
 
 local_dir=$(mktemp -d /var/tmp/shoal-fio-local.XXXXXX)
@@ -43,9 +49,16 @@ echo "shoal single node ($WORK/mnt):"
 run_jobs "$WORK/mnt" shoal
 shoal_down
 
-printf '\n| job | local | shoal-r1 | ratio |\n|---|---|---|---|\n'
+cluster=$(mktemp -d /tmp/shoal-fio-cluster.XXXXXX)
+port=$((20000 + RANDOM % 20000))
+"$SHOAL" local up --nodes 3 --dir "$cluster" --base-port "$port" >/dev/null
+trap '"$SHOAL" local down --dir "$cluster" >/dev/null; rm -rf "$cluster"' EXIT
+echo "shoal three nodes, R=3 (write on node 1, read on node 2):"
+run_jobs "$cluster/node-1/mnt" shoal3 "$cluster/node-2/mnt"
+
+ratio() { python3 -c "print(f'{float(\"${1%% *}\".rstrip(\"k\")) / float(\"${2%% *}\".rstrip(\"k\")):.2f}x')"; }
+printf '\n| job | local | shoal-r1 | ratio | shoal-r3 | ratio |\n|---|---|---|---|---|---|\n'
 for job in "${jobs[@]}"; do
-  l=${RESULT[local,$job]}; s=${RESULT[shoal,$job]}
-  ratio=$(python3 -c "print(f'{float(\"${s%% *}\".rstrip(\"k\")) / float(\"${l%% *}\".rstrip(\"k\")):.2f}x')")
-  echo "| $job | $l | $s | $ratio |"
+  l=${RESULT[local,$job]}; s=${RESULT[shoal,$job]}; t=${RESULT[shoal3,$job]}
+  echo "| $job | $l | $s | $(ratio "$s" "$l") | $t | $(ratio "$t" "$l") |"
 done

@@ -81,6 +81,16 @@ fn alive(pid: i32) -> bool {
         .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
 }
 
+/// Whether a node's daemon answers on its admin socket.
+fn serving(nd: &NodeDir, rt: &tokio::runtime::Runtime) -> bool {
+    let data = nd.data();
+    let ask = admin::request(&data, AdminRequest::Status);
+    matches!(
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), ask).await }),
+        Ok(Ok(AdminReply::Status(_)))
+    )
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -111,8 +121,20 @@ fn up(nodes: u32, dir: &Path, base_port: u16) -> anyhow::Result<()> {
     for k in 1..=nodes {
         let nd = NodeDir::new(dir, k);
         if let Some(pid) = nd.pid().filter(|p| alive(*p)) {
-            println!("node-{k} is already running (pid {pid})");
-        } else if node::ClusterConfig::load(&nd.data()).is_ok() {
+            if serving(&nd, &rt) {
+                println!("node-{k} is already running (pid {pid})");
+                continue;
+            }
+            // A daemon that was killed may take a moment to go away.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if alive(pid) {
+                bail!("node-{k} (pid {pid}) is running but does not answer on its admin socket; stop it first");
+            }
+        }
+        if node::ClusterConfig::load(&nd.data()).is_ok() {
             running.push((k, spawn_daemon(&exe, &nd)?));
         } else {
             fresh.push(k);
