@@ -44,3 +44,24 @@ shoal_down() {
   DAEMON_PID=""
   WORK=""
 }
+
+CLUSTER=""
+
+# A three-node cluster on loopback (`shoal local up`), always stopped on exit.
+cluster_up() {
+  # Short: pjdfstest binds unix sockets under it, and their paths may not exceed 108 bytes.
+  CLUSTER=$(mktemp -d /tmp/sc.XXXXXX)
+  chmod 755 "$CLUSTER"
+  trap cluster_down EXIT
+  "$SHOAL" local up --nodes 3 --dir "$CLUSTER" --base-port $((20000 + RANDOM % 20000)) >/dev/null
+}
+
+cluster_down() {
+  [ -n "$CLUSTER" ] || return 0
+  "$SHOAL" local down --dir "$CLUSTER" >/dev/null 2>&1 || true
+  for m in "$CLUSTER"/node-*/mnt; do
+    grep -q " $m " /proc/self/mountinfo && umount -l "$m"
+  done
+  rm -rf "$CLUSTER"
+  CLUSTER=""
+}

@@ -8,3 +8,4 @@ cargo build --release --workspace --all-targets
 cargo test --release --workspace
 ci/pjdfstest.sh
 ci/fsx.sh 50000
+ci/fsx.sh 50000 "$RANDOM" 3
