@@ -131,7 +131,9 @@ fn up(nodes: u32, dir: &Path, base_port: u16) -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if alive(pid) {
-                bail!("node-{k} (pid {pid}) is running but does not answer on its admin socket; stop it first");
+                bail!(
+                    "node-{k} (pid {pid}) is running but does not answer on its admin socket; stop it first"
+                );
             }
         }
         if node::ClusterConfig::load(&nd.data()).is_ok() {

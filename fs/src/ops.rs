@@ -325,13 +325,25 @@ impl Node {
                 let data = match r {
                     Ok(data) => data,
                     // Not here (or damaged here): another node has a copy.
-                    Err(BlockError::Missing(_) | BlockError::Corrupt { .. })
+                    Err(e @ (BlockError::Missing(_) | BlockError::Corrupt { .. }))
                         if self.cluster().is_some() =>
                     {
+                        let damaged = matches!(e, BlockError::Corrupt { .. });
+                        if damaged {
+                            error!(block = %s.block, error = %e, "local replica is damaged; reading another and repairing");
+                        }
                         let block = crate::cluster::replicate::fetch(self, s.block, s.block_len)
                             .await
                             .inspect_err(|e| error!(block = %s.block, error = %e, "no node has a good copy of the block"))?;
                         self.cache.insert_block(s.block, &block);
+                        if damaged {
+                            // The damaged copy was quarantined; put a good one in its place.
+                            let (store, id, data) = (self.blocks.clone(), s.block, block.clone());
+                            tokio::task::spawn_blocking(move || store.put(&id, &data).and_then(|_| store.sync_dirs([&id])))
+                                .await
+                                .map_err(|e| OpError::Raft(format!("repair task failed: {e}")))?
+                                .inspect_err(|e| error!(block = %s.block, error = %e, "repairing the local replica failed"))?;
+                        }
                         block[s.block_off as usize..(s.block_off + s.len) as usize].to_vec()
                     }
                     Err(e) => {

@@ -296,3 +296,42 @@ fn fcntl_locks_hold_across_nodes_and_die_with_their_holder_or_its_node() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+#[test]
+fn a_corrupt_replica_is_read_around_and_repaired() {
+    let c = LocalCluster::up(3);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 233) as u8).collect();
+    fs::write(c.mnt(1).join("f"), &data).unwrap();
+    eventually("the file on node 2", || read(&c.mnt(2).join("f")).is_some());
+    // Damage every block file node 2 holds, then read through node 2 with its caches cold.
+    let blocks = c.data(2).join("blocks");
+    let mut damaged = Vec::new();
+    for fan in fs::read_dir(&blocks).unwrap().flatten() {
+        if fan.file_name().len() != 2 {
+            continue;
+        }
+        for f in fs::read_dir(fan.path()).unwrap().flatten() {
+            let mut bytes = fs::read(f.path()).unwrap();
+            bytes[10] ^= 0xff;
+            fs::write(f.path(), &bytes).unwrap();
+            damaged.push((f.path(), bytes));
+        }
+    }
+    assert!(!damaged.is_empty());
+    // Restart node 2 so nothing is cached in memory.
+    let pid = rustix::process::Pid::from_raw(c.pid(2)).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    eventually("node 2 stops", || {
+        rustix::process::test_kill_process(pid).is_err()
+    });
+    c.local_up(3);
+    assert_eq!(
+        read(&c.mnt(2).join("f")).unwrap(),
+        data,
+        "reads return the right bytes"
+    );
+    for (path, bad) in damaged {
+        let now = fs::read(&path).unwrap();
+        assert_ne!(now, bad, "{} was repaired", path.display());
+    }
+}
