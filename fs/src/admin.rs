@@ -17,12 +17,16 @@ pub const SOCKET: &str = "admin.sock";
 pub enum AdminRequest {
     Status,
     Members,
+    RemoveNode(u64),
+    RotateToken,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
 pub enum AdminReply {
     Status(Status),
     Members(Vec<Member>),
+    Done,
+    Token(String),
     Error(String),
 }
 
@@ -134,6 +138,14 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
             };
             let reply = match req {
                 AdminRequest::Members => AdminReply::Members(members(&node)),
+                AdminRequest::RemoveNode(id) => match node.remove_member(id).await {
+                    Ok(()) => AdminReply::Done,
+                    Err(e) => AdminReply::Error(e),
+                },
+                AdminRequest::RotateToken => match node.rotate_token().await {
+                    Ok(t) => AdminReply::Token(t.to_string()),
+                    Err(e) => AdminReply::Error(e),
+                },
                 AdminRequest::Status => {
                     let n = node.clone();
                     match tokio::task::spawn_blocking(move || status(&n, mount.as_deref())).await {

@@ -103,6 +103,11 @@ enum TokenCommand {
         #[arg(long, default_value = "/var/lib/shoal")]
         data: PathBuf,
     },
+    /// Make a new join token; every older token stops working (needs that node's daemon)
+    Rotate {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +116,13 @@ enum NodeCommand {
     Ls {
         #[arg(long, default_value = "/var/lib/shoal")]
         data: PathBuf,
+    },
+    /// Remove a node: from then on the cluster refuses it
+    Rm {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        /// The node's id (see `shoal node ls`)
+        id: u64,
     },
 }
 
@@ -191,6 +203,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", token_of(&data)?);
             Ok(())
         }
+        Command::Token {
+            command: TokenCommand::Rotate { data },
+        } => match runtime()?.block_on(admin::request(&data, AdminRequest::RotateToken))? {
+            AdminReply::Token(t) => {
+                println!("{t}");
+                Ok(())
+            }
+            other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+        },
+        Command::Node {
+            command: NodeCommand::Rm { data, id },
+        } => match runtime()?.block_on(admin::request(&data, AdminRequest::RemoveNode(id)))? {
+            AdminReply::Done => {
+                println!("node {id} removed");
+                Ok(())
+            }
+            other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+        },
         Command::Node {
             command: NodeCommand::Ls { data },
         } => {

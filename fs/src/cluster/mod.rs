@@ -282,6 +282,70 @@ pub async fn ensure_member(node: &Node) -> Result<(), NodeError> {
     Ok(())
 }
 
+impl Node {
+    /// Removes a node from the cluster; from then on its requests are refused. Forwarded to the
+    /// leader. The leader itself cannot be removed.
+    pub async fn remove_member(&self, id: u64) -> Result<(), String> {
+        if self.leader_addr().is_some() {
+            return match self.to_leader(&Request::RemoveMember { id }).await {
+                Ok(Response::RemoveMember(r)) => r,
+                Ok(Response::Denied(e)) => Err(e),
+                Ok(other) => Err(format!("unexpected response {other:?}")),
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        if id == self.id {
+            return Err(format!(
+                "node {id} is the leader: stop its daemon first, and remove it once another node leads"
+            ));
+        }
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        if !m.nodes().any(|(n, _)| *n == id) {
+            return Err(format!(
+                "node {id} is not a member of this cluster (see `shoal node ls`)"
+            ));
+        }
+        let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+        if voters.contains(&id) {
+            if voters.len() <= 1 {
+                return Err(format!("node {id} is the last voter"));
+            }
+            self.raft
+                .change_membership(
+                    openraft::ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+                    false,
+                )
+                .await
+                .map_err(|e| format!("demoting node {id}: {e}"))?;
+        }
+        self.raft
+            .change_membership(
+                openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+                false,
+            )
+            .await
+            .map_err(|e| format!("removing node {id}: {e}"))?;
+        info!(node = id, "node removed from the cluster");
+        Ok(())
+    }
+
+    /// Makes a new join token; tokens made before stop working. Only on the CA's node.
+    pub async fn rotate_token(&self) -> Result<JoinToken, String> {
+        let ca = self
+            .cluster()
+            .and_then(|c| c.ca.as_ref())
+            .ok_or("only the node that ran `shoal init --listen` holds the CA and makes tokens")?;
+        let token = JoinToken::new(ca.fingerprint());
+        self.run(MetaCommand::SetJoinSecret {
+            hash: token.secret_hash(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        save_token(&self.data_dir, &token).map_err(|e| e.to_string())?;
+        Ok(token)
+    }
+}
+
 async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
     let Some(peer) = peer else {
         return match req {
@@ -306,6 +370,7 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
         }
         Request::Join(j) => Response::Join(node.handle_join(j).await),
         Request::AddMember { id, addr } => Response::AddMember(node.add_member(id, addr).await),
+        Request::RemoveMember { id } => Response::RemoveMember(node.remove_member(id).await),
         Request::PutBlock { id, data } => {
             Response::PutBlock(replicate::accept(&node, id, data).await)
         }

@@ -22,6 +22,10 @@ pub enum Request {
         id: u64,
         addr: String,
     },
+    /// Removes a node from the membership (forwarded to the leader).
+    RemoveMember {
+        id: u64,
+    },
     /// Store this block durably; the receiver verifies it against its name.
     PutBlock {
         id: BlockId,
@@ -58,6 +62,7 @@ pub enum Response {
     Propose(Result<(u64, MetaResponse), String>),
     Join(Result<JoinReply, String>),
     AddMember(Result<(), String>),
+    RemoveMember(Result<(), String>),
     PutBlock(Result<(), String>),
     GetBlock(Result<Vec<u8>, String>),
     /// The request was refused: the caller is not allowed to make it.

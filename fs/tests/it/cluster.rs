@@ -335,3 +335,86 @@ fn a_corrupt_replica_is_read_around_and_repaired() {
         assert_ne!(now, bad, "{} was repaired", path.display());
     }
 }
+
+#[test]
+fn a_rotated_token_and_a_removed_node_are_refused() {
+    let c = LocalCluster::up(3);
+    let peer = format!("127.0.0.1:{}", c.base_port + 1);
+    let join = |token: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(shoal())
+            .args([
+                "join",
+                "--token",
+                token,
+                "--peer",
+                &peer,
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let old = fs::read_to_string(c.data(1).join("tls/join-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = Command::new(shoal())
+        .args(["token", "rotate", "--data"])
+        .arg(c.data(1))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_ne!(new, old);
+    let (ok, err) = join(&old);
+    assert!(!ok && err.contains("the join token is not valid"), "{err}");
+    let (ok, err) = join(&new);
+    assert!(ok, "the new token works: {err}");
+
+    // Remove node 3 (asked through node 2): the others stop talking to it.
+    fs::write(c.mnt(3).join("before"), b"ok").unwrap();
+    let out = Command::new(shoal())
+        .args(["node", "rm", "3", "--data"])
+        .arg(c.data(2))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(shoal())
+        .args(["node", "ls", "--data"])
+        .arg(c.data(1))
+        .output()
+        .unwrap();
+    let ls = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!ls.lines().any(|l| l.starts_with("3 ")), "{ls}");
+    let err = fs::write(c.mnt(3).join("after"), b"no").unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EIO),
+        "a removed node's writes are refused"
+    );
+    assert!(c.mnt(1).join("before").exists());
+    assert!(!c.mnt(1).join("after").exists());
+    // The leader cannot be removed from under itself.
+    let out = Command::new(shoal())
+        .args(["node", "rm", "1", "--data"])
+        .arg(c.data(1))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the leader"));
+}
