@@ -103,6 +103,29 @@ impl Drop for LocalCluster {
     }
 }
 
+/// Runs `shoal join` into a fresh data dir; returns whether it worked and what it said.
+fn try_join(token: &str, peer: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(shoal())
+        .args([
+            "join",
+            "--token",
+            token,
+            "--peer",
+            peer,
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Waits until `f` holds, for up to 10 s: these tests say what becomes visible, not how fast.
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -168,23 +191,9 @@ fn a_wrong_token_and_a_wrong_cluster_are_refused() {
     let token = token.trim();
     let peer = format!("127.0.0.1:{}", c.base_port + 1);
     let join = |token: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(shoal())
-            .args([
-                "join",
-                "--token",
-                token,
-                "--peer",
-                &peer,
-                "--listen",
-                "127.0.0.1:0",
-                "--data",
-            ])
-            .arg(dir.path().join("data"))
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let (ok, err) = try_join(token, &peer);
+        assert!(!ok);
+        err
     };
     // Right cluster, wrong secret.
     let wrong_secret = format!("{}{}", &token[..token.len() - 4], "0000");
@@ -340,27 +349,7 @@ fn a_corrupt_replica_is_read_around_and_repaired() {
 fn a_rotated_token_and_a_removed_node_are_refused() {
     let c = LocalCluster::up(3);
     let peer = format!("127.0.0.1:{}", c.base_port + 1);
-    let join = |token: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(shoal())
-            .args([
-                "join",
-                "--token",
-                token,
-                "--peer",
-                &peer,
-                "--listen",
-                "127.0.0.1:0",
-                "--data",
-            ])
-            .arg(dir.path().join("data"))
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let join = |token: &str| try_join(token, &peer);
     let old = fs::read_to_string(c.data(1).join("tls/join-token"))
         .unwrap()
         .trim()
