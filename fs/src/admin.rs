@@ -23,7 +23,7 @@ pub enum AdminRequest {
 
 #[derive(Serialize, Deserialize, Debug)]
 pub enum AdminReply {
-    Status(Status),
+    Status(Box<Status>),
     Members(Vec<Member>),
     Done,
     Token(String),
@@ -77,6 +77,10 @@ pub struct Status {
     pub cache_bytes: u64,
     pub dirty_bytes: u64,
     pub open_files: usize,
+    /// Blocks this node should hold (its share of the replicas) and lacks.
+    pub under_replicated: u64,
+    /// Blocks this node fetched to restore replicas since it started.
+    pub repaired: u64,
 }
 
 pub fn socket_path(data: &Path) -> PathBuf {
@@ -112,6 +116,12 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         cache_bytes: node.cache.weight(),
         dirty_bytes: node.dirty_bytes(),
         open_files: node.files.lock().map(|f| f.len()).unwrap_or(0),
+        under_replicated: node
+            .repair_missing
+            .load(std::sync::atomic::Ordering::Relaxed),
+        repaired: node
+            .repair_fetched
+            .load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 
@@ -149,7 +159,7 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                 AdminRequest::Status => {
                     let n = node.clone();
                     match tokio::task::spawn_blocking(move || status(&n, mount.as_deref())).await {
-                        Ok(s) => AdminReply::Status(s),
+                        Ok(s) => AdminReply::Status(Box::new(s)),
                         Err(e) => AdminReply::Error(e.to_string()),
                     }
                 }

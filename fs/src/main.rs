@@ -284,6 +284,14 @@ fn token_of(data: &std::path::Path) -> anyhow::Result<String> {
 }
 
 fn print_status(s: &admin::Status) {
+    print_status_lines(s);
+    println!(
+        "replicas      {} blocks this node should hold are missing here, {} repaired since start",
+        s.under_replicated, s.repaired
+    );
+}
+
+fn print_status_lines(s: &admin::Status) {
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     println!(
         "node          {} (cluster {}, shoal {})",

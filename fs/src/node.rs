@@ -187,6 +187,10 @@ pub struct Node {
     /// Blocks written but not yet referenced by a committed layout; the collector skips them.
     pub(crate) unreferenced_writes: Mutex<HashMap<BlockId, u32>>,
     pub(crate) dirty_bytes: AtomicU64,
+    /// Blocks this node should hold and lacks, as of the last repair round.
+    pub(crate) repair_missing: AtomicU64,
+    /// Blocks this node has fetched to restore their replica count.
+    pub(crate) repair_fetched: AtomicU64,
     /// Each file's (mtime, size) when this node last opened it, to tell whether the kernel's
     /// cached pages are still good.
     pub(crate) seen: Mutex<HashMap<Ino, (shoal_raft::Nanos, u64)>>,
@@ -375,6 +379,8 @@ impl Node {
             files: Mutex::new(HashMap::new()),
             unreferenced_writes: Mutex::new(HashMap::new()),
             dirty_bytes: AtomicU64::new(0),
+            repair_missing: AtomicU64::new(0),
+            repair_fetched: AtomicU64::new(0),
             seen: Mutex::new(HashMap::new()),
             purge_tx,
             locks_changed,
@@ -407,6 +413,7 @@ impl Node {
         }
         tokio::spawn(purge_worker(Arc::downgrade(&node), purge_rx));
         tokio::spawn(session_worker(Arc::downgrade(&node)));
+        tokio::spawn(crate::cluster::repair::worker(Arc::downgrade(&node)));
         tokio::spawn(crate::file::commit_worker(Arc::downgrade(&node)));
         tokio::spawn(crate::blocks::gc::worker(Arc::downgrade(&node)));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");

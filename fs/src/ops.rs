@@ -332,7 +332,7 @@ impl Node {
                         if damaged {
                             error!(block = %s.block, error = %e, "local replica is damaged; reading another and repairing");
                         }
-                        let block = crate::cluster::replicate::fetch(self, s.block, s.block_len)
+                        let block = crate::cluster::replicate::fetch(self, s.block, Some(s.block_len))
                             .await
                             .inspect_err(|e| error!(block = %s.block, error = %e, "no node has a good copy of the block"))?;
                         self.cache.insert_block(s.block, &block);

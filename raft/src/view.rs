@@ -143,6 +143,15 @@ impl StateView {
         self.counter(keys::META_INODES)
     }
 
+    /// Every block some layout references.
+    pub fn block_ids(&self) -> Result<Vec<BlockId>, StoreError> {
+        let mut out = Vec::new();
+        for k in self.tree.scan_prefix([keys::BLOCK_REF]).keys() {
+            out.push(keys::block_after_tag(&k?));
+        }
+        Ok(out)
+    }
+
     pub fn block_count(&self) -> Result<u64, StoreError> {
         Ok(self.tree.scan_prefix([keys::BLOCK_REF]).count() as u64)
     }

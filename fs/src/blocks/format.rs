@@ -61,6 +61,16 @@ pub fn trailer_len(len: usize) -> usize {
     chunks_in(len) * 32 + FOOTER
 }
 
+/// The data length of a block whose file is `total` bytes long, if some length fits.
+pub fn len_from_file_size(total: u64) -> Option<u32> {
+    let body = total.checked_sub(FOOTER as u64)?;
+    // len + 32 * ceil(len / CHUNK) == body; len is within one chunk's hashes of the estimate.
+    let estimate = body * CHUNK as u64 / (CHUNK as u64 + 32);
+    (estimate.saturating_sub(64)..=estimate + 64)
+        .find(|len| len + 32 * len.div_ceil(CHUNK as u64) == body)
+        .and_then(|len| u32::try_from(len).ok())
+}
+
 /// Why a trailer or chunk failed verification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Damage {
@@ -129,6 +139,7 @@ mod tests {
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
         let t = trailer(&data);
         assert_eq!(t.len(), trailer_len(len));
+        assert_eq!(len_from_file_size((len + t.len()) as u64), Some(len as u32));
         let index = parse_trailer(&t, len as u32).unwrap();
         assert_eq!(index.hashes.len(), chunks_in(len));
         verify_block(&BlockId::of(&data), &index, &data).unwrap();

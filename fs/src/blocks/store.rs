@@ -185,6 +185,17 @@ impl BlockStore {
         Ok(Bytes::from(data))
     }
 
+    /// The data length of a stored block, from its file's size.
+    pub fn len_of(&self, id: &BlockId) -> Result<u32, BlockError> {
+        let path = self.path_of(id);
+        let size = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BlockError::Missing(*id)),
+            Err(e) => return Err(BlockError::io(&path, e)),
+        };
+        format::len_from_file_size(size).ok_or_else(|| self.quarantine(id, Damage::Footer))
+    }
+
     pub fn delete(&self, id: &BlockId) -> Result<(), BlockError> {
         let path = self.path_of(id);
         match fs::remove_file(&path) {

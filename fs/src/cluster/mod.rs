@@ -6,6 +6,7 @@
 
 pub mod join;
 pub mod network;
+pub mod repair;
 pub mod replicate;
 pub mod rpc;
 

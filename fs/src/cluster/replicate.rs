@@ -23,6 +23,14 @@ fn score(id: &BlockId, node: u64) -> u64 {
     u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
+/// The nodes that should hold block `id`: the `r` best of `nodes` by rendezvous score.
+pub fn placement(id: &BlockId, nodes: &[u64], r: usize) -> Vec<u64> {
+    let mut ranked = nodes.to_vec();
+    ranked.sort_by_key(|n| std::cmp::Reverse(score(id, *n)));
+    ranked.truncate(r);
+    ranked
+}
+
 /// The other members, best first, for block `id` (rendezvous hashing).
 pub fn candidates(node: &Node, id: &BlockId) -> Vec<(u64, SocketAddr)> {
     let mut out: Vec<(u64, SocketAddr)> = node
@@ -73,14 +81,15 @@ pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)]) -> OpResult<()> {
 }
 
 /// Fetches a block this node does not have from the nodes that should.
-pub async fn fetch(node: &Node, id: BlockId, len: u32) -> Result<Bytes, BlockError> {
+pub async fn fetch(node: &Node, id: BlockId, len: Option<u32>) -> Result<Bytes, BlockError> {
     let Some(cluster) = node.cluster() else {
         return Err(BlockError::Missing(id));
     };
     for (n, addr) in candidates(node, &id) {
+        let req = Request::GetBlock { id, len };
         match cluster
             .peers
-            .call::<_, Response>(addr, &Request::GetBlock { id, len })
+            .call_within::<_, Response>(addr, &req, BLOCK_TIMEOUT)
             .await
         {
             Ok(Response::GetBlock(Ok(data))) => {
@@ -116,10 +125,16 @@ pub async fn accept(node: &Node, id: BlockId, data: Vec<u8>) -> Result<(), Strin
     .map_err(|e| e.to_string())
 }
 
-pub async fn serve_get(node: &Node, id: BlockId, len: u32) -> Result<Vec<u8>, String> {
+pub async fn serve_get(node: &Node, id: BlockId, len: Option<u32>) -> Result<Vec<u8>, String> {
     let store = node.blocks.clone();
-    tokio::task::spawn_blocking(move || store.get(&id, len).map(|b| b.to_vec()))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+    tokio::task::spawn_blocking(move || {
+        let len = match len {
+            Some(len) => len,
+            None => store.len_of(&id)?,
+        };
+        store.get(&id, len).map(|b| b.to_vec())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }

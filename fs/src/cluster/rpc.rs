@@ -31,9 +31,10 @@ pub enum Request {
         id: BlockId,
         data: Vec<u8>,
     },
+    /// A whole block; `len` is its length where the caller knows it.
     GetBlock {
         id: BlockId,
-        len: u32,
+        len: Option<u32>,
     },
 }
 

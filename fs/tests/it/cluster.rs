@@ -127,8 +127,12 @@ fn try_join(token: &str, peer: &str) -> (bool, String) {
 }
 
 /// Waits until `f` holds, for up to 10 s: these tests say what becomes visible, not how fast.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(what, Duration::from_secs(10), f)
+}
+
+fn eventually_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while !f() {
         assert!(Instant::now() < deadline, "never happened: {what}");
         std::thread::sleep(Duration::from_millis(20));
@@ -406,4 +410,47 @@ fn a_rotated_token_and_a_removed_node_are_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the leader"));
+}
+
+fn block_files(data: &Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for fan in fs::read_dir(data.join("blocks")).unwrap().flatten() {
+        if fan.file_name().len() == 2 {
+            for f in fs::read_dir(fan.path()).unwrap().flatten() {
+                out.insert(f.file_name().into_string().unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn blocks_of_a_dead_node_are_re_replicated_onto_the_others() {
+    let c = LocalCluster::up(4);
+    let data: Vec<u8> = (0..12_000_000u32).map(|i| (i % 229) as u8).collect();
+    fs::write(c.mnt(1).join("f"), &data).unwrap();
+    let all: std::collections::BTreeSet<String> =
+        (1..=4).flat_map(|k| block_files(&c.data(k))).collect();
+    assert!(all.len() >= 3, "a 12 MB file is several blocks");
+    // With four nodes each block is on three. Kill a node whose loss leaves some block on two:
+    // once its lease ends, the three live nodes must each hold every block.
+    let victim = (2..=4)
+        .find(|v| {
+            (1..=4)
+                .filter(|k| k != v)
+                .any(|k| !all.is_subset(&block_files(&c.data(k))))
+        })
+        .expect("some node is the only other holder of a block");
+    let live: Vec<u32> = (1..=4).filter(|k| *k != victim).collect();
+    c.kill9(victim);
+    eventually_within(
+        "every live node holds every block",
+        Duration::from_secs(40),
+        || {
+            live.iter()
+                .all(|k| all.is_subset(&block_files(&c.data(*k))))
+        },
+    );
+    let reader = *live.last().unwrap();
+    assert_eq!(read(&c.mnt(reader).join("f")).unwrap(), data);
 }
