@@ -391,6 +391,9 @@ impl Node {
         });
         if let Some(c) = &node.cluster {
             c.serve(Arc::downgrade(&node));
+            // Before anything waits on the cluster: a restarted node may hold a certificate
+            // that expires soon, and the others cannot reach it once it has.
+            tokio::spawn(crate::cluster::renew_worker(Arc::downgrade(&node)));
             crate::cluster::ensure_member(&node).await?;
         } else {
             wait_leader(&node.raft, node.id).await?;
@@ -414,6 +417,7 @@ impl Node {
         tokio::spawn(purge_worker(Arc::downgrade(&node), purge_rx));
         tokio::spawn(session_worker(Arc::downgrade(&node)));
         tokio::spawn(crate::cluster::repair::worker(Arc::downgrade(&node)));
+
         tokio::spawn(crate::file::commit_worker(Arc::downgrade(&node)));
         tokio::spawn(crate::blocks::gc::worker(Arc::downgrade(&node)));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");

@@ -201,6 +201,18 @@ pub async fn connect(
         .map_err(|e| QuicError::Connect(addr, e.to_string()))
 }
 
+/// Connects to a node with a given client configuration (a renewed certificate).
+pub async fn connect_with(
+    ep: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, QuicError> {
+    ep.connect_with(config, addr, SERVER_NAME)
+        .map_err(|e| QuicError::Connect(addr, e.to_string()))?
+        .await
+        .map_err(|e| QuicError::Connect(addr, e.to_string()))
+}
+
 /// The node id of an authenticated peer; `None` for a peer without a certificate.
 pub fn peer_node_id(conn: &quinn::Connection) -> Option<u64> {
     let identity = conn.peer_identity()?;

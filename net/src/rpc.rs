@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -97,16 +98,19 @@ where
 /// One connection per peer address, made on first use and remade when it drops.
 pub struct Peers {
     endpoint: quinn::Endpoint,
-    conns: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    conns: Arc<tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>>,
     down: std::sync::Mutex<HashMap<SocketAddr, Instant>>,
+    /// Replaces the endpoint's client configuration once set (a renewed certificate).
+    client: std::sync::Mutex<Option<quinn::ClientConfig>>,
 }
 
 impl Peers {
     pub fn new(endpoint: quinn::Endpoint) -> Peers {
         Peers {
             endpoint,
-            conns: tokio::sync::Mutex::new(HashMap::new()),
+            conns: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
             down: std::sync::Mutex::new(HashMap::new()),
+            client: std::sync::Mutex::new(None),
         }
     }
 
@@ -114,16 +118,35 @@ impl Peers {
         &self.endpoint
     }
 
+    /// Uses `config` for connections made from now on (a renewed certificate).
+    pub fn set_client_config(&self, config: quinn::ClientConfig) {
+        *self.client.lock().expect("client config lock") = Some(config);
+    }
+
     async fn conn(&self, addr: SocketAddr) -> Result<quinn::Connection, RpcError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&addr)
+        if let Some(c) = self.conns.lock().await.get(&addr)
             && c.close_reason().is_none()
         {
             return Ok(c.clone());
         }
-        let c = quic::connect(&self.endpoint, addr).await?;
-        conns.insert(addr, c.clone());
-        Ok(c)
+        // The handshake runs in a task of its own and caches its connection there: callers
+        // give up on slow calls (openraft times RPCs out after 100 ms), and a handshake they
+        // abandon would otherwise start over with every call and never finish.
+        let endpoint = self.endpoint.clone();
+        let config = self.client.lock().expect("client config lock").clone();
+        let conns = self.conns.clone();
+        let handshake = tokio::spawn(async move {
+            let c = match config {
+                Some(config) => quic::connect_with(&endpoint, config, addr).await?,
+                None => quic::connect(&endpoint, addr).await?,
+            };
+            conns.lock().await.insert(addr, c.clone());
+            Ok::<_, QuicError>(c)
+        });
+        match handshake.await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(RpcError::Connect(QuicError::Connect(addr, e.to_string()))),
+        }
     }
 
     /// Calls `addr` with the default timeout.

@@ -26,8 +26,15 @@ use tracing::{debug, info, warn};
 use crate::node::{Node, NodeError, OpError};
 use rpc::{JoinReply, JoinRequest, Request, Response};
 
-/// How long a node certificate is valid.
-pub const CERT_VALIDITY: Duration = Duration::from_secs(7 * 86400);
+/// How long a node certificate is valid, unless `SHOAL_CERT_VALIDITY_SECS` says otherwise on
+/// the node holding the CA (tests use a short one to exercise renewal).
+pub fn cert_validity() -> Duration {
+    std::env::var("SHOAL_CERT_VALIDITY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(7 * 86400))
+}
 /// The first nodes of a cluster are voters; later ones are learners.
 pub const VOTERS: usize = 3;
 
@@ -38,7 +45,9 @@ pub fn tls_dir(data: &Path) -> PathBuf {
 
 /// This node's membership in the cluster network.
 pub struct Cluster {
-    pub identity: Identity,
+    /// This node's certificate and key; replaced when the certificate is renewed.
+    pub identity: std::sync::Mutex<Identity>,
+    pub data: PathBuf,
     pub peers: Arc<Peers>,
     pub listen: SocketAddr,
     /// The CA, on the nodes that hold its key (the one that ran `shoal init`).
@@ -55,7 +64,8 @@ impl Cluster {
         let endpoint = shoal_net::quic::endpoint(&identity, listen)
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         Ok(Cluster {
-            identity,
+            identity: std::sync::Mutex::new(identity),
+            data: data.to_path_buf(),
             peers: Arc::new(Peers::new(endpoint)),
             listen,
             ca,
@@ -155,7 +165,7 @@ impl Node {
             other => return Err(format!("unexpected reply {other:?}")),
         };
         let cert = ca
-            .sign(&req.csr, node_id, CERT_VALIDITY)
+            .sign(&req.csr, node_id, cert_validity())
             .map_err(|e| e.to_string())?;
         info!(node = node_id, "signed the certificate of a joining node");
         Ok(JoinReply {
@@ -204,7 +214,7 @@ pub fn init_tls(data: &Path, config: &crate::node::ClusterConfig) -> Result<Join
         .map_err(err)?;
     let pending = PendingIdentity::generate().map_err(err)?;
     let cert = ca
-        .sign(&pending.csr_der, config.node_id, CERT_VALIDITY)
+        .sign(&pending.csr_der, config.node_id, cert_validity())
         .map_err(err)?;
     pending
         .complete(cert, ca.cert.clone())
@@ -330,6 +340,20 @@ impl Node {
         Ok(())
     }
 
+    /// Signs a member's renewal request. The certificate names the node the connection was
+    /// authenticated as, whatever the request says.
+    fn sign_renewal(&self, peer: u64, csr: &[u8]) -> Result<Vec<u8>, String> {
+        let ca = self
+            .cluster()
+            .and_then(|c| c.ca.as_ref())
+            .ok_or("this node does not hold the cluster CA")?;
+        let cert = ca
+            .sign(csr, peer, cert_validity())
+            .map_err(|e| e.to_string())?;
+        info!(node = peer, "renewed a node certificate");
+        Ok(cert.to_vec())
+    }
+
     /// Makes a new join token; tokens made before stop working. Only on the CA's node.
     pub async fn rotate_token(&self) -> Result<JoinToken, String> {
         let ca = self
@@ -372,6 +396,7 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
         Request::Join(j) => Response::Join(node.handle_join(j).await),
         Request::AddMember { id, addr } => Response::AddMember(node.add_member(id, addr).await),
         Request::RemoveMember { id } => Response::RemoveMember(node.remove_member(id).await),
+        Request::RenewCert { csr } => Response::RenewCert(node.sign_renewal(peer, &csr)),
         Request::PutBlock { id, data } => {
             Response::PutBlock(replicate::accept(&node, id, data).await)
         }
@@ -379,4 +404,80 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             Response::GetBlock(replicate::serve_get(&node, id, len).await)
         }
     }
+}
+
+/// Renews this node's certificate when half its validity has passed: asks each member in turn
+/// (only the CA's node can sign), saves the new certificate and uses it for new connections.
+pub async fn renew_worker(node: Weak<Node>) {
+    loop {
+        let wait = {
+            let Some(node) = node.upgrade() else { return };
+            let Some(c) = node.cluster() else { return };
+            let not_after = c
+                .identity
+                .lock()
+                .expect("identity lock")
+                .not_after()
+                .unwrap_or(0);
+            let now = crate::node::now_nanos() / 1_000_000_000;
+            let half = (cert_validity().as_secs() / 2) as i64;
+            if not_after - now > half {
+                Duration::from_secs((not_after - now - half).clamp(1, 3600) as u64)
+            } else {
+                match renew(&node, c).await {
+                    Ok(()) => Duration::from_secs(1),
+                    Err(e) => {
+                        warn!(error = %e, "renewing this node's certificate failed; retrying");
+                        Duration::from_secs(5)
+                    }
+                }
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn renew(node: &Node, c: &Cluster) -> Result<(), String> {
+    let pending = {
+        let id = c.identity.lock().expect("identity lock");
+        PendingIdentity::renew(&id).map_err(|e| e.to_string())?
+    };
+    let req = Request::RenewCert {
+        csr: pending.csr_der.clone(),
+    };
+    let mut last = String::from("no member holds the CA");
+    for (id, addr) in node.members() {
+        let Ok(addr) = addr.parse::<SocketAddr>() else {
+            continue;
+        };
+        let reply = if id == node.id {
+            node.sign_renewal(node.id, &pending.csr_der)
+        } else {
+            match c.peers.call::<_, Response>(addr, &req).await {
+                Ok(Response::RenewCert(r)) => r,
+                Ok(other) => Err(format!("unexpected response {other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let cert = match reply {
+            Ok(cert) => cert,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        let ca = c.identity.lock().expect("identity lock").ca.clone();
+        let renewed = pending
+            .complete(cert.into(), ca)
+            .map_err(|e| e.to_string())?;
+        renewed.save(&tls_dir(&c.data)).map_err(|e| e.to_string())?;
+        let server = shoal_net::quic::server_config(&renewed).map_err(|e| e.to_string())?;
+        let client = shoal_net::quic::client_config(&renewed).map_err(|e| e.to_string())?;
+        c.peers.endpoint().set_server_config(Some(server));
+        c.peers.set_client_config(client);
+        *c.identity.lock().expect("identity lock") = renewed;
+        info!("renewed this node's certificate");
+        return Ok(());
+    }
+    Err(last)
 }

@@ -22,6 +22,10 @@ pub enum Request {
         id: u64,
         addr: String,
     },
+    /// A member asks the CA for a new certificate for its key (signing request attached).
+    RenewCert {
+        csr: Vec<u8>,
+    },
     /// Removes a node from the membership (forwarded to the leader).
     RemoveMember {
         id: u64,
@@ -64,6 +68,8 @@ pub enum Response {
     Join(Result<JoinReply, String>),
     AddMember(Result<(), String>),
     RemoveMember(Result<(), String>),
+    /// The renewed certificate.
+    RenewCert(Result<Vec<u8>, String>),
     PutBlock(Result<(), String>),
     GetBlock(Result<Vec<u8>, String>),
     /// The request was refused: the caller is not allowed to make it.

@@ -11,14 +11,28 @@ use crate::testkit::{is_mounted, shoal};
 struct LocalCluster {
     dir: tempfile::TempDir,
     base_port: u16,
+    env: Vec<(String, String)>,
 }
 
 impl LocalCluster {
     fn up(nodes: u32) -> LocalCluster {
+        LocalCluster::up_with_env(nodes, &[])
+    }
+
+    /// A cluster whose daemons run with extra environment variables.
+    fn up_with_env(nodes: u32, env: &[(&str, &str)]) -> LocalCluster {
         let dir = tempfile::tempdir().unwrap();
         // Tests run in parallel: each cluster gets its own ports.
         let base_port = 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10;
-        let c = LocalCluster { dir, base_port };
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let c = LocalCluster {
+            dir,
+            base_port,
+            env,
+        };
         c.local_up(nodes);
         c
     }
@@ -35,6 +49,7 @@ impl LocalCluster {
                 "--dir",
             ])
             .arg(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         assert!(
@@ -453,4 +468,25 @@ fn blocks_of_a_dead_node_are_re_replicated_onto_the_others() {
     );
     let reader = *live.last().unwrap();
     assert_eq!(read(&c.mnt(reader).join("f")).unwrap(), data);
+}
+
+#[test]
+fn node_certificates_are_renewed_before_they_expire() {
+    // Certificates valid 12 s, renewed after 6 s: by 20 s every first certificate has expired.
+    let c = LocalCluster::up_with_env(3, &[("SHOAL_CERT_VALIDITY_SECS", "12")]);
+    fs::write(c.mnt(1).join("early"), b"1").unwrap();
+    std::thread::sleep(Duration::from_secs(20));
+    // A restarted node makes new TLS handshakes with its saved certificate, against the others'
+    // current ones: all must be renewed for it to rejoin.
+    let pid = rustix::process::Pid::from_raw(c.pid(2)).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    eventually("node 2 stops", || {
+        rustix::process::test_kill_process(pid).is_err()
+    });
+    c.local_up(3);
+    fs::write(c.mnt(2).join("late"), b"2").unwrap();
+    eventually("a write through the restarted node", || {
+        read(&c.mnt(3).join("late")).as_deref() == Some(b"2")
+    });
+    assert_eq!(read(&c.mnt(2).join("early")).unwrap(), b"1");
 }
