@@ -143,7 +143,17 @@ impl OpenFile {
     /// or the error of this commit or of an earlier background one.
     pub async fn commit(&self, node: &Node) -> OpResult<()> {
         let _serial = self.commit_lock.lock().await;
-        node.check_not_fenced(self)?;
+        if let Err(e) = node.check_not_fenced(self) {
+            // Written after this node's session expired: the data must not land, and keeping it
+            // would keep the file open here and retried forever.
+            let mut b = self.bufs();
+            let dropped: usize = b.pending.iter().map(|e| e.data.len()).sum();
+            b.pending.clear();
+            b.pending_bytes = 0;
+            node.dirty_bytes
+                .fetch_sub(dropped as u64, Ordering::Relaxed);
+            return Err(e);
+        }
         let batch = {
             let mut b = self.bufs();
             if let Some(errno) = b.error.take() {

@@ -431,11 +431,16 @@ impl Node {
             session: self.session(),
             cmds,
         };
-        let resp = match self.raft.client_write(req.clone()).await {
+        // Keep a copy to forward only where there is a leader to forward to.
+        let copy = self.cluster.is_some().then(|| req.clone());
+        let resp = match self.raft.client_write(req).await {
             Ok(resp) => resp.data,
             Err(openraft::error::RaftError::APIError(
                 openraft::error::ClientWriteError::ForwardToLeader(_),
-            )) if self.cluster.is_some() => self.forward(req).await?,
+            )) if copy.is_some() => {
+                self.forward(copy.expect("cluster node kept a copy"))
+                    .await?
+            }
             Err(e) => {
                 error!(error = %e, "metadata proposal failed");
                 return Err(OpError::Raft(e.to_string()));
