@@ -215,11 +215,17 @@ impl Node {
 
     /// Closes one handle: commits, and purges the file if it was the last handle of an
     /// unlinked file.
-    pub async fn release(&self, ino: Ino) -> OpResult<()> {
-        let Some(f) = self.open_file(ino) else {
-            return Ok(());
+    /// What the last close of an open file description does: commit it and, when the kernel
+    /// says the description held a flock(2) lock (`flock_owner`), release that lock.
+    pub async fn release(&self, ino: Ino, flock_owner: Option<u64>) -> OpResult<()> {
+        let unlocked = match flock_owner {
+            Some(owner) => self.release_locks(ino, owner).await,
+            None => Ok(()),
         };
-        let committed = f.commit(self).await;
+        let Some(f) = self.open_file(ino) else {
+            return unlocked;
+        };
+        let committed = f.commit(self).await.and(unlocked);
         let last = {
             let mut files = self.files.lock().expect("files lock");
             let last = f.opens.fetch_sub(1, Ordering::SeqCst) == 1;
@@ -471,6 +477,12 @@ impl Node {
     /// What close(2) does to a file: commit it, and drop the closing process's POSIX locks.
     pub async fn flush(&self, ino: Ino, owner: u64) -> OpResult<()> {
         let committed = self.commit(ino).await;
+        self.release_locks(ino, owner).await?;
+        committed
+    }
+
+    /// Drops every lock `owner` holds on `ino`, waking local waiters.
+    async fn release_locks(&self, ino: Ino, owner: u64) -> OpResult<()> {
         let owner = self.lock_owner(owner);
         let holds = self
             .view
@@ -482,7 +494,7 @@ impl Node {
             self.run(MetaCommand::ReleaseLocks { ino, owner }).await?;
             self.locks_changed.notify_waiters();
         }
-        committed
+        Ok(())
     }
 
     pub async fn fallocate(&self, ino: Ino, off: u64, len: u64, mode: i32) -> OpResult<()> {

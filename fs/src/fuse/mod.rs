@@ -187,6 +187,9 @@ impl Filesystem for ShoalFs {
             InitFlags::FUSE_BIG_WRITES,
             InitFlags::FUSE_MAX_PAGES,
             InitFlags::FUSE_POSIX_LOCKS,
+            // flock(2) reaches us as a whole-file lock owned by the open file description (the
+            // kernel does the same for NFS), so it holds across nodes too.
+            InitFlags::FUSE_FLOCK_LOCKS,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
@@ -465,11 +468,14 @@ impl Filesystem for ShoalFs {
         ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.reply_empty(reply, move |node| async move { node.release(ino.0).await });
+        let flock_owner = lock_owner.map(|o| o.0);
+        self.reply_empty(reply, move |node| async move {
+            node.release(ino.0, flock_owner).await
+        });
     }
 
     fn fsync(

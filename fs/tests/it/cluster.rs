@@ -252,19 +252,33 @@ fn files_stay_readable_when_a_node_dies_and_the_leader_is_replaced() {
     assert_eq!(read(&c.mnt(1).join("f")).unwrap(), data);
 }
 
-/// Runs python3 with a file path: `lock` takes a write lock and holds it; `try` tries without
-/// waiting and exits non-zero if the lock is held elsewhere.
-fn python_lock(mode: &str, path: &Path) -> std::process::Child {
-    let script = match mode {
-        "hold" => {
-            "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
-        }
-        _ => {
-            "import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)"
-        }
+/// Which lock call the python helpers use.
+#[derive(Clone, Copy)]
+enum Lock {
+    /// fcntl(2) F_SETLK(W) through lockf(3).
+    Fcntl,
+    /// flock(2).
+    Flock,
+}
+
+/// Runs python3 with a file path: `hold` takes a write lock and holds it; otherwise it tries
+/// without waiting and exits non-zero if the lock is held elsewhere.
+fn python_lock(kind: Lock, hold: bool, path: &Path) -> std::process::Child {
+    let call = match kind {
+        Lock::Fcntl => "fcntl.lockf",
+        Lock::Flock => "fcntl.flock",
+    };
+    let script = if hold {
+        format!(
+            "import fcntl,sys,time; f=open(sys.argv[1],'r+'); {call}(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
+        )
+    } else {
+        format!(
+            "import fcntl,sys; f=open(sys.argv[1],'r+'); {call}(f, fcntl.LOCK_EX|fcntl.LOCK_NB)"
+        )
     };
     Command::new("python3")
-        .args(["-c", script])
+        .args(["-c", &script])
         .arg(path)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -272,9 +286,9 @@ fn python_lock(mode: &str, path: &Path) -> std::process::Child {
         .unwrap()
 }
 
-fn hold(path: &Path) -> std::process::Child {
+fn hold(kind: Lock, path: &Path) -> std::process::Child {
     use std::io::Read;
-    let mut child = python_lock("hold", path);
+    let mut child = python_lock(kind, true, path);
     let mut line = [0u8; 7];
     child
         .stdout
@@ -286,40 +300,47 @@ fn hold(path: &Path) -> std::process::Child {
     child
 }
 
-fn try_lock(path: &Path) -> bool {
-    python_lock("try", path).wait().unwrap().success()
+fn try_lock(kind: Lock, path: &Path) -> bool {
+    python_lock(kind, false, path).wait().unwrap().success()
 }
 
 #[test]
-fn fcntl_locks_hold_across_nodes_and_die_with_their_holder_or_its_node() {
+fn fcntl_and_flock_locks_hold_across_nodes_and_die_with_their_holder_or_its_node() {
     let c = LocalCluster::up(3);
     fs::write(c.mnt(1).join("lockfile"), b"x").unwrap();
     eventually("the file on every node", || {
         (1..=3).all(|k| c.mnt(k).join("lockfile").exists())
     });
 
-    // A lock held on node 1 is seen from node 2, and released when its holder exits.
-    let mut holder = hold(&c.mnt(1).join("lockfile"));
-    assert!(
-        !try_lock(&c.mnt(2).join("lockfile")),
-        "node 2 must not get a lock node 1 holds"
-    );
-    holder.kill().unwrap();
-    holder.wait().unwrap();
-    eventually("the lock is free after its holder exits", || {
-        try_lock(&c.mnt(2).join("lockfile"))
-    });
+    // A lock held on node 1 is seen from node 2, and released when its holder exits: for
+    // fcntl's byte-range locks and for flock's whole-file locks.
+    for kind in [Lock::Fcntl, Lock::Flock] {
+        let mut holder = hold(kind, &c.mnt(1).join("lockfile"));
+        assert!(
+            !try_lock(kind, &c.mnt(2).join("lockfile")),
+            "node 2 must not get a lock node 1 holds"
+        );
+        assert!(
+            !try_lock(kind, &c.mnt(1).join("lockfile")),
+            "another process on node 1 must not get it either"
+        );
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        eventually("the lock is free after its holder exits", || {
+            try_lock(kind, &c.mnt(2).join("lockfile"))
+        });
+    }
 
     // A lock held on node 2 outlives a kill -9 of node 2's daemon until its session lease runs
     // out, and not longer.
-    let mut holder = hold(&c.mnt(2).join("lockfile"));
+    let mut holder = hold(Lock::Flock, &c.mnt(2).join("lockfile"));
     c.kill9(2);
     assert!(
-        !try_lock(&c.mnt(3).join("lockfile")),
+        !try_lock(Lock::Flock, &c.mnt(3).join("lockfile")),
         "the lock must not be released before the lease ends"
     );
     eventually("the lock is free once the dead node's lease ended", || {
-        try_lock(&c.mnt(3).join("lockfile"))
+        try_lock(Lock::Flock, &c.mnt(3).join("lockfile"))
     });
     let _ = holder.kill();
     let _ = holder.wait();

@@ -68,7 +68,7 @@ async fn writes_are_readable_before_and_after_commit_and_survive_restart() {
     assert_eq!(node.read(f.ino, 5 << 20, 10).await.unwrap(), vec![0; 10]);
     assert_eq!(node.lseek(f.ino, 4 << 20, SEEK_DATA).unwrap(), 10 << 20);
     assert_eq!(node.lseek(f.ino, 0, SEEK_HOLE).unwrap(), data.len() as u64);
-    node.release(f.ino).await.unwrap();
+    node.release(f.ino, None).await.unwrap();
 
     stop(node).await;
     let node = dd.start().await;
@@ -98,7 +98,7 @@ async fn truncate_applies_after_buffered_writes_and_extends_with_zeros() {
         got[100..].iter().all(|b| *b == 0),
         "bytes past a truncate read as zeros"
     );
-    node.release(f.ino).await.unwrap();
+    node.release(f.ino, None).await.unwrap();
     stop(node).await;
 }
 
@@ -117,7 +117,7 @@ async fn an_unlinked_open_file_lives_until_its_last_close() {
     ));
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(node.read(f.ino, 0, 100).await.unwrap(), b"still here");
-    node.release(f.ino).await.unwrap();
+    node.release(f.ino, None).await.unwrap();
     for _ in 0..100 {
         if node.view.inode(f.ino).unwrap().is_none() {
             break;
@@ -140,7 +140,7 @@ async fn gc_deletes_only_unreferenced_blocks() {
     for (f, seed) in [(&a, 1), (&b, 2)] {
         node.open(f.ino).unwrap();
         write(&node, f.ino, 0, &pattern(3000, seed));
-        node.release(f.ino).await.unwrap();
+        node.release(f.ino, None).await.unwrap();
     }
     let block_of = |ino| node.view.slices(ino, 0, 3000).unwrap()[0].block;
     let (ba, bb) = (block_of(a.ino), block_of(b.ino));
@@ -148,7 +148,7 @@ async fn gc_deletes_only_unreferenced_blocks() {
     // Overwrite a: its old block becomes garbage; b's block stays referenced.
     node.open(a.ino).unwrap();
     write(&node, a.ino, 0, &pattern(3000, 9));
-    node.release(a.ino).await.unwrap();
+    node.release(a.ino, None).await.unwrap();
     let deleted = gc::collect(&node, std::time::Duration::ZERO).await.unwrap();
     assert_eq!(deleted, 1);
     assert!(!node.blocks.contains(&ba), "garbage block deleted");
@@ -166,7 +166,7 @@ async fn a_corrupt_block_is_an_error_never_wrong_bytes() {
     let f = node.create(ROOT_INO, b"f", file()).await.unwrap();
     node.open(f.ino).unwrap();
     write(&node, f.ino, 0, &pattern(10_000, 5));
-    node.release(f.ino).await.unwrap();
+    node.release(f.ino, None).await.unwrap();
     let id = node.view.slices(f.ino, 0, 10).unwrap()[0].block;
     let path = node.blocks.path_of(&id);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -216,7 +216,7 @@ async fn rename_copy_range_and_locks_through_the_node() {
     );
     node.flush(b.ino, 1).await.unwrap();
     waiter.await.unwrap().unwrap();
-    node.release(a.ino).await.unwrap();
-    node.release(b.ino).await.unwrap();
+    node.release(a.ino, None).await.unwrap();
+    node.release(b.ino, None).await.unwrap();
     stop(node).await;
 }
