@@ -464,38 +464,82 @@ impl Node {
     }
 
     /// Sends a proposal to the leader and waits until this node has applied it too, so the
-    /// caller reads its own write. While the cluster elects a new leader, retries for a while.
+    /// caller reads its own write.
     async fn forward(&self, req: MetaRequest) -> OpResult<shoal_raft::MetaResponse> {
         use crate::cluster::rpc::{Request, Response};
+        let (index, resp) = self
+            .ask_leader(&Request::Propose(req), |r| match r {
+                Response::Propose(answer) => Some(answer),
+                _ => None,
+            })
+            .await?;
+        self.wait_applied(index, "apply a forwarded proposal")
+            .await?;
+        Ok(resp)
+    }
+
+    /// Makes the reads that follow linearizable: learns the leader's commit index after
+    /// the leader confirmed its leadership with a quorum (Raft's read index), and waits until
+    /// this node has applied that far. A file closed on another node before this call started
+    /// is seen with its new contents after it. Without a cluster there is nothing to wait for.
+    pub async fn read_barrier(&self) -> OpResult<()> {
+        use crate::cluster::rpc::{Request, Response};
+        use openraft::error::{CheckIsLeaderError, RaftError};
+        if self.cluster.is_none() {
+            return Ok(());
+        }
+        let index = match self.raft.get_read_log_id().await {
+            Ok((read, _)) => read.map(|l| l.index),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                self.ask_leader(&Request::ReadIndex, |r| match r {
+                    Response::ReadIndex(answer) => Some(answer),
+                    _ => None,
+                })
+                .await?
+            }
+            Err(e) => return Err(OpError::Raft(format!("read index: {e}"))),
+        };
+        match index {
+            Some(index) => self.wait_applied(index, "apply up to the read index").await,
+            None => Ok(()),
+        }
+    }
+
+    async fn wait_applied(&self, index: u64, why: &'static str) -> OpResult<()> {
+        self.raft
+            .wait(Some(Duration::from_secs(30)))
+            .applied_index_at_least(Some(index), why)
+            .await
+            .map(drop)
+            .map_err(|e| OpError::Raft(format!("waiting to apply log index {index}: {e}")))
+    }
+
+    /// Sends a request to the leader and returns its answer, which `answer` takes out of the
+    /// response. While the cluster elects a new leader (none known, unreachable, or the node
+    /// asked no longer leads), retries for a while.
+    async fn ask_leader<T>(
+        &self,
+        req: &crate::cluster::rpc::Request,
+        answer: impl Fn(crate::cluster::rpc::Response) -> Option<Result<T, String>>,
+    ) -> OpResult<T> {
         let deadline = Instant::now() + FORWARD_PATIENCE;
         loop {
-            let attempt = self.to_leader(&Request::Propose(req.clone())).await;
-            let (index, resp) = match attempt {
-                Ok(Response::Propose(Ok(applied))) => applied,
-                Ok(Response::Propose(Err(e)))
-                    if Instant::now() < deadline && e.contains("forward") =>
-                {
+            match self.to_leader(req).await.map(&answer) {
+                Ok(Some(Ok(v))) => return Ok(v),
+                Ok(Some(Err(e))) if Instant::now() < deadline && e.contains("forward") => {
                     // The node we took for the leader no longer is one.
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
-                Ok(Response::Propose(Err(e))) => {
-                    return Err(OpError::Raft(format!("the leader refused: {e}")));
+                Ok(Some(Err(e))) => return Err(OpError::Raft(format!("the leader refused: {e}"))),
+                Ok(None) => {
+                    return Err(OpError::Raft("unexpected response from the leader".into()));
                 }
-                Ok(other) => return Err(OpError::Raft(format!("unexpected response {other:?}"))),
                 Err(e) if Instant::now() < deadline => {
-                    debug!(error = %e, "forwarding to the leader failed; waiting for a leader");
+                    debug!(error = %e, "asking the leader failed; waiting for a leader");
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
                 }
                 Err(e) => return Err(e),
-            };
-            self.raft
-                .wait(Some(Duration::from_secs(30)))
-                .applied_index_at_least(Some(index), "apply a forwarded proposal")
-                .await
-                .map_err(|e| OpError::Raft(format!("waiting to apply log index {index}: {e}")))?;
-            return Ok(resp);
+            }
         }
     }
 

@@ -83,6 +83,8 @@ impl Node {
         Ok(inode)
     }
 
+    /// Looks a name up in the local state machine. A name missing here may exist already on
+    /// the leader: `lookup_linearizable` answers that.
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> OpResult<Inode> {
         if name.len() > shoal_raft::NAME_MAX {
             return Err(FsError::NameTooLong.into());
@@ -93,6 +95,19 @@ impl Node {
             .map_err(store_err)?
             .ok_or(FsError::NotFound)?;
         self.getattr(d.ino)
+    }
+
+    /// A lookup whose "not found" is linearizable: a name created on another node before this
+    /// call started is found. Names found locally need no barrier: the Raft apply invalidates
+    /// the kernel's entries when they change.
+    pub async fn lookup_linearizable(&self, parent: Ino, name: &[u8]) -> OpResult<Inode> {
+        match self.lookup(parent, name) {
+            Err(OpError::Fs(FsError::NotFound)) if self.cluster().is_some() => {
+                self.read_barrier().await?;
+                self.lookup(parent, name)
+            }
+            other => other,
+        }
     }
 
     pub async fn create(&self, parent: Ino, name: &[u8], e: NewEntry) -> OpResult<Inode> {
@@ -194,7 +209,16 @@ impl Node {
     /// Opens a file for I/O on this node. Also says whether the kernel may keep the pages it
     /// cached at an earlier open: yes, unless the file changed since this node last opened it
     /// (close-to-open consistency across nodes).
-    pub fn open(&self, ino: Ino) -> OpResult<(Inode, bool)> {
+    /// Opens a file: after a read barrier, so a file closed on another node before this open
+    /// started shows that node's bytes (close-to-open, linearizable in a cluster). Returns the
+    /// inode and whether the kernel may keep its cached pages.
+    pub async fn open(&self, ino: Ino) -> OpResult<(Inode, bool)> {
+        self.read_barrier().await?;
+        self.open_applied(ino)
+    }
+
+    /// Opens a file as this node's state machine has it: for a file this node just created.
+    pub fn open_applied(&self, ino: Ino) -> OpResult<(Inode, bool)> {
         let inode = self.getattr(ino)?;
         if inode.kind == FileKind::File {
             let mut files = self.files.lock().expect("files lock");

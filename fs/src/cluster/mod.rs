@@ -35,6 +35,21 @@ pub fn cert_validity() -> Duration {
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(7 * 86400))
 }
+/// Fault injection for tests: `SHOAL_FAULT_SLOW_APPEND=ID:MS` makes node ID take MS
+/// milliseconds to accept each batch of log entries, as over a slow link, so it lags the
+/// leader. Unset in production.
+fn slow_append(node: u64) -> Option<Duration> {
+    static FAULT: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    let fault = FAULT.get_or_init(|| {
+        let v = std::env::var("SHOAL_FAULT_SLOW_APPEND").ok()?;
+        let (id, ms) = v.split_once(':')?;
+        Some((id.parse().ok()?, ms.parse().ok()?))
+    });
+    fault
+        .filter(|(id, _)| *id == node)
+        .map(|(_, ms)| Duration::from_millis(ms))
+}
+
 /// The first nodes of a cluster are voters; later ones are learners.
 pub const VOTERS: usize = 3;
 
@@ -387,12 +402,24 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
         return Response::Denied(format!("node {peer} is not a member of this cluster"));
     }
     match req {
-        Request::Append(r) => Response::Append(node.raft.append_entries(r).await),
+        Request::Append(r) => {
+            if let Some(delay) = slow_append(node.id) {
+                tokio::time::sleep(delay).await;
+            }
+            Response::Append(node.raft.append_entries(r).await)
+        }
         Request::Vote(r) => Response::Vote(node.raft.vote(r).await),
         Request::Snapshot(r) => Response::Snapshot(node.raft.install_snapshot(r).await),
         Request::Propose(r) => {
             Response::Propose(node.propose_request(r).await.map_err(|e| e.to_string()))
         }
+        Request::ReadIndex => Response::ReadIndex(
+            node.raft
+                .get_read_log_id()
+                .await
+                .map(|(read, _)| read.map(|l| l.index))
+                .map_err(|e| e.to_string()),
+        ),
         Request::Join(j) => Response::Join(node.handle_join(j).await),
         Request::AddMember { id, addr } => Response::AddMember(node.add_member(id, addr).await),
         Request::RemoveMember { id } => Response::RemoveMember(node.remove_member(id).await),

@@ -15,6 +15,8 @@ pub enum Request {
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// A metadata proposal forwarded to the leader.
     Propose(MetaRequest),
+    /// The leader's read index: its commit index, once a quorum confirmed it still leads.
+    ReadIndex,
     /// A node without a certificate asks to join.
     Join(JoinRequest),
     /// A node the CA signed asks the leader to add it to the membership.
@@ -65,6 +67,7 @@ pub enum Response {
     Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     /// The log index the proposal was applied at, and its results.
     Propose(Result<(u64, MetaResponse), String>),
+    ReadIndex(Result<Option<u64>, String>),
     Join(Result<JoinReply, String>),
     AddMember(Result<(), String>),
     RemoveMember(Result<(), String>),

@@ -213,8 +213,18 @@ impl Filesystem for ShoalFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.node.lookup(parent.0, name.as_bytes()) {
+        let name = name.as_bytes().to_vec();
+        match self.node.lookup(parent.0, &name) {
             Ok(i) => reply.entry(&TTL, &attr(&i), Generation(i.generation)),
+            Err(OpError::Fs(FsError::NotFound)) if self.node.cluster().is_some() => {
+                // Maybe created on another node and not applied here yet: ask the leader.
+                self.spawn(move |node| async move {
+                    match node.lookup_linearizable(parent.0, &name).await {
+                        Ok(i) => reply.entry(&TTL, &attr(&i), Generation(i.generation)),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -394,11 +404,14 @@ impl Filesystem for ShoalFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.node.open(ino.0) {
-            Ok((i, _)) if i.kind == FileKind::Dir => reply.error(Errno::EISDIR),
-            Ok((_, keep)) => reply.opened(FileHandle(self.fh()), keep_cache(keep)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let fh = self.fh();
+        self.spawn(move |node| async move {
+            match node.open(ino.0).await {
+                Ok((i, _)) if i.kind == FileKind::Dir => reply.error(Errno::EISDIR),
+                Ok((_, keep)) => reply.opened(FileHandle(fh), keep_cache(keep)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn read(
@@ -672,7 +685,7 @@ impl Filesystem for ShoalFs {
             let created = node
                 .create(parent.0, &name, e)
                 .await
-                .and_then(|i| node.open(i.ino));
+                .and_then(|i| node.open_applied(i.ino));
             match created {
                 Ok((i, keep)) => reply.created(
                     &TTL,

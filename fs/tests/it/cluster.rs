@@ -203,6 +203,32 @@ fn three_nodes_show_the_same_files() {
     );
 }
 
+/// Close-to-open without waiting: once close(2) returned on one node, an open on any other
+/// node shows the new bytes (new names and overwrites alike) — the open's read barrier, not a
+/// retry, guarantees it, even on a node that lags the leader by 300 ms.
+#[test]
+fn a_file_closed_on_one_node_opens_with_its_bytes_on_every_other() {
+    let c = LocalCluster::up_with_env(3, &[("SHOAL_FAULT_SLOW_APPEND", "3:300")]);
+    for round in 0..12u32 {
+        // Every ordered pair of nodes, node 3 (the slow one) included on both sides.
+        let writer = round % 3 + 1;
+        let reader = (round + round / 3 + 1) % 3 + 1;
+        if reader == writer {
+            continue;
+        }
+        let body = format!("round {round} from node {writer}");
+        fs::write(c.mnt(writer).join(format!("new-{round}")), &body).unwrap();
+        fs::write(c.mnt(writer).join("same"), &body).unwrap();
+        for name in [format!("new-{round}"), "same".to_string()] {
+            assert_eq!(
+                read(&c.mnt(reader).join(&name)).as_deref(),
+                Some(body.as_bytes()),
+                "{name} on node {reader} right after node {writer} closed it"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_wrong_token_and_a_wrong_cluster_are_refused() {
     let c = LocalCluster::up(1);

@@ -35,7 +35,7 @@ async fn writes_are_readable_before_and_after_commit_and_survive_restart() {
     let dd = DataDir::new().await;
     let node = dd.start().await;
     let f = node.create(ROOT_INO, b"f", file()).await.unwrap();
-    node.open(f.ino).unwrap();
+    node.open(f.ino).await.unwrap();
     // 2.5 blocks, written in uneven pieces, plus an overwrite in the middle and a sparse tail.
     let data = pattern(BLOCK as usize * 5 / 2, 1);
     for piece in data.chunks(100_000).enumerate() {
@@ -83,7 +83,7 @@ async fn truncate_applies_after_buffered_writes_and_extends_with_zeros() {
     let dd = DataDir::new().await;
     let node = dd.start().await;
     let f = node.create(ROOT_INO, b"f", file()).await.unwrap();
-    node.open(f.ino).unwrap();
+    node.open(f.ino).await.unwrap();
     write(&node, f.ino, 0, &pattern(5000, 3));
     let size = |s| SetAttr {
         size: Some(s),
@@ -107,7 +107,7 @@ async fn an_unlinked_open_file_lives_until_its_last_close() {
     let dd = DataDir::new().await;
     let node = dd.start().await;
     let f = node.create(ROOT_INO, b"f", file()).await.unwrap();
-    node.open(f.ino).unwrap();
+    node.open(f.ino).await.unwrap();
     write(&node, f.ino, 0, b"still here");
     node.commit(f.ino).await.unwrap();
     node.unlink(ROOT_INO, b"f").await.unwrap();
@@ -138,7 +138,7 @@ async fn gc_deletes_only_unreferenced_blocks() {
     let a = node.create(ROOT_INO, b"a", file()).await.unwrap();
     let b = node.create(ROOT_INO, b"b", file()).await.unwrap();
     for (f, seed) in [(&a, 1), (&b, 2)] {
-        node.open(f.ino).unwrap();
+        node.open(f.ino).await.unwrap();
         write(&node, f.ino, 0, &pattern(3000, seed));
         node.release(f.ino, None).await.unwrap();
     }
@@ -146,7 +146,7 @@ async fn gc_deletes_only_unreferenced_blocks() {
     let (ba, bb) = (block_of(a.ino), block_of(b.ino));
     assert!(node.blocks.contains(&ba) && node.blocks.contains(&bb));
     // Overwrite a: its old block becomes garbage; b's block stays referenced.
-    node.open(a.ino).unwrap();
+    node.open(a.ino).await.unwrap();
     write(&node, a.ino, 0, &pattern(3000, 9));
     node.release(a.ino, None).await.unwrap();
     let deleted = gc::collect(&node, std::time::Duration::ZERO).await.unwrap();
@@ -164,7 +164,7 @@ async fn a_corrupt_block_is_an_error_never_wrong_bytes() {
     let dd = DataDir::new().await;
     let node = dd.start().await;
     let f = node.create(ROOT_INO, b"f", file()).await.unwrap();
-    node.open(f.ino).unwrap();
+    node.open(f.ino).await.unwrap();
     write(&node, f.ino, 0, &pattern(10_000, 5));
     node.release(f.ino, None).await.unwrap();
     let id = node.view.slices(f.ino, 0, 10).unwrap()[0].block;
@@ -185,10 +185,10 @@ async fn rename_copy_range_and_locks_through_the_node() {
     let dd = DataDir::new().await;
     let node = dd.start().await;
     let a = node.create(ROOT_INO, b"a", file()).await.unwrap();
-    node.open(a.ino).unwrap();
+    node.open(a.ino).await.unwrap();
     write(&node, a.ino, 0, b"0123456789");
     let b = node.create(ROOT_INO, b"b", file()).await.unwrap();
-    node.open(b.ino).unwrap();
+    node.open(b.ino).await.unwrap();
     // copy_file_range sees buffered data (it commits first) and shares blocks.
     assert_eq!(node.copy_range(a.ino, 2, b.ino, 0, 100).await.unwrap(), 8);
     assert_eq!(node.read(b.ino, 0, 100).await.unwrap(), b"23456789");
