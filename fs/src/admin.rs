@@ -19,6 +19,12 @@ pub enum AdminRequest {
     Members,
     RemoveNode(u64),
     RotateToken,
+    /// Sets (`Some`) or removes (`None`) a node label.
+    Label {
+        node: u64,
+        key: String,
+        value: Option<String>,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -36,26 +42,80 @@ pub struct Member {
     pub addr: String,
     /// leader, voter or learner
     pub role: String,
+    /// Whether the node holds a live session: it renewed its lease within the last
+    /// few seconds (`SESSION_LEASE`).
+    pub up: bool,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The node's data disk as it last reported it; `None` before its first report.
+    pub disk: Option<Disk>,
 }
 
-pub fn members(node: &Node) -> Vec<Member> {
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Disk {
+    pub total: u64,
+    pub free: u64,
+    /// Seconds since the report, by the cluster clock.
+    pub age_secs: u64,
+}
+
+pub fn members(node: &Node) -> Result<Vec<Member>, String> {
     let m = node.raft.metrics().borrow().clone();
     let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-    node.members()
+    let now = crate::node::now_nanos();
+    let sessions = node.view.sessions().map_err(|e| e.to_string())?;
+    let mut infos = node.view.nodes().map_err(|e| e.to_string())?;
+    let members = node.members();
+    let members = if members.is_empty() {
+        // A node without a cluster is its own only member.
+        vec![(node.id, String::new())]
+    } else {
+        members
+    };
+    Ok(members
         .into_iter()
-        .map(|(id, addr)| Member {
-            id,
-            addr,
-            role: if m.current_leader == Some(id) {
-                "leader"
-            } else if voters.contains(&id) {
-                "voter"
-            } else {
-                "learner"
+        .map(|(id, addr)| {
+            let info = infos.remove(&id).unwrap_or_default();
+            Member {
+                id,
+                addr,
+                role: if m.current_leader == Some(id) {
+                    "leader"
+                } else if voters.contains(&id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
+                up: sessions
+                    .iter()
+                    .any(|(_, n, until)| *n == id && *until >= now),
+                disk: (info.reported_at > 0).then(|| Disk {
+                    total: info.disk_total,
+                    free: info.disk_free,
+                    age_secs: (now.saturating_sub(info.reported_at).max(0) / 1_000_000_000) as u64,
+                }),
+                labels: info.labels,
             }
-            .into(),
         })
-        .collect()
+        .collect())
+}
+
+/// Sets or removes a label of a member node.
+async fn label(node: &Node, id: u64, key: String, value: Option<String>) -> Result<(), String> {
+    shoal_raft::check_label(&key, value.as_deref().unwrap_or(""))?;
+    if !members(node)?.iter().any(|m| m.id == id) {
+        return Err(format!(
+            "there is no node {id} in this cluster: see `shoal node ls`"
+        ));
+    }
+    node.run(shoal_raft::MetaCommand::SetNodeLabel {
+        node: id,
+        key,
+        value,
+    })
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -147,7 +207,18 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                 }
             };
             let reply = match req {
-                AdminRequest::Members => AdminReply::Members(members(&node)),
+                AdminRequest::Members => match members(&node) {
+                    Ok(m) => AdminReply::Members(m),
+                    Err(e) => AdminReply::Error(e),
+                },
+                AdminRequest::Label {
+                    node: id,
+                    key,
+                    value,
+                } => match label(&node, id, key, value).await {
+                    Ok(()) => AdminReply::Done,
+                    Err(e) => AdminReply::Error(e),
+                },
                 AdminRequest::RemoveNode(id) => match node.remove_member(id).await {
                     Ok(()) => AdminReply::Done,
                     Err(e) => AdminReply::Error(e),

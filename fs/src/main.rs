@@ -112,10 +112,18 @@ enum TokenCommand {
 
 #[derive(Subcommand)]
 enum NodeCommand {
-    /// List the cluster's nodes: id, address, role
+    /// List the cluster's nodes: id, address, role, liveness, data disk, labels
     Ls {
         #[arg(long, default_value = "/var/lib/shoal")]
         data: PathBuf,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add or remove node labels (used by volume placement, e.g. `placement=storage==ssd`)
+    Label {
+        #[command(subcommand)]
+        command: LabelCommand,
     },
     /// Remove a node: from then on the cluster refuses it
     Rm {
@@ -124,6 +132,38 @@ enum NodeCommand {
         /// The node's id (see `shoal node ls`)
         id: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum LabelCommand {
+    /// Set labels: `shoal node label add 2 storage=ssd zone=a`
+    Add {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        /// The node's id (see `shoal node ls`)
+        id: u64,
+        /// KEY=VALUE pairs
+        #[arg(required = true, value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Remove labels by key: `shoal node label rm 2 zone`
+    Rm {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        /// The node's id (see `shoal node ls`)
+        id: u64,
+        /// Label keys
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE (e.g. storage=ssd)"))?;
+    shoal_raft::check_label(k, v)?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn init_tracing(filter: &str) {
@@ -222,15 +262,74 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
         },
         Command::Node {
-            command: NodeCommand::Ls { data },
+            command: NodeCommand::Ls { data, json },
         } => {
             let reply = runtime()?.block_on(admin::request(&data, AdminRequest::Members))?;
             let AdminReply::Members(members) = reply else {
                 anyhow::bail!("unexpected reply from the daemon: {reply:?}");
             };
-            println!("{:<6} {:<24} {:<8}", "ID", "ADDRESS", "ROLE");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&members)?);
+                return Ok(());
+            }
+            println!(
+                "{:<4} {:<22} {:<8} {:<5} {:<30} LABELS",
+                "ID", "ADDRESS", "ROLE", "STATE", "DISK USED"
+            );
             for m in members {
-                println!("{:<6} {:<24} {:<8}", m.id, m.addr, m.role);
+                let disk = m.disk.map_or_else(
+                    || "not reported yet".to_string(),
+                    |d| {
+                        let used = d.total.saturating_sub(d.free);
+                        format!(
+                            "{} / {} ({}%)",
+                            bytesize::ByteSize(used),
+                            bytesize::ByteSize(d.total),
+                            used * 100 / d.total.max(1)
+                        )
+                    },
+                );
+                let labels: Vec<String> =
+                    m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<4} {:<22} {:<8} {:<5} {:<30} {}",
+                    m.id,
+                    m.addr,
+                    m.role,
+                    if m.up { "up" } else { "down" },
+                    disk,
+                    labels.join(",")
+                );
+            }
+            Ok(())
+        }
+        Command::Node {
+            command: NodeCommand::Label { command },
+        } => {
+            let (data, id, changes): (PathBuf, u64, Vec<(String, Option<String>)>) = match command {
+                LabelCommand::Add { data, id, labels } => (
+                    data,
+                    id,
+                    labels.into_iter().map(|(k, v)| (k, Some(v))).collect(),
+                ),
+                LabelCommand::Rm { data, id, keys } => {
+                    (data, id, keys.into_iter().map(|k| (k, None)).collect())
+                }
+            };
+            let rt = runtime()?;
+            for (key, value) in changes {
+                let req = AdminRequest::Label {
+                    node: id,
+                    key: key.clone(),
+                    value: value.clone(),
+                };
+                match rt.block_on(admin::request(&data, req))? {
+                    AdminReply::Done => match value {
+                        Some(v) => println!("node {id}: {key}={v}"),
+                        None => println!("node {id}: {key} removed"),
+                    },
+                    other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+                }
             }
             Ok(())
         }

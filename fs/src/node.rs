@@ -640,10 +640,28 @@ async fn purge_worker(node: std::sync::Weak<Node>, mut rx: mpsc::UnboundedReceiv
 async fn session_worker(node: std::sync::Weak<Node>) {
     let renew_every = Duration::from_nanos(shoal_raft::SESSION_LEASE as u64 / 5);
     let mut tick = tokio::time::interval(renew_every);
-    loop {
+    for round in 0u64.. {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
-        match node.run(MetaCommand::RenewSession).await {
+        let mut cmds = vec![MetaCommand::RenewSession];
+        // Every tenth renewal also reports the data disk, for `shoal node ls` and placement.
+        if round % 10 == 0
+            && let Ok(st) = rustix::fs::statvfs(&node.data_dir)
+        {
+            cmds.push(MetaCommand::ReportNode {
+                node: node.id,
+                disk_total: st.f_blocks.saturating_mul(st.f_frsize),
+                disk_free: st.f_bavail.saturating_mul(st.f_frsize),
+            });
+        }
+        let renewed =
+            node.propose(cmds)
+                .await
+                .and_then(|results| match results.into_iter().next() {
+                    Some(r) => Ok(r?),
+                    None => Err(OpError::Raft("empty response".into())),
+                });
+        match renewed {
             Ok(_) => {}
             Err(OpError::Fs(FsError::SessionExpired)) => {
                 let old = node.session();

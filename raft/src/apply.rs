@@ -289,7 +289,40 @@ impl Ctx<'_, '_> {
                 self.txn.put(keys::META_NEXT_NODE, &(id + 1));
                 Ok(Ok(Reply::NodeId(id)))
             }
+            MetaCommand::ReportNode {
+                node,
+                disk_total,
+                disk_free,
+            } => {
+                let now = self.now;
+                self.update_node(*node, |info| {
+                    info.disk_total = *disk_total;
+                    info.disk_free = *disk_free;
+                    info.reported_at = now;
+                })
+            }
+            MetaCommand::SetNodeLabel { node, key, value } => {
+                if crate::types::check_label(key, value.as_deref().unwrap_or("")).is_err() {
+                    fail!(FsError::Invalid);
+                }
+                self.update_node(*node, |info| match value {
+                    Some(v) => {
+                        info.labels.insert(key.clone(), v.clone());
+                    }
+                    None => {
+                        info.labels.remove(key);
+                    }
+                })
+            }
         }
+    }
+
+    fn update_node(&mut self, node: u64, f: impl FnOnce(&mut NodeInfo)) -> Outcome {
+        let key = keys::node_info(node);
+        let mut info: NodeInfo = self.txn.get("node info", &key)?.unwrap_or_default();
+        f(&mut info);
+        self.txn.put(&key, &info);
+        Ok(Ok(Reply::Done))
     }
 
     // ---- helpers ----

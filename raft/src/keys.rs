@@ -15,6 +15,7 @@ pub const GARBAGE: u8 = b'g';
 pub const ORPHAN: u8 = b'o';
 pub const SESSION: u8 = b'n';
 pub const LEASE: u8 = b'e';
+pub const NODE_INFO: u8 = b'N';
 
 pub const META_APPLIED: &[u8] = b"m/applied";
 pub const META_MEMBERSHIP: &[u8] = b"m/membership";
@@ -73,6 +74,10 @@ pub fn orphan(ino: Ino) -> [u8; 9] {
 
 pub fn session(node: u64) -> [u8; 9] {
     with_u64(SESSION, node)
+}
+
+pub fn node_info(node: u64) -> [u8; 9] {
+    with_u64(NODE_INFO, node)
 }
 
 pub fn lease(session: u64) -> [u8; 9] {

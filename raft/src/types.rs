@@ -272,6 +272,51 @@ pub enum MetaCommand {
     },
     /// Allocates the id of a node that is joining.
     AllocNodeId,
+    /// A node reports the state of its data disk (sent every few seconds by each node).
+    ReportNode {
+        node: u64,
+        disk_total: u64,
+        disk_free: u64,
+    },
+    /// Sets (`Some`) or removes (`None`) a label of a node; keys and values as
+    /// [`check_label`] allows.
+    SetNodeLabel {
+        node: u64,
+        key: String,
+        value: Option<String>,
+    },
+}
+
+/// What the cluster knows of a node beyond its Raft membership.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Operator-set labels, used by volume placement (`placement=storage==ssd`).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Size and free space of the file system holding the node's data directory, as last
+    /// reported; `reported_at` is 0 until the node reported once.
+    pub disk_total: u64,
+    pub disk_free: u64,
+    pub reported_at: Nanos,
+}
+
+/// Label keys are 1 to 63 and values 0 to 128 characters of `A-Z a-z 0-9 . _ - /`, so that a
+/// placement rule such as `storage==ssd,zone!=b` can be parsed without quoting.
+pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+    let ok = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+    };
+    if key.is_empty() || key.len() > 63 || !ok(key) {
+        return Err(format!(
+            "invalid label key {key:?}: use 1 to 63 characters of A-Z a-z 0-9 . _ - /"
+        ));
+    }
+    if value.len() > 128 || !ok(value) {
+        return Err(format!(
+            "invalid label value {value:?}: use up to 128 characters of A-Z a-z 0-9 . _ - /"
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::error::StoreError;
 use crate::keys;
 use crate::layout;
-use crate::types::{BlockId, Dentry, Ino, Inode, Nanos, RangeLock, Slice};
+use crate::types::{BlockId, Dentry, Ino, Inode, Nanos, NodeInfo, RangeLock, Slice};
 
 pub type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -126,6 +126,16 @@ impl StateView {
     /// The hash of the secret join tokens must carry, once a token was made.
     pub fn join_secret(&self) -> Result<Option<[u8; 32]>, StoreError> {
         self.get("join secret", keys::META_JOIN_SECRET)
+    }
+
+    /// What the cluster knows of every node that reported or was labelled.
+    pub fn nodes(&self) -> Result<BTreeMap<u64, NodeInfo>, StoreError> {
+        let mut out = BTreeMap::new();
+        for kv in self.tree.scan_prefix([keys::NODE_INFO]) {
+            let (k, v) = kv?;
+            out.insert(keys::u64_after_tag(&k), decode("node info", &v)?);
+        }
+        Ok(out)
     }
 
     /// Every live session: (session, node, lease end).

@@ -190,17 +190,66 @@ fn three_nodes_show_the_same_files() {
         read(&c.mnt(1).join("d/f")).as_deref() == Some(b"from three")
     });
 
+    // Labels set through one node are listed by every other, with each node's liveness and
+    // data disk.
     let out = Command::new(shoal())
-        .args(["node", "ls", "--data"])
+        .args([
+            "node",
+            "label",
+            "add",
+            "2",
+            "storage=ssd",
+            "zone=a",
+            "--data",
+        ])
         .arg(c.data(1))
         .output()
         .unwrap();
-    let ls = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        ls.matches("leader").count() + ls.matches("voter").count(),
-        3,
-        "{ls}"
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new(shoal())
+        .args(["node", "label", "rm", "2", "zone", "--data"])
+        .arg(c.data(3))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new(shoal())
+        .args(["node", "label", "add", "7", "storage=ssd", "--data"])
+        .arg(c.data(3))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no node 7"),
+        "{out:?}"
     );
+    eventually("every node reported its disk", || {
+        let ls = node_ls(&c, 3);
+        ls.iter()
+            .all(|m| m["up"] == true && m["disk"]["total"].as_u64() > Some(0))
+    });
+    let ls = node_ls(&c, 3);
+    let roles: Vec<&str> = ls.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "leader").count(),
+        1,
+        "{roles:?}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| **r == "voter").count(),
+        2,
+        "{roles:?}"
+    );
+    assert_eq!(ls[1]["labels"], serde_json::json!({"storage": "ssd"}));
+}
+
+/// `shoal node ls --json` through node `k`.
+fn node_ls(c: &LocalCluster, k: u32) -> Vec<serde_json::Value> {
+    let out = Command::new(shoal())
+        .args(["node", "ls", "--json", "--data"])
+        .arg(c.data(k))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Close-to-open without waiting: once close(2) returned on one node, an open on any other
@@ -505,6 +554,11 @@ fn blocks_of_a_dead_node_are_re_replicated_onto_the_others() {
         .expect("some node is the only other holder of a block");
     let live: Vec<u32> = (1..=4).filter(|k| *k != victim).collect();
     c.kill9(victim);
+    eventually("node ls shows the dead node down", || {
+        node_ls(&c, live[0])
+            .iter()
+            .any(|m| m["id"] == victim && m["up"] == false)
+    });
     eventually_within(
         "every live node holds every block",
         Duration::from_secs(40),

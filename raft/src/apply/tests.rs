@@ -806,3 +806,48 @@ fn applying_in_one_batch_or_many_gives_the_same_state() {
     };
     assert_eq!(dump(&one), dump(&many));
 }
+
+#[test]
+fn node_reports_and_labels() {
+    let mut sm = Sm::new();
+    sm.run(MetaCommand::ReportNode {
+        node: 2,
+        disk_total: 100,
+        disk_free: 40,
+    })
+    .unwrap();
+    let label = |key: &str, value: Option<&str>| MetaCommand::SetNodeLabel {
+        node: 2,
+        key: key.into(),
+        value: value.map(Into::into),
+    };
+    sm.run(label("storage", Some("ssd"))).unwrap();
+    sm.run(label("zone", Some("a"))).unwrap();
+    sm.run(label("zone", None)).unwrap();
+    assert_eq!(
+        sm.run(label("bad key", Some("x"))),
+        Err(FsError::Invalid),
+        "a key with a space is refused"
+    );
+    assert_eq!(
+        sm.run(label("k", Some("a==b"))),
+        Err(FsError::Invalid),
+        "a value with '=' is refused"
+    );
+    let nodes = sm.view().nodes().unwrap();
+    let info = &nodes[&2];
+    assert_eq!((info.disk_total, info.disk_free), (100, 40));
+    assert!(info.reported_at > 0);
+    assert_eq!(
+        info.labels.iter().collect::<Vec<_>>(),
+        [(&"storage".to_string(), &"ssd".to_string())]
+    );
+    // A later report keeps the labels.
+    sm.run(MetaCommand::ReportNode {
+        node: 2,
+        disk_total: 100,
+        disk_free: 30,
+    })
+    .unwrap();
+    assert_eq!(sm.view().nodes().unwrap()[&2].labels.len(), 1);
+}
