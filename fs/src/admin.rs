@@ -128,6 +128,11 @@ pub struct Status {
     pub term: u64,
     pub last_log_index: Option<u64>,
     pub last_applied: Option<u64>,
+    /// The last log index purged from the log after a snapshot: a node further behind than
+    /// this catches up by installing a snapshot.
+    pub purged: Option<u64>,
+    /// The last log index covered by this node's current snapshot.
+    pub snapshot: Option<u64>,
     pub mount: Option<String>,
     pub uptime_secs: u64,
     pub inodes: u64,
@@ -167,6 +172,8 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         term: m.current_term,
         last_log_index: m.last_log_index,
         last_applied: m.last_applied.map(|l| l.index),
+        purged: m.purged.map(|l| l.index),
+        snapshot: m.snapshot.map(|l| l.index),
         mount: mount.map(|p| p.display().to_string()),
         uptime_secs: node.started.elapsed().as_secs(),
         inodes: node.view.inode_count().unwrap_or(0),

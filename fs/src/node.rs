@@ -17,8 +17,11 @@ use crate::blocks::{BlockCache, BlockError, BlockStore};
 use crate::file::OpenFile;
 use crate::raft_net::NoPeers;
 
-/// How long a proposal waits for a reachable leader (an election takes well under a second).
-const FORWARD_PATIENCE: Duration = Duration::from_secs(3);
+/// How long a request waits for a leader to answer (an election takes one to two seconds).
+const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a proposal may wait for Raft before the caller gets an error (EIO): far beyond
+/// an election, short enough that no FUSE request hangs for good.
+const PROPOSE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Disk space kept free for metadata: data writes fail with ENOSPC before the disk is full.
 pub const SPACE_RESERVE: u64 = 128 << 20;
@@ -205,14 +208,28 @@ pub struct Node {
     _lock: std::fs::File,
 }
 
+/// Log entries between two snapshots of the state machine. `SHOAL_SNAPSHOT_EVERY` overrides
+/// it (tests use a small value so that a node that was down catches up by snapshot).
+fn snapshot_every() -> u64 {
+    std::env::var("SHOAL_SNAPSHOT_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(20_000)
+}
+
 fn raft_config() -> Result<Arc<openraft::Config>, NodeError> {
+    let every = snapshot_every();
     let config = openraft::Config {
         cluster_name: "shoal".into(),
         heartbeat_interval: 100,
         election_timeout_min: 300,
         election_timeout_max: 600,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
+        // Entries kept behind a snapshot, for followers that lag a little.
+        max_in_snapshot_log_to_keep: (every / 20).max(1),
+        // A whole snapshot goes in one RPC: give a large one time to cross a slow link.
+        install_snapshot_timeout: 30_000,
         ..Default::default()
     };
     Ok(Arc::new(
@@ -426,27 +443,38 @@ impl Node {
 
     /// Proposes a batch of commands through Raft; returns once they are durable and applied.
     pub async fn propose(&self, cmds: Vec<MetaCommand>) -> OpResult<Vec<Result<Reply, FsError>>> {
-        let req = MetaRequest {
+        let mut req = MetaRequest {
             now: now_nanos(),
             session: self.session(),
             cmds,
         };
-        // Keep a copy to forward only where there is a leader to forward to.
-        let copy = self.cluster.is_some().then(|| req.clone());
-        let resp = match self.raft.client_write(req).await {
-            Ok(resp) => resp.data,
-            Err(openraft::error::RaftError::APIError(
-                openraft::error::ClientWriteError::ForwardToLeader(_),
-            )) if copy.is_some() => {
-                self.forward(copy.expect("cluster node kept a copy"))
-                    .await?
+        loop {
+            // Keep a copy to forward only where there is a leader to forward to.
+            let copy = self.cluster.is_some().then(|| req.clone());
+            let written = tokio::time::timeout(PROPOSE_PATIENCE, self.raft.client_write(req)).await;
+            let Ok(written) = written else {
+                error!(
+                    "a metadata proposal did not complete in {PROPOSE_PATIENCE:?}; its outcome is unknown"
+                );
+                return Err(OpError::Raft(format!(
+                    "no answer from Raft within {PROPOSE_PATIENCE:?}"
+                )));
+            };
+            match written {
+                Ok(resp) => return Ok(resp.data.results),
+                Err(openraft::error::RaftError::APIError(
+                    openraft::error::ClientWriteError::ForwardToLeader(_),
+                )) if let Some(copy) = copy => match self.forward(copy).await? {
+                    Ok(resp) => return Ok(resp.results),
+                    // This node was elected while the proposal waited: propose it here.
+                    Err(back) => req = back,
+                },
+                Err(e) => {
+                    error!(error = %e, "metadata proposal failed");
+                    return Err(OpError::Raft(e.to_string()));
+                }
             }
-            Err(e) => {
-                error!(error = %e, "metadata proposal failed");
-                return Err(OpError::Raft(e.to_string()));
-            }
-        };
-        Ok(resp.results)
+        }
     }
 
     /// Proposes a request that came from another node: only the leader accepts it. Returns the
@@ -464,18 +492,28 @@ impl Node {
     }
 
     /// Sends a proposal to the leader and waits until this node has applied it too, so the
-    /// caller reads its own write.
-    async fn forward(&self, req: MetaRequest) -> OpResult<shoal_raft::MetaResponse> {
+    /// caller reads its own write. Gives the proposal back if this node became the leader.
+    async fn forward(
+        &self,
+        req: MetaRequest,
+    ) -> OpResult<Result<shoal_raft::MetaResponse, MetaRequest>> {
         use crate::cluster::rpc::{Request, Response};
-        let (index, resp) = self
-            .ask_leader(&Request::Propose(req), |r| match r {
+        let req = Request::Propose(req);
+        let answer = self
+            .ask_leader(&req, |r| match r {
                 Response::Propose(answer) => Some(answer),
                 _ => None,
             })
             .await?;
+        let Some((index, resp)) = answer else {
+            let Request::Propose(req) = req else {
+                unreachable!("built above")
+            };
+            return Ok(Err(req));
+        };
         self.wait_applied(index, "apply a forwarded proposal")
             .await?;
-        Ok(resp)
+        Ok(Ok(resp))
     }
 
     /// Makes the reads that follow linearizable: learns the leader's commit index after
@@ -488,16 +526,23 @@ impl Node {
         if self.cluster.is_none() {
             return Ok(());
         }
-        let index = match self.raft.get_read_log_id().await {
-            Ok((read, _)) => read.map(|l| l.index),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
-                self.ask_leader(&Request::ReadIndex, |r| match r {
-                    Response::ReadIndex(answer) => Some(answer),
-                    _ => None,
-                })
-                .await?
+        let index = loop {
+            match self.raft.get_read_log_id().await {
+                Ok((read, _)) => break read.map(|l| l.index),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                    let asked = self
+                        .ask_leader(&Request::ReadIndex, |r| match r {
+                            Response::ReadIndex(answer) => Some(answer),
+                            _ => None,
+                        })
+                        .await?;
+                    // `None`: this node leads now; ask itself.
+                    if let Some(index) = asked {
+                        break index;
+                    }
+                }
+                Err(e) => return Err(OpError::Raft(format!("read index: {e}"))),
             }
-            Err(e) => return Err(OpError::Raft(format!("read index: {e}"))),
         };
         match index {
             Some(index) => self.wait_applied(index, "apply up to the read index").await,
@@ -515,17 +560,21 @@ impl Node {
     }
 
     /// Sends a request to the leader and returns its answer, which `answer` takes out of the
-    /// response. While the cluster elects a new leader (none known, unreachable, or the node
-    /// asked no longer leads), retries for a while.
+    /// response; `None` if this node became the leader meanwhile. While the cluster elects a
+    /// new leader (none known, unreachable, or the node asked no longer leads), retries for a
+    /// while.
     async fn ask_leader<T>(
         &self,
         req: &crate::cluster::rpc::Request,
         answer: impl Fn(crate::cluster::rpc::Response) -> Option<Result<T, String>>,
-    ) -> OpResult<T> {
+    ) -> OpResult<Option<T>> {
         let deadline = Instant::now() + FORWARD_PATIENCE;
         loop {
+            if self.raft.metrics().borrow().current_leader == Some(self.id) {
+                return Ok(None);
+            }
             match self.to_leader(req).await.map(&answer) {
-                Ok(Some(Ok(v))) => return Ok(v),
+                Ok(Some(Ok(v))) => return Ok(Some(v)),
                 Ok(Some(Err(e))) if Instant::now() < deadline && e.contains("forward") => {
                     // The node we took for the leader no longer is one.
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -538,7 +587,10 @@ impl Node {
                     debug!(error = %e, "asking the leader failed; waiting for a leader");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    warn!(error = %e, "no leader answered within {FORWARD_PATIENCE:?}");
+                    return Err(e);
+                }
             }
         }
     }

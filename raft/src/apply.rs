@@ -61,23 +61,7 @@ impl<'a> Txn<'a> {
 
     /// What the writes since the last call change for someone caching inodes and entries.
     pub fn take_touched(&mut self) -> Vec<Change> {
-        let mut out: Vec<Change> = std::mem::take(&mut self.touched)
-            .into_iter()
-            .filter_map(|k| match k.first() {
-                Some(&keys::INODE) | Some(&keys::CHUNK) if k.len() >= 9 => {
-                    Some(Change::Inode(keys::u64_after_tag(&k)))
-                }
-                Some(&keys::LOCKS) if k.len() >= 9 => Some(Change::Locks(keys::u64_after_tag(&k))),
-                Some(&keys::DENTRY) if k.len() >= 9 => Some(Change::Entry {
-                    parent: keys::u64_after_tag(&k),
-                    name: k[9..].to_vec(),
-                }),
-                _ => None,
-            })
-            .collect();
-        out.sort();
-        out.dedup();
-        out
+        changes_of(std::mem::take(&mut self.touched))
     }
 
     /// Every key with `prefix` and its value as this transaction sees it: the tree with the
@@ -122,6 +106,27 @@ pub enum Change {
     Entry { parent: Ino, name: Vec<u8> },
     /// The byte-range locks of an inode changed.
     Locks(Ino),
+}
+
+/// What writes to `touched` keys change for someone caching inodes and entries.
+pub(crate) fn changes_of(touched: impl IntoIterator<Item = Vec<u8>>) -> Vec<Change> {
+    let mut out: Vec<Change> = touched
+        .into_iter()
+        .filter_map(|k| match k.first() {
+            Some(&keys::INODE) | Some(&keys::CHUNK) if k.len() >= 9 => {
+                Some(Change::Inode(keys::u64_after_tag(&k)))
+            }
+            Some(&keys::LOCKS) if k.len() >= 9 => Some(Change::Locks(keys::u64_after_tag(&k))),
+            Some(&keys::DENTRY) if k.len() >= 9 => Some(Change::Entry {
+                parent: keys::u64_after_tag(&k),
+                name: k[9..].to_vec(),
+            }),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Applies one request's commands in order; returns one result per command.

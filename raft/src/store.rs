@@ -376,17 +376,40 @@ impl StateMachine {
         data: Vec<u8>,
     ) -> Result<(), StoreError> {
         let pairs: Vec<(Vec<u8>, Vec<u8>)> = decode("snapshot", &data)?;
-        let _guard = self.apply_lock.lock().expect("apply lock poisoned");
-        let mut batch = sled::Batch::default();
-        for k in self.tree.iter().keys() {
-            batch.remove(k?);
+        let guard = self.apply_lock.lock().expect("apply lock poisoned");
+        let mut old = std::collections::BTreeMap::new();
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            old.insert(k.to_vec(), v);
         }
+        let mut batch = sled::Batch::default();
+        // Every key the snapshot changes, so a node's caches drop what it replaced.
+        let mut touched = Vec::new();
         for (k, v) in pairs {
+            if old.remove(&k).is_none_or(|was| *was != v[..]) {
+                touched.push(k.clone());
+            }
             batch.insert(k, v);
+        }
+        for k in old.into_keys() {
+            batch.remove(k.clone());
+            touched.push(k);
         }
         batch.insert(keys::META_APPLIED, encode(&meta.last_log_id));
         batch.insert(keys::META_MEMBERSHIP, encode(&meta.last_membership));
         self.tree.apply_batch(batch)?;
+        drop(guard);
+        let entries = touched.len();
+        if let Some(hook) = self.hook.get() {
+            // Session 0 is nobody's: every node drops its caches of what changed.
+            hook(0, crate::apply::changes_of(touched));
+        }
+        tracing::info!(
+            last_log_id = ?meta.last_log_id,
+            bytes = data.len(),
+            changed_keys = entries,
+            "installed a snapshot from the leader"
+        );
         self.snapshots.insert(
             SNAPSHOT,
             encode(&StoredSnapshot {

@@ -305,7 +305,24 @@ pub async fn ensure_member(node: &Node) -> Result<(), NodeError> {
                 "no leader within 60 s (is a majority of voters up?): {e}"
             ))
         })?;
-    Ok(())
+    // A node restarted after being leader believes it still leads until a quorum says
+    // otherwise; a proposal it took meanwhile would wait on a log entry the real leader
+    // overwrites. A read barrier settles who leads, and catches this node up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match node.read_barrier().await {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() < deadline => {
+                debug!(error = %e, "waiting for a leader a quorum confirms");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(NodeError::Raft(format!(
+                    "no leader a quorum confirms within 60 s (is a majority of voters up?): {e}"
+                )));
+            }
+        }
+    }
 }
 
 impl Node {

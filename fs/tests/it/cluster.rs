@@ -327,6 +327,120 @@ fn files_stay_readable_when_a_node_dies_and_the_leader_is_replaced() {
     assert_eq!(read(&c.mnt(1).join("f")).unwrap(), data);
 }
 
+fn status(c: &LocalCluster, k: u32) -> Option<serde_json::Value> {
+    let out = Command::new(shoal())
+        .args(["status", "--json", "--data"])
+        .arg(c.data(k))
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn body(i: u64) -> Vec<u8> {
+    (0..16_384u64).map(|j| ((i * 31 + j) % 251) as u8).collect()
+}
+
+/// Kill -9 the leader while another node writes and fsyncs files without pause: writes go on
+/// once a new leader is elected, no fsynced file is lost, and the killed node, restarted after
+/// the log it missed was compacted away, catches up by installing a snapshot.
+#[test]
+fn the_leader_dies_under_fsync_load_and_comes_back_by_snapshot() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let c = LocalCluster::up_with_env(3, &[("SHOAL_SNAPSHOT_EVERY", "100")]);
+    eventually("the leader is node 1", || c.leader(1) == Some(1));
+    fs::create_dir(c.mnt(2).join("w")).unwrap();
+    let acked: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let writer = {
+        let (dir, acked, stop, errors) = (
+            c.mnt(2).join("w"),
+            acked.clone(),
+            stop.clone(),
+            errors.clone(),
+        );
+        std::thread::spawn(move || {
+            for i in 0u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let write = || -> std::io::Result<()> {
+                    let mut f = fs::File::create(dir.join(i.to_string()))?;
+                    f.write_all(&body(i))?;
+                    f.sync_all()
+                };
+                match write() {
+                    Ok(()) => acked.lock().unwrap().push((i, Instant::now())),
+                    Err(e) => {
+                        errors.lock().unwrap().push(format!("file {i}: {e}"));
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        })
+    };
+    eventually("the writer is under way", || {
+        acked.lock().unwrap().len() >= 30
+    });
+    c.kill9(1);
+    let killed = Instant::now();
+    // Node 1 held at most a few entries node 2 lacks.
+    let behind = status(&c, 2).unwrap()["last_log_index"].as_u64().unwrap() + 50;
+    eventually_within(
+        "a write acknowledged after the leader died",
+        Duration::from_secs(15),
+        || {
+            acked
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|(_, t)| *t > killed)
+        },
+    );
+    eventually_within(
+        "the new leader compacted its log past what node 1 has",
+        Duration::from_secs(60),
+        || {
+            [2, 3].iter().any(|k| {
+                status(&c, *k).is_some_and(|s| {
+                    s["leader"] == s["node_id"] && s["purged"].as_u64() > Some(behind)
+                })
+            })
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let acked: Vec<u64> = acked.lock().unwrap().iter().map(|(i, _)| *i).collect();
+    let errors = errors.lock().unwrap().clone();
+    eprintln!(
+        "{} files fsynced, {} writes failed around the election: {errors:?}",
+        acked.len(),
+        errors.len(),
+    );
+
+    c.local_up(3);
+    let last = *acked.last().unwrap();
+    eventually("node 1 catches up", || {
+        read(&c.mnt(1).join(format!("w/{last}"))).as_deref() == Some(&body(last)[..])
+    });
+    let log = fs::read_to_string(c.node(1).join("daemon.log")).unwrap();
+    assert!(
+        log.contains("installed a snapshot from the leader"),
+        "node 1 caught up without a snapshot:\n{log}"
+    );
+    for k in [1, 3] {
+        for i in &acked {
+            assert_eq!(
+                read(&c.mnt(k).join(format!("w/{i}"))).as_deref(),
+                Some(&body(*i)[..]),
+                "fsynced file {i} on node {k}"
+            );
+        }
+    }
+}
+
 /// Which lock call the python helpers use.
 #[derive(Clone, Copy)]
 enum Lock {
