@@ -8,6 +8,10 @@ missing=()
 command -v fusermount3 >/dev/null || missing+=("fusermount3 (apt-get install fuse3)")
 command -v python3 >/dev/null || missing+=("python3 (apt-get install python3)")
 command -v fio >/dev/null || missing+=("fio (apt-get install fio)")
+command -v strace >/dev/null || missing+=("strace (apt-get install strace; the benchmark smoke test counts fsyncs with it)")
+command -v bindfs >/dev/null || missing+=("bindfs (apt-get install bindfs; the benchmark's FUSE passthrough)")
+/usr/bin/python3 -c 'import matplotlib, venv' 2>/dev/null \
+  || missing+=("python3-matplotlib and python3-venv (apt-get install python3-matplotlib python3-venv; the benchmark's chart and its peers)")
 getent passwd nobody >/dev/null && getent group nogroup >/dev/null && getent passwd daemon >/dev/null \
   || missing+=("the users nobody/nogroup and daemon/daemon that pjdfstest switches to")
 if [ ${#missing[@]} -gt 0 ]; then
