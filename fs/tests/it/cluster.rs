@@ -89,6 +89,16 @@ impl LocalCluster {
         }
     }
 
+    /// Runs `shoal ARGS --data` with node `k`'s data directory.
+    fn shoal_at(&self, k: u32, args: &[&str]) -> std::process::Output {
+        Command::new(shoal())
+            .args(args)
+            .arg("--data")
+            .arg(self.data(k))
+            .output()
+            .unwrap()
+    }
+
     fn leader(&self, k: u32) -> Option<u64> {
         let out = Command::new(shoal())
             .arg("status")
@@ -192,31 +202,11 @@ fn three_nodes_show_the_same_files() {
 
     // Labels set through one node are listed by every other, with each node's liveness and
     // data disk.
-    let out = Command::new(shoal())
-        .args([
-            "node",
-            "label",
-            "add",
-            "2",
-            "storage=ssd",
-            "zone=a",
-            "--data",
-        ])
-        .arg(c.data(1))
-        .output()
-        .unwrap();
+    let out = c.shoal_at(1, &["node", "label", "add", "2", "storage=ssd", "zone=a"]);
     assert!(out.status.success(), "{out:?}");
-    let out = Command::new(shoal())
-        .args(["node", "label", "rm", "2", "zone", "--data"])
-        .arg(c.data(3))
-        .output()
-        .unwrap();
+    let out = c.shoal_at(3, &["node", "label", "rm", "2", "zone"]);
     assert!(out.status.success(), "{out:?}");
-    let out = Command::new(shoal())
-        .args(["node", "label", "add", "7", "storage=ssd", "--data"])
-        .arg(c.data(3))
-        .output()
-        .unwrap();
+    let out = c.shoal_at(3, &["node", "label", "add", "7", "storage=ssd"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no node 7"),
         "{out:?}"
@@ -243,11 +233,7 @@ fn three_nodes_show_the_same_files() {
 
 /// `shoal node ls --json` through node `k`.
 fn node_ls(c: &LocalCluster, k: u32) -> Vec<serde_json::Value> {
-    let out = Command::new(shoal())
-        .args(["node", "ls", "--json", "--data"])
-        .arg(c.data(k))
-        .output()
-        .unwrap();
+    let out = c.shoal_at(k, &["node", "ls", "--json"]);
     assert!(out.status.success(), "{out:?}");
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -328,11 +314,7 @@ fn files_stay_readable_when_a_node_dies_and_the_leader_is_replaced() {
 }
 
 fn status(c: &LocalCluster, k: u32) -> Option<serde_json::Value> {
-    let out = Command::new(shoal())
-        .args(["status", "--json", "--data"])
-        .arg(c.data(k))
-        .output()
-        .unwrap();
+    let out = c.shoal_at(k, &["status", "--json"]);
     serde_json::from_slice(&out.stdout).ok()
 }
 
