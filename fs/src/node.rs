@@ -157,6 +157,8 @@ pub fn fs_errno(e: FsError) -> i32 {
         FsError::FileTooBig => libc::EFBIG,
         FsError::NotSupported => libc::EOPNOTSUPP,
         FsError::SessionExpired => libc::EIO,
+        FsError::Busy => libc::EBUSY,
+        FsError::InTrash => libc::EEXIST,
     }
 }
 

@@ -306,6 +306,16 @@ impl Ctx<'_, '_> {
                     info.reported_at = now;
                 })
             }
+            MetaCommand::CreateVolume { name, options } => self.create_volume(name, options),
+            MetaCommand::TrashVolume { name } => self.trash_volume(name),
+            MetaCommand::RestoreVolume { name } => self.restore_volume(name),
+            MetaCommand::PurgeVolume { name } => self.purge_volume(name),
+            MetaCommand::MountVolume {
+                name,
+                node,
+                id,
+                mount,
+            } => self.mount_volume(name, *node, id, *mount),
             MetaCommand::SetNodeLabel { node, key, value } => {
                 if crate::types::check_label(key, value.as_deref().unwrap_or("")).is_err() {
                     fail!(FsError::Invalid);
@@ -320,6 +330,168 @@ impl Ctx<'_, '_> {
                 })
             }
         }
+    }
+
+    // ---- volumes ----
+
+    fn volume(&self, name: &str) -> Result<Option<Volume>, StoreError> {
+        self.txn.get("volume", &keys::volume(name))
+    }
+
+    fn put_volume(&mut self, v: Volume) -> Outcome {
+        self.txn.put(&keys::volume(&v.name), &v);
+        Ok(Ok(Reply::Volume(v)))
+    }
+
+    /// The root-owned directory `name` under the root, made if missing.
+    fn system_dir(&mut self, name: &[u8]) -> Result<Result<Ino, FsError>, StoreError> {
+        if let Some(d) = self.txn.lookup(ROOT_INO, name)? {
+            return Ok(if d.kind == FileKind::Dir {
+                Ok(d.ino)
+            } else {
+                Err(FsError::NotDir)
+            });
+        }
+        self.make_dir(ROOT_INO, name)
+    }
+
+    fn make_dir(&mut self, parent: Ino, name: &[u8]) -> Result<Result<Ino, FsError>, StoreError> {
+        Ok(
+            match self.create(parent, name, FileKind::Dir, 0o755, (0, 0), 0, b"")? {
+                Ok(Reply::Inode(i)) => Ok(i.ino),
+                Ok(_) => Err(FsError::Invalid),
+                Err(e) => Err(e),
+            },
+        )
+    }
+
+    fn create_volume(&mut self, name: &str, options: &VolumeOptions) -> Outcome {
+        if check_volume_name(name).is_err() {
+            fail!(FsError::Invalid);
+        }
+        if let Some(v) = self.volume(name)? {
+            fail!(match v.trashed {
+                Some(_) => FsError::InTrash,
+                None => FsError::Exists,
+            });
+        }
+        let volumes = tri!(self.system_dir(VOLUMES_DIR));
+        // A directory made there by hand becomes the volume; anything else is in the way.
+        let root = match self.txn.lookup(volumes, name.as_bytes())? {
+            Some(d) if d.kind == FileKind::Dir => d.ino,
+            Some(_) => fail!(FsError::Exists),
+            None => tri!(self.make_dir(volumes, name.as_bytes())),
+        };
+        self.put_volume(Volume {
+            name: name.to_string(),
+            root,
+            options: options.clone(),
+            created: self.now,
+            trashed: None,
+            mounts: Vec::new(),
+        })
+    }
+
+    /// Moves the volume's directory between `/volumes` and `/.trash` (`to_trash`), checking
+    /// that the name there is still the volume's directory.
+    fn move_volume(
+        &mut self,
+        v: &Volume,
+        to_trash: bool,
+    ) -> Result<Result<(), FsError>, StoreError> {
+        let volumes = tri!(self.system_dir(VOLUMES_DIR));
+        let trash = tri!(self.system_dir(TRASH_DIR));
+        let (from, to) = if to_trash {
+            (volumes, trash)
+        } else {
+            (trash, volumes)
+        };
+        let name = v.name.as_bytes();
+        if self.txn.lookup(from, name)?.map(|d| d.ino) != Some(v.root) {
+            // Renamed by hand through a mount: put it back under its name first.
+            return Ok(Err(FsError::NotFound));
+        }
+        Ok(self.rename(from, name, to, name, true)?.map(drop))
+    }
+
+    fn trash_volume(&mut self, name: &str) -> Outcome {
+        let Some(mut v) = self.volume(name)? else {
+            fail!(FsError::NotFound);
+        };
+        if v.trashed.is_some() {
+            fail!(FsError::InTrash);
+        }
+        if !v.mounts.is_empty() {
+            fail!(FsError::Busy);
+        }
+        tri!(self.move_volume(&v, true));
+        v.trashed = Some(self.now);
+        self.put_volume(v)
+    }
+
+    fn restore_volume(&mut self, name: &str) -> Outcome {
+        let Some(mut v) = self.volume(name)? else {
+            fail!(FsError::NotFound);
+        };
+        if v.trashed.is_none() {
+            fail!(FsError::Exists);
+        }
+        tri!(self.move_volume(&v, false));
+        v.trashed = None;
+        self.put_volume(v)
+    }
+
+    fn purge_volume(&mut self, name: &str) -> Outcome {
+        let Some(v) = self.volume(name)? else {
+            fail!(FsError::NotFound);
+        };
+        if v.trashed.is_none() {
+            // Only what is in the trash can be purged: `TrashVolume` first.
+            fail!(FsError::NotPermitted);
+        }
+        let trash = tri!(self.system_dir(TRASH_DIR));
+        if self.txn.lookup(trash, name.as_bytes())?.map(|d| d.ino) == Some(v.root) {
+            self.remove_tree(trash, name.as_bytes(), 0)?;
+        }
+        self.txn.del(&keys::volume(name));
+        Ok(Ok(Reply::Done))
+    }
+
+    /// Removes `name` in `parent` and, for a directory, everything below it. Files that
+    /// lose their last link are deleted at once.
+    fn remove_tree(&mut self, parent: Ino, name: &[u8], depth: usize) -> Result<(), StoreError> {
+        let Some(d) = self.txn.lookup(parent, name)? else {
+            return Ok(());
+        };
+        if d.kind == FileKind::Dir && depth < MAX_DEPTH {
+            let children: Vec<Vec<u8>> = self
+                .txn
+                .scan_prefix(&keys::dentry_prefix(d.ino))?
+                .into_iter()
+                .map(|(k, _)| k[9..].to_vec())
+                .collect();
+            for child in children {
+                self.remove_tree(d.ino, &child, depth + 1)?;
+            }
+            let _ = self.rmdir(parent, name)?;
+        } else if let Ok(Reply::Removed { removed: Some(ino) }) = self.unlink(parent, name)? {
+            let _ = self.purge(ino)?;
+        }
+        Ok(())
+    }
+
+    fn mount_volume(&mut self, name: &str, node: u64, id: &str, mount: bool) -> Outcome {
+        let Some(mut v) = self.volume(name)? else {
+            fail!(FsError::NotFound);
+        };
+        if mount && v.trashed.is_some() {
+            fail!(FsError::InTrash);
+        }
+        v.mounts.retain(|(n, i, _)| !(*n == node && i == id));
+        if mount {
+            v.mounts.push((node, id.to_string(), self.now));
+        }
+        self.put_volume(v)
     }
 
     fn update_node(&mut self, node: u64, f: impl FnOnce(&mut NodeInfo)) -> Outcome {

@@ -38,6 +38,12 @@ pub enum FsError {
     NotSupported,
     #[error("this node's session expired: its locks were released and its writes are refused")]
     SessionExpired,
+    /// The volume is mounted on some node.
+    #[error("the volume is in use")]
+    Busy,
+    /// The name belongs to a volume in the trash.
+    #[error("a volume of that name is in the trash")]
+    InTrash,
 }
 
 /// A failure of the metadata store itself: corrupt or unreadable state, or an I/O error in sled.

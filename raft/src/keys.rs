@@ -16,6 +16,7 @@ pub const ORPHAN: u8 = b'o';
 pub const SESSION: u8 = b'n';
 pub const LEASE: u8 = b'e';
 pub const NODE_INFO: u8 = b'N';
+pub const VOLUME: u8 = b'v';
 
 pub const META_APPLIED: &[u8] = b"m/applied";
 pub const META_MEMBERSHIP: &[u8] = b"m/membership";
@@ -74,6 +75,12 @@ pub fn orphan(ino: Ino) -> [u8; 9] {
 
 pub fn session(node: u64) -> [u8; 9] {
     with_u64(SESSION, node)
+}
+
+pub fn volume(name: &str) -> Vec<u8> {
+    let mut k = vec![VOLUME];
+    k.extend_from_slice(name.as_bytes());
+    k
 }
 
 pub fn node_info(node: u64) -> [u8; 9] {

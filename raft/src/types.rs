@@ -285,6 +285,80 @@ pub enum MetaCommand {
         key: String,
         value: Option<String>,
     },
+    /// Creates volume `name`: the directory `/volumes/NAME` and its record. Refused if the
+    /// name is taken, also by a volume in the trash.
+    CreateVolume {
+        name: String,
+        options: VolumeOptions,
+    },
+    /// Moves a volume that no node mounts to the trash (`/.trash/NAME`).
+    TrashVolume {
+        name: String,
+    },
+    /// Brings a volume back from the trash.
+    RestoreVolume {
+        name: String,
+    },
+    /// Deletes a volume in the trash with everything in it.
+    PurgeVolume {
+        name: String,
+    },
+    /// Records that `node` mounted the volume for Docker's mount `id` (`mount: true`), or
+    /// unmounted it.
+    MountVolume {
+        name: String,
+        node: u64,
+        id: String,
+        mount: bool,
+    },
+}
+
+/// A Docker volume: a directory tree with its own policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Volume {
+    pub name: String,
+    /// The volume's directory, under `/volumes` or, in the trash, under `/.trash`.
+    pub root: Ino,
+    pub options: VolumeOptions,
+    pub created: Nanos,
+    /// When it was moved to the trash.
+    pub trashed: Option<Nanos>,
+    /// Who has it mounted: (node, Docker's mount id, since).
+    pub mounts: Vec<(u64, String, Nanos)>,
+}
+
+/// A volume's policy, from `docker volume create -o`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeOptions {
+    /// Copies of each block; the cluster default when `None`.
+    pub replicas: Option<u32>,
+    /// Quota in bytes.
+    pub size: Option<u64>,
+    /// Label constraints on the nodes that hold replicas: (key, equal, value).
+    pub placement: Vec<(String, bool, String)>,
+}
+
+/// The directory under the root that holds every volume.
+pub const VOLUMES_DIR: &[u8] = b"volumes";
+/// The directory under the root that holds removed volumes until they are purged.
+pub const TRASH_DIR: &[u8] = b".trash";
+
+/// Volume names as Docker allows them: a letter or digit, then letters, digits, `_`, `.`, `-`;
+/// at most 255 bytes.
+pub fn check_volume_name(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 255
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid volume name {name:?}: use 1 to 255 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+        ))
+    }
 }
 
 /// What the cluster knows of a node beyond its Raft membership.
@@ -365,6 +439,8 @@ pub enum Reply {
     Copied(u64),
     /// A node id allocated for a joining node.
     NodeId(u64),
+    /// The volume as the command left it.
+    Volume(Volume),
     Done,
 }
 

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::error::StoreError;
 use crate::keys;
 use crate::layout;
-use crate::types::{BlockId, Dentry, Ino, Inode, Nanos, NodeInfo, RangeLock, Slice};
+use crate::types::{BlockId, Dentry, Ino, Inode, Nanos, NodeInfo, RangeLock, Slice, Volume};
 
 pub type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -126,6 +126,19 @@ impl StateView {
     /// The hash of the secret join tokens must carry, once a token was made.
     pub fn join_secret(&self) -> Result<Option<[u8; 32]>, StoreError> {
         self.get("join secret", keys::META_JOIN_SECRET)
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Option<Volume>, StoreError> {
+        self.get("volume", &keys::volume(name))
+    }
+
+    /// Every volume, in the trash or not, by name.
+    pub fn volumes(&self) -> Result<Vec<Volume>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([keys::VOLUME]) {
+            out.push(decode("volume", &kv?.1)?);
+        }
+        Ok(out)
     }
 
     /// What the cluster knows of every node that reported or was labelled.

@@ -851,3 +851,81 @@ fn node_reports_and_labels() {
     .unwrap();
     assert_eq!(sm.view().nodes().unwrap()[&2].labels.len(), 1);
 }
+
+#[test]
+fn volumes_are_created_mounted_trashed_restored_and_purged() {
+    let mut sm = Sm::new();
+    let vol = |cmd: MetaCommand, sm: &mut Sm| match sm.run(cmd) {
+        Ok(Reply::Volume(v)) => v,
+        other => panic!("{other:?}"),
+    };
+    let create = |name: &str| MetaCommand::CreateVolume {
+        name: name.into(),
+        options: VolumeOptions {
+            replicas: Some(2),
+            ..VolumeOptions::default()
+        },
+    };
+    let inodes_before = sm.view().inode_count().unwrap();
+    let v = vol(create("data"), &mut sm);
+    let volumes = sm.lookup(ROOT_INO, "volumes").unwrap();
+    assert_eq!(sm.lookup(volumes, "data"), Some(v.root));
+    assert_eq!(sm.run(create("data")), Err(FsError::Exists));
+    assert_eq!(sm.run(create("-bad")), Err(FsError::Invalid));
+    assert_eq!(sm.run(create("a/b")), Err(FsError::Invalid));
+    let sub = sm.mk(v.root, "sub", FileKind::Dir);
+    let f = sm.mk(sub, "f", FileKind::File);
+
+    // Mounted on a node: it cannot go to the trash.
+    let mount = |mount: bool| MetaCommand::MountVolume {
+        name: "data".into(),
+        node: 2,
+        id: "m1".into(),
+        mount,
+    };
+    assert_eq!(vol(mount(true), &mut sm).mounts.len(), 1);
+    assert_eq!(
+        vol(mount(true), &mut sm).mounts.len(),
+        1,
+        "a mount id counts once"
+    );
+    let trash = || MetaCommand::TrashVolume {
+        name: "data".into(),
+    };
+    assert_eq!(sm.run(trash()), Err(FsError::Busy));
+    assert!(vol(mount(false), &mut sm).mounts.is_empty());
+
+    // In the trash: its name is taken, its files are kept, and it comes back.
+    let trashed = vol(trash(), &mut sm);
+    assert!(trashed.trashed.is_some());
+    assert_eq!(sm.lookup(volumes, "data"), None);
+    let bin = sm.lookup(ROOT_INO, ".trash").unwrap();
+    assert_eq!(sm.lookup(bin, "data"), Some(v.root));
+    assert_eq!(sm.run(create("data")), Err(FsError::InTrash));
+    assert_eq!(sm.run(mount(true)), Err(FsError::InTrash));
+    let restored = vol(
+        MetaCommand::RestoreVolume {
+            name: "data".into(),
+        },
+        &mut sm,
+    );
+    assert_eq!(restored.trashed, None);
+    assert_eq!(sm.lookup(volumes, "data"), Some(v.root));
+    assert_eq!(sm.lookup(sub, "f"), Some(f));
+
+    // Purge only from the trash, and then everything in it is gone.
+    let purge = || MetaCommand::PurgeVolume {
+        name: "data".into(),
+    };
+    assert_eq!(sm.run(purge()), Err(FsError::NotPermitted));
+    vol(trash(), &mut sm);
+    assert_eq!(sm.run(purge()), Ok(Reply::Done));
+    assert_eq!(sm.view().volume("data").unwrap(), None);
+    assert_eq!(sm.lookup(bin, "data"), None);
+    assert!(sm.view().inode(f).unwrap().is_none());
+    // What is left: the /volumes and /.trash directories.
+    assert_eq!(sm.view().inode_count().unwrap(), inodes_before + 2);
+    // The name is free again.
+    vol(create("data"), &mut sm);
+    assert_eq!(sm.view().volumes().unwrap().len(), 1);
+}
