@@ -10,7 +10,7 @@ shoal_up() {
   # Tests switch to unprivileged users, who must be able to reach the mount.
   chmod 755 "$WORK"
   "$SHOAL" init --data "$WORK/data" >/dev/null
-  "$SHOAL" daemon --data "$WORK/data" --mount "$WORK/mnt" >"$WORK/daemon.log" 2>&1 &
+  "$SHOAL" daemon --data "$WORK/data" --mount "$WORK/mnt" --plugin-socket "$WORK/plugin.sock" >"$WORK/daemon.log" 2>&1 &
   DAEMON_PID=$!
   trap shoal_down EXIT
   for _ in $(seq 1 300); do

@@ -19,6 +19,8 @@ pub enum AdminRequest {
     Members,
     RemoveNode(u64),
     RotateToken,
+    /// A volume command of `shoal volume`.
+    Volume(VolumeRequest),
     /// Sets (`Some`) or removes (`None`) a node label.
     Label {
         node: u64,
@@ -28,9 +30,32 @@ pub enum AdminRequest {
 }
 
 #[derive(Serialize, Deserialize, Debug)]
+pub enum VolumeRequest {
+    Create {
+        name: String,
+        options: std::collections::BTreeMap<String, String>,
+    },
+    List,
+    Inspect(String),
+    Remove(String),
+    Restore(String),
+    Purge(String),
+}
+
+/// A volume as `shoal volume ls|inspect` shows it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VolumeInfo {
+    pub volume: shoal_raft::Volume,
+    /// Bytes of file content in it (sizes of its files).
+    pub used: u64,
+    pub files: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
 pub enum AdminReply {
     Status(Box<Status>),
     Members(Vec<Member>),
+    Volumes(Vec<VolumeInfo>),
     Done,
     Token(String),
     Error(String),
@@ -98,6 +123,77 @@ pub fn members(node: &Node) -> Result<Vec<Member>, String> {
             }
         })
         .collect())
+}
+
+/// Serves `shoal volume`: the same commands the Docker plugin proposes, with its messages.
+async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, String> {
+    use shoal_raft::MetaCommand;
+    let (name, cmd) = match req {
+        VolumeRequest::List => {
+            node.read_barrier().await.map_err(|e| e.to_string())?;
+            let vs = node.view.volumes().map_err(|e| e.to_string())?;
+            let n = node.clone();
+            let infos = tokio::task::spawn_blocking(move || {
+                vs.into_iter().map(|v| volume_info(&n, v)).collect()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            return Ok(AdminReply::Volumes(infos));
+        }
+        VolumeRequest::Inspect(name) => {
+            node.read_barrier().await.map_err(|e| e.to_string())?;
+            let v = node
+                .view
+                .volume(&name)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no such volume: {name}"))?;
+            let n = node.clone();
+            let info = tokio::task::spawn_blocking(move || volume_info(&n, v))
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(AdminReply::Volumes(vec![info]));
+        }
+        VolumeRequest::Create { name, options } => {
+            let options = crate::plugin::parse_options(&options)?;
+            let cmd = MetaCommand::CreateVolume {
+                name: name.clone(),
+                options,
+            };
+            (name, cmd)
+        }
+        VolumeRequest::Remove(name) => (name.clone(), MetaCommand::TrashVolume { name }),
+        VolumeRequest::Restore(name) => (name.clone(), MetaCommand::RestoreVolume { name }),
+        VolumeRequest::Purge(name) => (name.clone(), MetaCommand::PurgeVolume { name }),
+    };
+    shoal_raft::check_volume_name(&name)?;
+    node.run(cmd)
+        .await
+        .map_err(|e| crate::plugin::explain(&name, e, node))?;
+    Ok(AdminReply::Done)
+}
+
+/// A volume with the bytes and files in it, counted by walking its tree.
+fn volume_info(node: &Node, volume: shoal_raft::Volume) -> VolumeInfo {
+    use shoal_raft::Kv;
+    let (mut used, mut files) = (0, 0);
+    let mut dirs = vec![volume.root];
+    while let Some(dir) = dirs.pop() {
+        for (_, d) in node.view.readdir(dir).unwrap_or_default() {
+            match node.view.inode(d.ino) {
+                Ok(Some(i)) if i.kind == shoal_raft::FileKind::Dir => dirs.push(i.ino),
+                Ok(Some(i)) => {
+                    used += i.size;
+                    files += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    VolumeInfo {
+        volume,
+        used,
+        files,
+    }
 }
 
 /// Sets or removes a label of a member node.
@@ -216,6 +312,10 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
             let reply = match req {
                 AdminRequest::Members => match members(&node) {
                     Ok(m) => AdminReply::Members(m),
+                    Err(e) => AdminReply::Error(e),
+                },
+                AdminRequest::Volume(req) => match volume(&node, req).await {
+                    Ok(r) => r,
                     Err(e) => AdminReply::Error(e),
                 },
                 AdminRequest::Label {

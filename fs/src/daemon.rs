@@ -16,6 +16,8 @@ pub struct DaemonArgs<'a> {
     pub mount: &'a Path,
     pub options: NodeOptions,
     pub fuse_threads: usize,
+    /// Where to serve the Docker volume plugin, if anywhere.
+    pub plugin_socket: Option<&'a Path>,
 }
 
 pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
@@ -29,6 +31,14 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         args.fuse_threads,
     )?;
     let admin = tokio::spawn(admin::serve(node.clone(), Some(handle.mountpoint.clone())));
+    let plugin = args.plugin_socket.map(|socket| {
+        let (node, mount, socket) = (node.clone(), handle.mountpoint.clone(), socket.to_path_buf());
+        tokio::spawn(async move {
+            if let Err(e) = crate::plugin::serve(node, mount, socket.clone()).await {
+                tracing::error!(socket = %socket.display(), error = %e, "the Docker volume plugin stopped");
+            }
+        })
+    });
     info!(mount = %handle.mountpoint.display(), data = %args.data.display(), "shoal is serving");
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -50,6 +60,10 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
     tokio::task::block_in_place(|| handle.unmount());
     node.shutdown().await;
     admin.abort();
+    if let (Some(task), Some(socket)) = (plugin, args.plugin_socket) {
+        task.abort();
+        let _ = std::fs::remove_file(socket);
+    }
     let _ = std::fs::remove_file(admin::socket_path(args.data));
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod fuse;
 mod invalidate;
 pub mod node;
 pub mod ops;
+pub mod plugin;
 mod raft_net;
 
 pub use node::{Node, NodeOptions};

@@ -210,6 +210,8 @@ fn spawn_daemon(exe: &Path, nd: &NodeDir) -> anyhow::Result<std::process::Child>
         .arg(nd.data())
         .arg("--mount")
         .arg(nd.mnt())
+        .arg("--plugin-socket")
+        .arg(nd.root.join("plugin.sock"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

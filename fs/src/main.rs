@@ -80,6 +80,12 @@ enum Command {
         /// Log filter, e.g. `info` or `shoal_fs=debug` (RUST_LOG wins when set)
         #[arg(long, default_value = "info,openraft=warn")]
         log: String,
+        /// Where to serve the Docker volume plugin (Docker looks in /run/docker/plugins)
+        #[arg(long, default_value = "/run/docker/plugins/shoal.sock")]
+        plugin_socket: PathBuf,
+        /// Do not serve the Docker volume plugin
+        #[arg(long)]
+        no_plugin: bool,
     },
     /// Show the running node's state: Raft, mount, usage
     Status {
@@ -88,6 +94,11 @@ enum Command {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
+    },
+    /// Docker volumes: create, list, inspect, remove (to the trash), restore, purge
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
     },
     /// Run a local cluster for trying shoal out
     Local {
@@ -132,6 +143,136 @@ enum NodeCommand {
         /// The node's id (see `shoal node ls`)
         id: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a volume: `shoal volume create data -o replicas=2 -o size=10GiB`
+    Create {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        name: String,
+        /// KEY=VALUE: replicas=N, size=SIZE, placement=KEY==VALUE[,KEY!=VALUE…]
+        #[arg(short = 'o', long = "opt", value_parser = parse_opt)]
+        opts: Vec<(String, String)>,
+    },
+    /// List volumes, with those in the trash
+    Ls {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a volume: size used, quota, replicas, placement, where it is mounted
+    Inspect {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        name: String,
+    },
+    /// Move a volume no node mounts to the trash (what `docker volume rm` does)
+    Rm {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        name: String,
+    },
+    /// Bring a volume back from the trash
+    Restore {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        name: String,
+    },
+    /// Delete a volume in the trash, with all its files, for good
+    Purge {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        name: String,
+    },
+}
+
+fn parse_opt(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE (e.g. replicas=2)"))
+}
+
+fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
+    use admin::VolumeRequest as R;
+    let (data, req, done) = match command {
+        VolumeCommand::Create { data, name, opts } => (
+            data,
+            R::Create {
+                name: name.clone(),
+                options: opts.into_iter().collect(),
+            },
+            format!("volume {name} created"),
+        ),
+        VolumeCommand::Rm { data, name } => (
+            data,
+            R::Remove(name.clone()),
+            format!(
+                "volume {name} moved to the trash (`shoal volume restore {name}` brings it back)"
+            ),
+        ),
+        VolumeCommand::Restore { data, name } => (
+            data,
+            R::Restore(name.clone()),
+            format!("volume {name} restored"),
+        ),
+        VolumeCommand::Purge { data, name } => (
+            data,
+            R::Purge(name.clone()),
+            format!("volume {name} deleted for good"),
+        ),
+        VolumeCommand::Ls { data, json } => {
+            let vs = volumes(&data, R::List)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vs)?);
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<10} {:>12} {:>8} {:<8}",
+                "NAME", "STATE", "USED", "FILES", "MOUNTS"
+            );
+            for v in vs {
+                println!(
+                    "{:<24} {:<10} {:>12} {:>8} {:<8}",
+                    v.volume.name,
+                    if v.volume.trashed.is_some() {
+                        "trash"
+                    } else {
+                        "active"
+                    },
+                    bytesize::ByteSize(v.used).to_string(),
+                    v.files,
+                    v.volume.mounts.len()
+                );
+            }
+            return Ok(());
+        }
+        VolumeCommand::Inspect { data, name } => {
+            let vs = volumes(&data, R::Inspect(name))?;
+            println!("{}", serde_json::to_string_pretty(&vs[0])?);
+            return Ok(());
+        }
+    };
+    match runtime()?.block_on(admin::request(&data, AdminRequest::Volume(req)))? {
+        AdminReply::Done => {
+            println!("{done}");
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+    }
+}
+
+fn volumes(
+    data: &std::path::Path,
+    req: admin::VolumeRequest,
+) -> anyhow::Result<Vec<admin::VolumeInfo>> {
+    match runtime()?.block_on(admin::request(data, AdminRequest::Volume(req)))? {
+        AdminReply::Volumes(vs) => Ok(vs),
+        other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+    }
 }
 
 #[derive(Subcommand)]
@@ -339,6 +480,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cache_size,
             fuse_threads,
             log,
+            plugin_socket,
+            no_plugin,
         } => {
             init_tracing(&log);
             if !(1..=64).contains(&fuse_threads) {
@@ -353,8 +496,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mount: &mount,
                 options,
                 fuse_threads,
+                plugin_socket: (!no_plugin).then_some(plugin_socket.as_path()),
             }))
         }
+        Command::Volume { command } => volume_command(command),
         Command::Status { data, json } => {
             let reply = runtime()?.block_on(admin::request(&data, AdminRequest::Status))?;
             let AdminReply::Status(s) = reply else {

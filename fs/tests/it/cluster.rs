@@ -687,3 +687,121 @@ fn node_certificates_are_renewed_before_they_expire() {
     });
     assert_eq!(read(&c.mnt(2).join("early")).unwrap(), b"1");
 }
+
+/// One call of Docker's volume plugin protocol on node `k`'s plugin socket.
+fn plugin(c: &LocalCluster, k: u32, call: &str, body: serde_json::Value) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(c.node(k).join("plugin.sock")).unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST /{call} HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/vnd.docker.plugins.v1.2+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{out}");
+    serde_json::from_str(body).unwrap()
+}
+
+fn plugin_err(v: &serde_json::Value) -> &str {
+    v["Err"].as_str().unwrap_or("")
+}
+
+/// The Docker volume plugin protocol, spoken to the daemons' sockets as Docker would: one
+/// volume for the whole cluster, mounts recorded per node, no removal while mounted, and a
+/// trash that keeps the bytes and refuses to hand out an empty volume under the same name.
+#[test]
+fn the_volume_plugin_serves_one_volume_cluster_wide_and_never_loses_it() {
+    use serde_json::json;
+    let c = LocalCluster::up(3);
+    assert_eq!(
+        plugin(&c, 1, "Plugin.Activate", json!({}))["Implements"],
+        json!(["VolumeDriver"])
+    );
+    assert_eq!(
+        plugin(&c, 2, "VolumeDriver.Capabilities", json!({}))["Capabilities"]["Scope"],
+        "global"
+    );
+    // Docker asks Get first and creates only after an error.
+    let got = plugin(&c, 1, "VolumeDriver.Get", json!({"Name": "data"}));
+    assert!(plugin_err(&got).contains("no such volume"), "{got}");
+    let made = plugin(
+        &c,
+        1,
+        "VolumeDriver.Create",
+        json!({"Name": "data", "Opts": {"replicas": "2", "size": "1GiB"}}),
+    );
+    assert_eq!(plugin_err(&made), "", "{made}");
+    for (opts, says) in [
+        (json!({"frob": "1"}), "unknown option"),
+        (json!({"replicas": "0"}), "replicas"),
+        (json!({"size": "lots"}), "size"),
+        (json!({"placement": "ssd"}), "placement rule"),
+    ] {
+        let r = plugin(
+            &c,
+            1,
+            "VolumeDriver.Create",
+            json!({"Name": "x", "Opts": opts}),
+        );
+        assert!(plugin_err(&r).contains(says), "{r}");
+    }
+    let r = plugin(&c, 1, "VolumeDriver.Create", json!({"Name": "../x"}));
+    assert!(plugin_err(&r).contains("invalid volume name"), "{r}");
+
+    // Node 2 sees it at once, mounts it, and writes; node 3 reads the bytes.
+    let got = plugin(&c, 2, "VolumeDriver.Get", json!({"Name": "data"}));
+    assert_eq!(got["Volume"]["Status"]["replicas"], 2, "{got}");
+    let mounted = plugin(
+        &c,
+        2,
+        "VolumeDriver.Mount",
+        json!({"Name": "data", "ID": "c1"}),
+    );
+    let path = PathBuf::from(mounted["Mountpoint"].as_str().unwrap());
+    assert_eq!(path, c.mnt(2).join("volumes/data"));
+    fs::write(path.join("f"), b"kept").unwrap();
+    assert_eq!(read(&c.mnt(3).join("volumes/data/f")).unwrap(), b"kept");
+    let listed = plugin(&c, 3, "VolumeDriver.List", json!({}));
+    assert_eq!(listed["Volumes"][0]["Name"], "data", "{listed}");
+
+    // Not removable while node 2 has it mounted; the refusal names the node.
+    let r = plugin(&c, 3, "VolumeDriver.Remove", json!({"Name": "data"}));
+    assert!(plugin_err(&r).contains("in use on node 2"), "{r}");
+    let r = plugin(
+        &c,
+        2,
+        "VolumeDriver.Unmount",
+        json!({"Name": "data", "ID": "c1"}),
+    );
+    assert_eq!(plugin_err(&r), "", "{r}");
+    let r = plugin(&c, 3, "VolumeDriver.Remove", json!({"Name": "data"}));
+    assert_eq!(plugin_err(&r), "", "{r}");
+
+    // Removed: gone for Docker, but Create under its name is refused instead of handing out
+    // an empty volume, and `shoal volume restore` brings the bytes back.
+    let got = plugin(&c, 1, "VolumeDriver.Get", json!({"Name": "data"}));
+    assert!(plugin_err(&got).contains("no such volume"), "{got}");
+    let r = plugin(&c, 1, "VolumeDriver.Create", json!({"Name": "data"}));
+    assert!(plugin_err(&r).contains("shoal volume restore data"), "{r}");
+    let out = c.shoal_at(1, &["volume", "restore", "data"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(read(&c.mnt(1).join("volumes/data/f")).unwrap(), b"kept");
+
+    // Purge only from the trash, then the name is free.
+    let out = c.shoal_at(1, &["volume", "purge", "data"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in the trash"),
+        "{out:?}"
+    );
+    assert!(c.shoal_at(2, &["volume", "rm", "data"]).status.success());
+    assert!(c.shoal_at(2, &["volume", "purge", "data"]).status.success());
+    let r = plugin(&c, 1, "VolumeDriver.Create", json!({"Name": "data"}));
+    assert_eq!(plugin_err(&r), "", "{r}");
+    let ls = c.shoal_at(3, &["volume", "ls", "--json"]);
+    let ls: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(ls[0]["files"], 0, "a purged volume's files are gone: {ls}");
+}

@@ -251,6 +251,7 @@ fn a_second_daemon_and_an_occupied_mount_point_are_refused() {
     let other = tempfile::tempdir().unwrap();
     let out = Command::new(shoal())
         .arg("daemon")
+        .arg("--no-plugin")
         .arg("--data")
         .arg(d.data())
         .arg("--mount")
@@ -271,6 +272,7 @@ fn a_second_daemon_and_an_occupied_mount_point_are_refused() {
     assert!(init.status.success());
     let out = Command::new(shoal())
         .arg("daemon")
+        .arg("--no-plugin")
         .arg("--data")
         .arg(second.path())
         .arg("--mount")

@@ -96,6 +96,11 @@ impl Daemon {
         d
     }
 
+    /// Where this daemon serves the Docker volume plugin.
+    pub fn plugin_socket(&self) -> PathBuf {
+        self.root.path().join("plugin.sock")
+    }
+
     /// Starts the daemon (again) on the same data dir and waits until it serves the mount.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
@@ -110,6 +115,8 @@ impl Daemon {
             .arg(self.data())
             .arg("--mount")
             .arg(self.mnt())
+            .arg("--plugin-socket")
+            .arg(self.plugin_socket())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -1,0 +1,365 @@
+//! The Docker volume plugin: Docker's volume plugin protocol (JSON over HTTP on a unix socket)
+//! served by the daemon. A volume is the directory `/volumes/NAME` of the filesystem, recorded
+//! in Raft with its options and its mounts; `Mount` answers a path in this node's FUSE mount,
+//! so every node serves the same content. Scope `global`: a volume is one object for the
+//! whole cluster.
+//!
+//! Every answer is HTTP 200 with Docker's JSON; a failure is the `Err` field, written for a
+//! Docker user.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use shoal_raft::{
+    FsError, MetaCommand, Reply, Volume, VolumeOptions, check_label, check_volume_name,
+};
+use tracing::{info, warn};
+
+use crate::node::{Node, OpError};
+
+/// The options `docker volume create -o` takes.
+pub const OPTIONS: &str = "replicas=N (1 to 16), size=SIZE (a quota, e.g. 10GiB), placement=KEY==VALUE[,KEY!=VALUE…] (node labels)";
+
+struct Plugin {
+    node: Arc<Node>,
+    mount: PathBuf,
+}
+
+type Shared = State<Arc<Plugin>>;
+
+/// Serves the plugin on `socket` until the task is dropped. `mount` is this node's FUSE
+/// mount point.
+pub async fn serve(node: Arc<Node>, mountpoint: PathBuf, socket: PathBuf) -> std::io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // The data directory is locked by this daemon, so a socket left at this path is stale.
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)?;
+    info!(socket = %socket.display(), "serving the Docker volume plugin");
+    let plugin = Arc::new(Plugin {
+        node,
+        mount: mountpoint,
+    });
+    let app = Router::new()
+        .route("/Plugin.Activate", post(activate))
+        .route("/VolumeDriver.Capabilities", post(capabilities))
+        .route("/VolumeDriver.Create", post(create))
+        .route("/VolumeDriver.Remove", post(remove))
+        .route("/VolumeDriver.Mount", post(mount))
+        .route("/VolumeDriver.Unmount", post(unmount))
+        .route("/VolumeDriver.Path", post(path))
+        .route("/VolumeDriver.Get", post(get))
+        .route("/VolumeDriver.List", post(list))
+        .with_state(plugin);
+    axum::serve(listener, app).await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+struct Req {
+    name: String,
+    #[serde(rename = "ID")]
+    id: String,
+    opts: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Docker's request body; an empty body is an empty request.
+fn parse(body: &Bytes) -> Result<Req, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Req::default());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("bad request from Docker: {e}"))
+}
+
+fn err(msg: impl Into<String>) -> axum::Json<Value> {
+    let msg = msg.into();
+    warn!(error = %msg, "volume plugin request refused");
+    axum::Json(json!({ "Err": msg }))
+}
+
+async fn activate() -> axum::Json<Value> {
+    axum::Json(json!({ "Implements": ["VolumeDriver"] }))
+}
+
+async fn capabilities() -> axum::Json<Value> {
+    axum::Json(json!({ "Capabilities": { "Scope": "global" } }))
+}
+
+/// Parses `-o` options; refuses unknown ones and bad values with the list of valid ones.
+pub fn parse_options(
+    opts: &std::collections::BTreeMap<String, String>,
+) -> Result<VolumeOptions, String> {
+    let mut out = VolumeOptions::default();
+    for (k, v) in opts {
+        match k.as_str() {
+            "replicas" => match v.parse::<u32>() {
+                Ok(n @ 1..=16) => out.replicas = Some(n),
+                _ => return Err(format!("replicas={v:?} is not a number from 1 to 16")),
+            },
+            "size" => match v.parse::<bytesize::ByteSize>() {
+                Ok(s) if s.as_u64() > 0 => out.size = Some(s.as_u64()),
+                _ => return Err(format!("size={v:?} is not a size such as 512MiB or 10GiB")),
+            },
+            "placement" => {
+                for rule in v.split(',') {
+                    let (key, equal, value) = if let Some((k, v)) = rule.split_once("!=") {
+                        (k, false, v)
+                    } else if let Some((k, v)) = rule.split_once("==") {
+                        (k, true, v)
+                    } else {
+                        return Err(format!(
+                            "placement rule {rule:?} is not KEY==VALUE or KEY!=VALUE (e.g. storage==ssd)"
+                        ));
+                    };
+                    check_label(key, value)?;
+                    out.placement.push((key.into(), equal, value.into()));
+                }
+            }
+            "from" => {
+                return Err(
+                    "from= (copy-on-write clones) is not supported yet; valid options are "
+                        .to_string()
+                        + OPTIONS,
+                );
+            }
+            _ => return Err(format!("unknown option {k:?}; valid options are {OPTIONS}")),
+        }
+    }
+    Ok(out)
+}
+
+fn node_list(v: &Volume) -> String {
+    let mut nodes: Vec<String> = v
+        .mounts
+        .iter()
+        .map(|(n, _, _)| format!("node {n}"))
+        .collect();
+    nodes.dedup();
+    nodes.join(", ")
+}
+
+/// A volume command's outcome as the message a Docker user reads.
+pub fn explain(name: &str, e: OpError, node: &Node) -> String {
+    match e {
+        OpError::Fs(FsError::Exists) => format!("volume {name} already exists"),
+        OpError::Fs(FsError::NotFound) => format!("no such volume: {name}"),
+        OpError::Fs(FsError::InTrash) => format!(
+            "volume {name} was removed and is in shoal's trash; bring it back with `shoal volume restore {name}`, or delete it for good with `shoal volume purge {name}` before creating a new one"
+        ),
+        OpError::Fs(FsError::Busy) => {
+            let on = node
+                .view
+                .volume(name)
+                .ok()
+                .flatten()
+                .map(|v| node_list(&v))
+                .unwrap_or_default();
+            format!("volume {name} is in use on {on}: stop the containers using it first")
+        }
+        OpError::Fs(FsError::NotPermitted) => format!(
+            "volume {name} is not in the trash: remove it first (`docker volume rm {name}` or `shoal volume rm {name}`)"
+        ),
+        OpError::Fs(FsError::Invalid) => check_volume_name(name)
+            .err()
+            .unwrap_or_else(|| format!("invalid request for volume {name}")),
+        other => format!("volume {name}: {other}"),
+    }
+}
+
+impl Plugin {
+    fn mountpoint(&self, name: &str) -> PathBuf {
+        self.mount.join("volumes").join(name)
+    }
+
+    async fn run(&self, name: &str, cmd: MetaCommand) -> Result<Reply, String> {
+        check_volume_name(name)?;
+        self.node
+            .run(cmd)
+            .await
+            .map_err(|e| explain(name, e, &self.node))
+    }
+
+    /// The volume, read linearizably (a volume created on another node a moment ago is seen).
+    async fn volume(&self, name: &str) -> Result<Volume, String> {
+        check_volume_name(name)?;
+        self.node
+            .read_barrier()
+            .await
+            .map_err(|e| format!("volume {name}: {e}"))?;
+        match self.node.view.volume(name) {
+            Ok(Some(v)) if v.trashed.is_none() => Ok(v),
+            Ok(_) => Err(format!("no such volume: {name}")),
+            Err(e) => Err(format!("volume {name}: {e}")),
+        }
+    }
+
+    fn describe(&self, v: &Volume) -> Value {
+        let mut status = json!({
+            "replicas": v.options.replicas,
+            "size": v.options.size,
+            "mounts": v.mounts.iter().map(|(n, id, _)| json!({"node": n, "id": id})).collect::<Vec<_>>(),
+        });
+        if !v.options.placement.is_empty() {
+            status["placement"] = json!(
+                v.options
+                    .placement
+                    .iter()
+                    .map(|(k, eq, val)| format!("{k}{}{val}", if *eq { "==" } else { "!=" }))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+        json!({
+            "Name": v.name,
+            "Mountpoint": self.mountpoint(&v.name),
+            "Status": status,
+        })
+    }
+}
+
+async fn create(State(p): Shared, body: Bytes) -> axum::Json<Value> {
+    let r = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
+    let options = match parse_options(&r.opts.unwrap_or_default()) {
+        Ok(o) => o,
+        Err(e) => return err(e),
+    };
+    let cmd = MetaCommand::CreateVolume {
+        name: r.name.clone(),
+        options,
+    };
+    match p.run(&r.name, cmd).await {
+        Ok(_) => {
+            info!(volume = %r.name, "volume created");
+            axum::Json(json!({ "Err": "" }))
+        }
+        Err(e) => err(e),
+    }
+}
+
+async fn remove(State(p): Shared, body: Bytes) -> axum::Json<Value> {
+    let r = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
+    let cmd = MetaCommand::TrashVolume {
+        name: r.name.clone(),
+    };
+    match p.run(&r.name, cmd).await {
+        Ok(_) => {
+            info!(volume = %r.name, "volume moved to the trash");
+            axum::Json(json!({ "Err": "" }))
+        }
+        Err(e) => err(e),
+    }
+}
+
+async fn mount(State(p): Shared, body: Bytes) -> axum::Json<Value> {
+    let r = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
+    if let Err(e) = p.volume(&r.name).await {
+        return err(e);
+    }
+    let cmd = MetaCommand::MountVolume {
+        name: r.name.clone(),
+        node: p.node.id,
+        id: r.id.clone(),
+        mount: true,
+    };
+    if let Err(e) = p.run(&r.name, cmd).await {
+        return err(e);
+    }
+    // Answer only once the directory is there through this node's mount: a container must
+    // never start on an empty or half-ready directory.
+    let path = p.mountpoint(&r.name);
+    match ready(&path).await {
+        Ok(()) => axum::Json(json!({ "Mountpoint": path, "Err": "" })),
+        Err(e) => err(format!(
+            "volume {} is not reachable at {}: {e}",
+            r.name,
+            path.display()
+        )),
+    }
+}
+
+async fn ready(path: &Path) -> std::io::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let meta = std::fs::metadata(&path)?;
+        if meta.is_dir() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("not a directory"))
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+async fn unmount(State(p): Shared, body: Bytes) -> axum::Json<Value> {
+    let r = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
+    let cmd = MetaCommand::MountVolume {
+        name: r.name.clone(),
+        node: p.node.id,
+        id: r.id.clone(),
+        mount: false,
+    };
+    match p.run(&r.name, cmd).await {
+        Ok(_) => axum::Json(json!({ "Err": "" })),
+        Err(e) => err(e),
+    }
+}
+
+async fn path(State(p): Shared, body: Bytes) -> axum::Json<Value> {
+    let r = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
+    match p.volume(&r.name).await {
+        Ok(v) => axum::Json(json!({ "Mountpoint": p.mountpoint(&v.name), "Err": "" })),
+        Err(e) => err(e),
+    }
+}
+
+async fn get(State(p): Shared, body: Bytes) -> axum::Json<Value> {
+    let r = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
+    // Docker calls Create after an error here, so an unknown volume must be an error.
+    match p.volume(&r.name).await {
+        Ok(v) => axum::Json(json!({ "Volume": p.describe(&v), "Err": "" })),
+        Err(e) => axum::Json(json!({ "Err": e })),
+    }
+}
+
+async fn list(State(p): Shared) -> axum::Json<Value> {
+    if let Err(e) = p.node.read_barrier().await {
+        return err(format!("listing volumes: {e}"));
+    }
+    match p.node.view.volumes() {
+        Ok(vs) => axum::Json(json!({
+            "Volumes": vs
+                .iter()
+                .filter(|v| v.trashed.is_none())
+                .map(|v| json!({"Name": v.name, "Mountpoint": p.mountpoint(&v.name)}))
+                .collect::<Vec<_>>(),
+            "Err": "",
+        })),
+        Err(e) => err(format!("listing volumes: {e}")),
+    }
+}
