@@ -224,73 +224,80 @@ impl Plugin {
     }
 }
 
-async fn create(State(p): Shared, body: Bytes) -> axum::Json<Value> {
-    let r = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return err(e),
-    };
-    let options = match parse_options(&r.opts.unwrap_or_default()) {
-        Ok(o) => o,
-        Err(e) => return err(e),
-    };
-    let cmd = MetaCommand::CreateVolume {
-        name: r.name.clone(),
-        options,
-    };
-    match p.run(&r.name, cmd).await {
-        Ok(_) => {
-            info!(volume = %r.name, "volume created");
-            axum::Json(json!({ "Err": "" }))
+/// Docker's answer: the handler's fields with an empty `Err`, or only `Err`.
+fn answer(r: Result<Value, String>) -> axum::Json<Value> {
+    match r {
+        Ok(mut v) => {
+            v["Err"] = json!("");
+            axum::Json(v)
         }
         Err(e) => err(e),
     }
+}
+
+async fn create(State(p): Shared, body: Bytes) -> axum::Json<Value> {
+    answer(
+        async {
+            let r = parse(&body)?;
+            let options = parse_options(&r.opts.clone().unwrap_or_default())?;
+            let cmd = MetaCommand::CreateVolume {
+                name: r.name.clone(),
+                options,
+            };
+            p.run(&r.name, cmd).await?;
+            info!(volume = %r.name, "volume created");
+            Ok(json!({}))
+        }
+        .await,
+    )
 }
 
 async fn remove(State(p): Shared, body: Bytes) -> axum::Json<Value> {
-    let r = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return err(e),
-    };
-    let cmd = MetaCommand::TrashVolume {
-        name: r.name.clone(),
-    };
-    match p.run(&r.name, cmd).await {
-        Ok(_) => {
+    answer(
+        async {
+            let r = parse(&body)?;
+            let cmd = MetaCommand::TrashVolume {
+                name: r.name.clone(),
+            };
+            p.run(&r.name, cmd).await?;
             info!(volume = %r.name, "volume moved to the trash");
-            axum::Json(json!({ "Err": "" }))
+            Ok(json!({}))
         }
-        Err(e) => err(e),
-    }
+        .await,
+    )
 }
 
-async fn mount(State(p): Shared, body: Bytes) -> axum::Json<Value> {
-    let r = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return err(e),
-    };
-    if let Err(e) = p.volume(&r.name).await {
-        return err(e);
-    }
+/// Records this node's mount (`mount`) or unmount of the volume for Docker's mount id.
+async fn record(p: &Plugin, r: &Req, mount: bool) -> Result<(), String> {
     let cmd = MetaCommand::MountVolume {
         name: r.name.clone(),
         node: p.node.id,
         id: r.id.clone(),
-        mount: true,
+        mount,
     };
-    if let Err(e) = p.run(&r.name, cmd).await {
-        return err(e);
-    }
-    // Answer only once the directory is there through this node's mount: a container must
-    // never start on an empty or half-ready directory.
-    let path = p.mountpoint(&r.name);
-    match ready(&path).await {
-        Ok(()) => axum::Json(json!({ "Mountpoint": path, "Err": "" })),
-        Err(e) => err(format!(
-            "volume {} is not reachable at {}: {e}",
-            r.name,
-            path.display()
-        )),
-    }
+    p.run(&r.name, cmd).await.map(drop)
+}
+
+async fn mount(State(p): Shared, body: Bytes) -> axum::Json<Value> {
+    answer(
+        async {
+            let r = parse(&body)?;
+            p.volume(&r.name).await?;
+            record(&p, &r, true).await?;
+            // Answer only once the directory is there through this node's mount: a
+            // container must never start on an empty or half-ready directory.
+            let path = p.mountpoint(&r.name);
+            ready(&path).await.map_err(|e| {
+                format!(
+                    "volume {} is not reachable at {}: {e}",
+                    r.name,
+                    path.display()
+                )
+            })?;
+            Ok(json!({ "Mountpoint": path }))
+        }
+        .await,
+    )
 }
 
 async fn ready(path: &Path) -> std::io::Result<()> {
@@ -308,58 +315,49 @@ async fn ready(path: &Path) -> std::io::Result<()> {
 }
 
 async fn unmount(State(p): Shared, body: Bytes) -> axum::Json<Value> {
-    let r = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return err(e),
-    };
-    let cmd = MetaCommand::MountVolume {
-        name: r.name.clone(),
-        node: p.node.id,
-        id: r.id.clone(),
-        mount: false,
-    };
-    match p.run(&r.name, cmd).await {
-        Ok(_) => axum::Json(json!({ "Err": "" })),
-        Err(e) => err(e),
-    }
+    answer(
+        async {
+            record(&p, &parse(&body)?, false).await?;
+            Ok(json!({}))
+        }
+        .await,
+    )
 }
 
 async fn path(State(p): Shared, body: Bytes) -> axum::Json<Value> {
-    let r = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return err(e),
-    };
-    match p.volume(&r.name).await {
-        Ok(v) => axum::Json(json!({ "Mountpoint": p.mountpoint(&v.name), "Err": "" })),
-        Err(e) => err(e),
-    }
+    answer(
+        async {
+            let v = p.volume(&parse(&body)?.name).await?;
+            Ok(json!({ "Mountpoint": p.mountpoint(&v.name) }))
+        }
+        .await,
+    )
 }
 
+/// Docker calls Create after an error here, so an unknown volume must be an error.
 async fn get(State(p): Shared, body: Bytes) -> axum::Json<Value> {
-    let r = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return err(e),
-    };
-    // Docker calls Create after an error here, so an unknown volume must be an error.
-    match p.volume(&r.name).await {
-        Ok(v) => axum::Json(json!({ "Volume": p.describe(&v), "Err": "" })),
-        Err(e) => axum::Json(json!({ "Err": e })),
-    }
+    answer(
+        async {
+            let v = p.volume(&parse(&body)?.name).await?;
+            Ok(json!({ "Volume": p.describe(&v) }))
+        }
+        .await,
+    )
 }
 
 async fn list(State(p): Shared) -> axum::Json<Value> {
-    if let Err(e) = p.node.read_barrier().await {
-        return err(format!("listing volumes: {e}"));
-    }
-    match p.node.view.volumes() {
-        Ok(vs) => axum::Json(json!({
-            "Volumes": vs
+    answer(
+        async {
+            let listing = |e: &dyn std::fmt::Display| format!("listing volumes: {e}");
+            p.node.read_barrier().await.map_err(|e| listing(&e))?;
+            let vs = p.node.view.volumes().map_err(|e| listing(&e))?;
+            let vs: Vec<Value> = vs
                 .iter()
                 .filter(|v| v.trashed.is_none())
                 .map(|v| json!({"Name": v.name, "Mountpoint": p.mountpoint(&v.name)}))
-                .collect::<Vec<_>>(),
-            "Err": "",
-        })),
-        Err(e) => err(format!("listing volumes: {e}")),
-    }
+                .collect();
+            Ok(json!({ "Volumes": vs }))
+        }
+        .await,
+    )
 }
