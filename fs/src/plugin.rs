@@ -334,15 +334,18 @@ async fn path(State(p): Shared, body: Bytes) -> axum::Json<Value> {
     )
 }
 
-/// Docker calls Create after an error here, so an unknown volume must be an error.
+/// Docker calls Create after an error here, so an unknown volume must be an error; it is
+/// Docker's normal first step, so it is not logged as a refusal.
 async fn get(State(p): Shared, body: Bytes) -> axum::Json<Value> {
-    answer(
-        async {
-            let v = p.volume(&parse(&body)?.name).await?;
-            Ok(json!({ "Volume": p.describe(&v) }))
-        }
-        .await,
-    )
+    let found: Result<Value, String> = async {
+        let v = p.volume(&parse(&body)?.name).await?;
+        Ok(json!({ "Volume": p.describe(&v) }))
+    }
+    .await;
+    match found {
+        Ok(v) => answer(Ok(v)),
+        Err(e) => axum::Json(json!({ "Err": e })),
+    }
 }
 
 async fn list(State(p): Shared) -> axum::Json<Value> {

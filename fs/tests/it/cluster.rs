@@ -565,11 +565,7 @@ fn a_rotated_token_and_a_removed_node_are_refused() {
         .unwrap()
         .trim()
         .to_string();
-    let out = Command::new(shoal())
-        .args(["token", "rotate", "--data"])
-        .arg(c.data(1))
-        .output()
-        .unwrap();
+    let out = c.shoal_at(1, &["token", "rotate"]);
     assert!(
         out.status.success(),
         "{}",
@@ -584,21 +580,13 @@ fn a_rotated_token_and_a_removed_node_are_refused() {
 
     // Remove node 3 (asked through node 2): the others stop talking to it.
     fs::write(c.mnt(3).join("before"), b"ok").unwrap();
-    let out = Command::new(shoal())
-        .args(["node", "rm", "3", "--data"])
-        .arg(c.data(2))
-        .output()
-        .unwrap();
+    let out = c.shoal_at(2, &["node", "rm", "3"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = Command::new(shoal())
-        .args(["node", "ls", "--data"])
-        .arg(c.data(1))
-        .output()
-        .unwrap();
+    let out = c.shoal_at(1, &["node", "ls"]);
     let ls = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!ls.lines().any(|l| l.starts_with("3 ")), "{ls}");
     let err = fs::write(c.mnt(3).join("after"), b"no").unwrap_err();
@@ -610,11 +598,7 @@ fn a_rotated_token_and_a_removed_node_are_refused() {
     assert!(c.mnt(1).join("before").exists());
     assert!(!c.mnt(1).join("after").exists());
     // The leader cannot be removed from under itself.
-    let out = Command::new(shoal())
-        .args(["node", "rm", "1", "--data"])
-        .arg(c.data(1))
-        .output()
-        .unwrap();
+    let out = c.shoal_at(1, &["node", "rm", "1"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the leader"));
 }
