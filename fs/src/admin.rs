@@ -45,10 +45,34 @@ pub enum VolumeRequest {
 /// A volume as `shoal volume ls|inspect` shows it.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct VolumeInfo {
-    pub volume: shoal_raft::Volume,
-    /// Bytes of file content in it (sizes of its files).
+    pub name: String,
+    /// `active`, or `trash` once removed.
+    pub state: String,
+    /// Bytes of file content in it (the sizes of its files and symlinks).
     pub used: u64,
-    pub files: u64,
+    /// The quota in bytes (`size=`), if any.
+    pub quota: Option<u64>,
+    /// Files, directories and symlinks below its root.
+    pub entries: u64,
+    /// Copies of each block (the cluster default when not set).
+    pub replicas: u32,
+    /// Node label rules its replicas keep to, e.g. `storage==ssd`.
+    pub placement: String,
+    /// The volume it was cloned from.
+    pub from: Option<String>,
+    /// When it was created and, in the trash, removed (Unix seconds).
+    pub created: i64,
+    pub trashed: Option<i64>,
+    /// When the trash purges it for good, if nobody restores it (Unix seconds).
+    pub purge_after: Option<i64>,
+    /// Where it is mounted: node and the number of Docker mounts there.
+    pub mounts: Vec<VolumeMounts>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VolumeMounts {
+    pub node: u64,
+    pub count: usize,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -132,12 +156,10 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
         VolumeRequest::List => {
             node.read_barrier().await.map_err(|e| e.to_string())?;
             let vs = node.view.volumes().map_err(|e| e.to_string())?;
-            let n = node.clone();
-            let infos = tokio::task::spawn_blocking(move || {
-                vs.into_iter().map(|v| volume_info(&n, v)).collect()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+            let infos = vs
+                .into_iter()
+                .map(|v| volume_info(node, v))
+                .collect::<Result<_, _>>()?;
             return Ok(AdminReply::Volumes(infos));
         }
         VolumeRequest::Inspect(name) => {
@@ -147,14 +169,11 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
                 .volume(&name)
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("no such volume: {name}"))?;
-            let n = node.clone();
-            let info = tokio::task::spawn_blocking(move || volume_info(&n, v))
-                .await
-                .map_err(|e| e.to_string())?;
-            return Ok(AdminReply::Volumes(vec![info]));
+            return Ok(AdminReply::Volumes(vec![volume_info(node, v)?]));
         }
         VolumeRequest::Create { name, options } => {
             let options = crate::plugin::parse_options(&options)?;
+            crate::plugin::check_fits(node, &options)?;
             let cmd = MetaCommand::CreateVolume {
                 name: name.clone(),
                 options,
@@ -172,28 +191,50 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
     Ok(AdminReply::Done)
 }
 
-/// A volume with the bytes and files in it, counted by walking its tree.
-fn volume_info(node: &Node, volume: shoal_raft::Volume) -> VolumeInfo {
+/// A volume as the CLI shows it, with the usage the state machine keeps.
+fn volume_info(node: &Node, v: shoal_raft::Volume) -> Result<VolumeInfo, String> {
     use shoal_raft::Kv;
-    let (mut used, mut files) = (0, 0);
-    let mut dirs = vec![volume.root];
-    while let Some(dir) = dirs.pop() {
-        for (_, d) in node.view.readdir(dir).unwrap_or_default() {
-            match node.view.inode(d.ino) {
-                Ok(Some(i)) if i.kind == shoal_raft::FileKind::Dir => dirs.push(i.ino),
-                Ok(Some(i)) => {
-                    used += i.size;
-                    files += 1;
-                }
-                _ => {}
-            }
+    let usage = node
+        .view
+        .volume_usage(v.root)
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    let retention = node
+        .view
+        .settings()
+        .map_err(|e| e.to_string())?
+        .trash_retention;
+    let secs = |t: i64| t.div_euclid(1_000_000_000);
+    let mut mounts: Vec<VolumeMounts> = Vec::new();
+    for (n, _, _) in &v.mounts {
+        match mounts.iter_mut().find(|m| m.node == *n) {
+            Some(m) => m.count += 1,
+            None => mounts.push(VolumeMounts { node: *n, count: 1 }),
         }
     }
-    VolumeInfo {
-        volume,
-        used,
-        files,
-    }
+    mounts.sort_by_key(|m| m.node);
+    Ok(VolumeInfo {
+        state: if v.trashed.is_some() {
+            "trash"
+        } else {
+            "active"
+        }
+        .into(),
+        used: usage.bytes,
+        quota: v.options.size,
+        entries: usage.inodes.saturating_sub(1),
+        replicas: v
+            .options
+            .replicas
+            .unwrap_or(crate::cluster::replicate::REPLICAS as u32),
+        placement: v.options.placement_text(),
+        from: v.options.from.clone(),
+        created: secs(v.created),
+        trashed: v.trashed.map(secs),
+        purge_after: v.trashed.map(|t| secs(t.saturating_add(retention))),
+        mounts,
+        name: v.name,
+    })
 }
 
 /// Sets or removes a label of a member node.
@@ -256,7 +297,7 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         .map(|l| (l.len() as u64, l.iter().map(|(_, n, _)| n).sum()))
         .unwrap_or((0, 0));
     let disk_free_bytes = node
-        .statfs()
+        .statfs(shoal_raft::ROOT_INO)
         .map(|s| s.bavail * u64::from(s.bsize))
         .unwrap_or(0);
     Status {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
-use shoal_raft::{BlockId, Ino, MetaCommand, Slice};
+use shoal_raft::{BlockId, FsError, Ino, MetaCommand, Slice};
 use tracing::{error, warn};
 
 use crate::blocks::BlockStore;
@@ -50,12 +50,15 @@ pub struct OpenFile {
     commit_queued: AtomicBool,
     /// The node's session epoch when the file was opened: see `Node::epoch`.
     pub(crate) epoch: u64,
+    /// The root of the volume the file is in (0 if none), whose quota writes check.
+    pub(crate) volume: Ino,
 }
 
 impl OpenFile {
-    pub(crate) fn new(ino: Ino, epoch: u64) -> OpenFile {
+    pub(crate) fn new(ino: Ino, epoch: u64, volume: Ino) -> OpenFile {
         OpenFile {
             ino,
+            volume,
             opens: AtomicUsize::new(0),
             bufs: Mutex::new(Buffers::default()),
             commit_lock: tokio::sync::Mutex::new(()),
@@ -176,6 +179,12 @@ impl OpenFile {
                 node.dirty_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 Ok(())
             }
+            Err(e @ OpError::Fs(FsError::QuotaExceeded)) => {
+                // Past the volume's quota: the bytes can never land. Like a local filesystem
+                // after EDQUOT, they are gone; the error goes to this fsync or close.
+                node.dirty_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                Err(e)
+            }
             Err(e) => {
                 // Keep the data: put it back in front of anything written since, in order.
                 let batch = Arc::try_unwrap(batch).unwrap_or_else(|a| {
@@ -236,6 +245,35 @@ impl OpenFile {
         };
         node.unguard_blocks(&ids);
         result
+    }
+
+    /// Refuses a write of `[off, end)` that would take the file's volume past its quota, by
+    /// what this node knows: the committed usage plus this file's growth not yet committed.
+    /// Writes buffered in other files here can still pass it together; their commit fails
+    /// then (see `commit`).
+    pub(crate) fn check_quota(&self, node: &Node, end: u64) -> OpResult<()> {
+        use shoal_raft::Kv;
+        if self.volume == 0 {
+            return Ok(());
+        }
+        let usage = node
+            .view
+            .volume_usage(self.volume)
+            .map_err(crate::ops::store_err)?;
+        let Some(quota) = usage.as_ref().and_then(|u| u.quota) else {
+            return Ok(());
+        };
+        let committed = node
+            .view
+            .inode(self.ino)
+            .map_err(crate::ops::store_err)?
+            .map_or(0, |i| i.size);
+        let end = end.max(self.buffered_end().unwrap_or(0));
+        let used = usage.map_or(0, |u| u.bytes);
+        if used.saturating_add(end.saturating_sub(committed)) > quota {
+            return Err(FsError::QuotaExceeded.into());
+        }
+        Ok(())
     }
 
     /// Commits in the background; a failure is kept for the next flush or fsync to report.

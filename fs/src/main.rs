@@ -231,21 +231,29 @@ fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<24} {:<10} {:>12} {:>8} {:<8}",
-                "NAME", "STATE", "USED", "FILES", "MOUNTS"
+                "{:<24} {:<7} {:>10} {:>10} {:>8} {:>8} {:<20}",
+                "NAME", "STATE", "USED", "QUOTA", "ENTRIES", "REPLICAS", "MOUNTED ON"
             );
             for v in vs {
+                let mounted: Vec<String> = v
+                    .mounts
+                    .iter()
+                    .map(|m| format!("node {} ({}×)", m.node, m.count))
+                    .collect();
                 println!(
-                    "{:<24} {:<10} {:>12} {:>8} {:<8}",
-                    v.volume.name,
-                    if v.volume.trashed.is_some() {
-                        "trash"
-                    } else {
-                        "active"
-                    },
+                    "{:<24} {:<7} {:>10} {:>10} {:>8} {:>8} {:<20}",
+                    v.name,
+                    v.state,
                     bytesize::ByteSize(v.used).to_string(),
-                    v.files,
-                    v.volume.mounts.len()
+                    v.quota
+                        .map_or("-".into(), |q| bytesize::ByteSize(q).to_string()),
+                    v.entries,
+                    v.replicas,
+                    if mounted.is_empty() {
+                        "-".into()
+                    } else {
+                        mounted.join(", ")
+                    }
                 );
             }
             return Ok(());

@@ -159,6 +159,8 @@ pub fn fs_errno(e: FsError) -> i32 {
         FsError::SessionExpired => libc::EIO,
         FsError::Busy => libc::EBUSY,
         FsError::InTrash => libc::EEXIST,
+        FsError::QuotaExceeded => libc::EDQUOT,
+        FsError::CrossDevice => libc::EXDEV,
     }
 }
 

@@ -53,7 +53,7 @@ pub struct StatFs {
 pub const SEEK_DATA: i32 = 3;
 pub const SEEK_HOLE: i32 = 4;
 
-fn store_err(e: shoal_raft::StoreError) -> OpError {
+pub(crate) fn store_err(e: shoal_raft::StoreError) -> OpError {
     error!(error = %e, "metadata store read failed");
     OpError::Errno(libc::EIO)
 }
@@ -243,7 +243,11 @@ impl Node {
         if inode.kind == FileKind::File {
             let mut files = self.files.lock().expect("files lock");
             let f = files.entry(ino).or_insert_with(|| {
-                Arc::new(OpenFile::new(ino, self.epoch.load(Ordering::Acquire)))
+                Arc::new(OpenFile::new(
+                    ino,
+                    self.epoch.load(Ordering::Acquire),
+                    inode.volume,
+                ))
             });
             f.opens.fetch_add(1, Ordering::SeqCst);
         }
@@ -296,6 +300,7 @@ impl Node {
         }
         let f = self.open_file(ino).ok_or(OpError::Errno(libc::EBADF))?;
         self.check_not_fenced(&f)?;
+        f.check_quota(self, off + data.len() as u64)?;
         let buffered = f.buffer(self, off, data);
         Ok(if buffered >= self.options.commit_bytes * 4 {
             WriteAck::CommitFirst(f)
@@ -306,8 +311,29 @@ impl Node {
         })
     }
 
-    /// Space of the disk under the data directory, and the inode count.
-    pub fn statfs(&self) -> OpResult<StatFs> {
+    /// Space of the disk under the data directory, and the inode count; inside a volume
+    /// with a quota, the quota and what is left of it (what `df` in a container shows).
+    pub fn statfs(&self, ino: Ino) -> OpResult<StatFs> {
+        let mut st = self.disk_statfs()?;
+        let volume = self
+            .view
+            .inode(ino)
+            .map_err(store_err)?
+            .map_or(0, |i| i.volume);
+        if volume != 0
+            && let Some(u) = self.view.volume_usage(volume).map_err(store_err)?
+            && let Some(quota) = u.quota
+        {
+            let bsize = u64::from(st.bsize);
+            let left = quota.saturating_sub(u.bytes) / bsize;
+            st.blocks = quota / bsize;
+            st.bfree = st.bfree.min(left);
+            st.bavail = st.bavail.min(left);
+        }
+        Ok(st)
+    }
+
+    fn disk_statfs(&self) -> OpResult<StatFs> {
         let st =
             rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Errno(e.raw_os_error()))?;
         let bsize: u64 = 4096;

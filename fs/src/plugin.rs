@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::node::{Node, OpError};
 
 /// The options `docker volume create -o` takes.
-pub const OPTIONS: &str = "replicas=N (1 to 16), size=SIZE (a quota, e.g. 10GiB), placement=KEY==VALUE[,KEY!=VALUE…] (node labels)";
+pub const OPTIONS: &str = "replicas=N (1 to 16, at most the number of nodes), size=SIZE (a quota, e.g. 10GiB), placement=KEY==VALUE[,KEY!=VALUE…] (node labels), from=VOLUME (a copy-on-write clone)";
 
 struct Plugin {
     node: Arc<Node>,
@@ -123,16 +123,44 @@ pub fn parse_options(
                 }
             }
             "from" => {
-                return Err(
-                    "from= (copy-on-write clones) is not supported yet; valid options are "
-                        .to_string()
-                        + OPTIONS,
-                );
+                check_volume_name(v).map_err(|e| format!("from={v:?}: {e}"))?;
+                out.from = Some(v.clone());
             }
             _ => return Err(format!("unknown option {k:?}; valid options are {OPTIONS}")),
         }
     }
     Ok(out)
+}
+
+/// Refuses options this cluster cannot honour: more replicas than nodes, or than nodes that
+/// match the placement.
+pub fn check_fits(node: &Node, options: &VolumeOptions) -> Result<(), String> {
+    let members = crate::admin::members(node)?;
+    let matching: Vec<u64> = members
+        .iter()
+        .filter(|m| options.admits(&m.labels))
+        .map(|m| m.id)
+        .collect();
+    let wanted = options.replicas.map_or(1, |r| r as usize);
+    if !options.placement.is_empty() && matching.is_empty() {
+        return Err(format!(
+            "no node matches placement={}: label nodes with `shoal node label add NODE KEY=VALUE` (see `shoal node ls`)",
+            options.placement_text()
+        ));
+    }
+    if wanted > matching.len() {
+        let among = if options.placement.is_empty() {
+            String::new()
+        } else {
+            format!(" matching placement={}", options.placement_text())
+        };
+        return Err(format!(
+            "replicas={wanted} but the cluster has {} node(s){among}: use replicas={} or fewer, or add nodes",
+            matching.len(),
+            matching.len()
+        ));
+    }
+    Ok(())
 }
 
 fn node_list(v: &Volume) -> String {
@@ -207,14 +235,10 @@ impl Plugin {
             "mounts": v.mounts.iter().map(|(n, id, _)| json!({"node": n, "id": id})).collect::<Vec<_>>(),
         });
         if !v.options.placement.is_empty() {
-            status["placement"] = json!(
-                v.options
-                    .placement
-                    .iter()
-                    .map(|(k, eq, val)| format!("{k}{}{val}", if *eq { "==" } else { "!=" }))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
+            status["placement"] = json!(v.options.placement_text());
+        }
+        if let Some(from) = &v.options.from {
+            status["from"] = json!(from);
         }
         json!({
             "Name": v.name,
@@ -240,6 +264,7 @@ async fn create(State(p): Shared, body: Bytes) -> axum::Json<Value> {
         async {
             let r = parse(&body)?;
             let options = parse_options(&r.opts.clone().unwrap_or_default())?;
+            check_fits(&p.node, &options)?;
             let cmd = MetaCommand::CreateVolume {
                 name: r.name.clone(),
                 options,

@@ -4,7 +4,7 @@
 //! written as one atomic sled batch together with the applied log id. Each command validates
 //! before it mutates, so a command that fails with an `FsError` changes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -40,7 +40,27 @@ impl Kv for Txn<'_> {
     }
 }
 
+/// A point in a `Txn` to roll back to.
+pub struct Checkpoint {
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    touched: usize,
+}
+
 impl<'a> Txn<'a> {
+    /// Marks the current state, for a command that finds out late that it must fail.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            writes: self.writes.clone(),
+            touched: self.touched.len(),
+        }
+    }
+
+    /// Forgets every write since `cp`.
+    pub fn rollback(&mut self, cp: Checkpoint) {
+        self.writes = cp.writes;
+        self.touched.truncate(cp.touched);
+    }
+
     pub fn new(tree: &'a sled::Tree) -> Txn<'a> {
         Txn {
             tree,
@@ -177,6 +197,7 @@ pub fn ensure_root(txn: &mut Txn<'_>, now: Nanos) -> Result<(), StoreError> {
         parent: ROOT_INO,
         children: 0,
         target: Vec::new(),
+        volume: 0,
     };
     txn.put(&keys::inode(ROOT_INO), &root);
     txn.put(keys::META_NEXT_INO, &(ROOT_INO + 1));
@@ -239,7 +260,10 @@ impl Ctx<'_, '_> {
                 ino,
                 new_parent,
                 new_name,
-            } => self.link(*ino, *new_parent, new_name),
+            } => {
+                tri!(self.check_same_volume(*ino, *new_parent));
+                self.link(*ino, *new_parent, new_name)
+            }
             MetaCommand::Unlink { parent, name } => self.unlink(*parent, name),
             MetaCommand::Rmdir { parent, name } => self.rmdir(*parent, name),
             MetaCommand::Rename {
@@ -249,6 +273,14 @@ impl Ctx<'_, '_> {
                 new_name,
                 flags,
             } => {
+                if let Some(d) = self.txn.lookup(*parent, name)? {
+                    tri!(self.check_same_volume(d.ino, *new_parent));
+                }
+                if flags.exchange
+                    && let Some(d) = self.txn.lookup(*new_parent, new_name)?
+                {
+                    tri!(self.check_same_volume(d.ino, *parent));
+                }
                 if flags.exchange {
                     self.exchange(*parent, name, *new_parent, new_name)
                 } else {
@@ -316,6 +348,16 @@ impl Ctx<'_, '_> {
                 id,
                 mount,
             } => self.mount_volume(name, *node, id, *mount),
+            MetaCommand::ClearMounts { node, except } => self.clear_mounts(*node, except),
+            MetaCommand::SetTrashRetention { nanos } => {
+                if *nanos < 0 {
+                    fail!(FsError::Invalid);
+                }
+                let mut settings = self.txn.settings()?;
+                settings.trash_retention = *nanos;
+                self.txn.put(keys::META_SETTINGS, &settings);
+                Ok(Ok(Reply::Done))
+            }
             MetaCommand::SetNodeLabel { node, key, value } => {
                 if crate::types::check_label(key, value.as_deref().unwrap_or("")).is_err() {
                     fail!(FsError::Invalid);
@@ -375,13 +417,49 @@ impl Ctx<'_, '_> {
                 None => FsError::Exists,
             });
         }
+        let source = match &options.from {
+            Some(from) => match self.volume(from)? {
+                Some(v) if v.trashed.is_none() => Some(v),
+                Some(_) => fail!(FsError::InTrash),
+                None => fail!(FsError::NotFound),
+            },
+            None => None,
+        };
+        let start = self.txn.checkpoint();
         let volumes = tri!(self.system_dir(VOLUMES_DIR));
         // A directory made there by hand becomes the volume; anything else is in the way.
-        let root = match self.txn.lookup(volumes, name.as_bytes())? {
-            Some(d) if d.kind == FileKind::Dir => d.ino,
+        let (root, adopted) = match self.txn.lookup(volumes, name.as_bytes())? {
+            Some(d) if d.kind == FileKind::Dir && source.is_none() => (d.ino, true),
             Some(_) => fail!(FsError::Exists),
-            None => tri!(self.make_dir(volumes, name.as_bytes())),
+            None => (tri!(self.make_dir(volumes, name.as_bytes())), false),
         };
+        self.update(root, |i| i.volume = root)?;
+        self.txn.put(
+            &keys::volume_usage(root),
+            &VolumeUsage {
+                name: name.to_string(),
+                quota: options.size,
+                bytes: 0,
+                inodes: 1,
+            },
+        );
+        if adopted {
+            self.adopt_tree(root, root, &mut BTreeSet::new(), 0)?;
+        }
+        if let Some(src) = &source {
+            let mut copied = BTreeMap::new();
+            self.clone_tree(src.root, root, &mut copied, 0)?;
+        }
+        if let Some(quota) = options.size
+            && self
+                .txn
+                .volume_usage(root)?
+                .is_some_and(|u| u.bytes > quota)
+        {
+            // What the volume starts with does not fit: leave no trace of the attempt.
+            self.txn.rollback(start);
+            fail!(FsError::QuotaExceeded);
+        }
         self.put_volume(Volume {
             name: name.to_string(),
             root,
@@ -453,6 +531,7 @@ impl Ctx<'_, '_> {
         if self.txn.lookup(trash, name.as_bytes())?.map(|d| d.ino) == Some(v.root) {
             self.remove_tree(trash, name.as_bytes(), 0)?;
         }
+        self.txn.del(&keys::volume_usage(v.root));
         self.txn.del(&keys::volume(name));
         Ok(Ok(Reply::Done))
     }
@@ -492,6 +571,160 @@ impl Ctx<'_, '_> {
             v.mounts.push((node, id.to_string(), self.now));
         }
         self.put_volume(v)
+    }
+
+    fn clear_mounts(&mut self, node: u64, except: &[String]) -> Outcome {
+        for (k, _) in self.txn.scan_prefix(&[keys::VOLUME])? {
+            let Some(mut v) = self.txn.get::<Volume>("volume", &k)? else {
+                continue;
+            };
+            let before = v.mounts.len();
+            v.mounts
+                .retain(|(n, id, _)| *n != node || except.contains(id));
+            if v.mounts.len() != before {
+                self.txn.put(&k, &v);
+            }
+        }
+        Ok(Ok(Reply::Done))
+    }
+
+    /// Makes everything below `dir` part of the volume `root` and counts it.
+    fn adopt_tree(
+        &mut self,
+        root: Ino,
+        dir: Ino,
+        seen: &mut BTreeSet<Ino>,
+        depth: usize,
+    ) -> Result<(), StoreError> {
+        if depth >= MAX_DEPTH {
+            return Ok(());
+        }
+        for (_, d) in self.children(dir)? {
+            let inode = self.update(d.ino, |i| i.volume = root)?;
+            // Hard links are counted once, at the first name found.
+            if seen.insert(d.ino) {
+                self.add_usage(root, inode.size as i64, 1)?;
+            }
+            if d.kind == FileKind::Dir {
+                self.adopt_tree(root, d.ino, seen, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the tree below `from` into the empty directory `to` of the volume `to` belongs
+    /// to. File data is shared, not copied: the copies name the same blocks, whose reference
+    /// counts go up. `copied` maps source inodes to their copies, so hard links stay links.
+    fn clone_tree(
+        &mut self,
+        from: Ino,
+        to: Ino,
+        copied: &mut BTreeMap<Ino, Ino>,
+        depth: usize,
+    ) -> Result<(), StoreError> {
+        if depth >= MAX_DEPTH {
+            return Ok(());
+        }
+        let volume = self.txn.inode(to)?.map_or(0, |i| i.volume);
+        for (name, d) in self.children(from)? {
+            if let Some(&ino) = copied.get(&d.ino) {
+                self.update(ino, |i| i.nlink += 1)?;
+                self.txn
+                    .put(&keys::dentry(to, &name), &Dentry { ino, kind: d.kind });
+                self.touch_dir(to, 1, 0)?;
+                continue;
+            }
+            let Some(src) = self.txn.inode(d.ino)? else {
+                continue;
+            };
+            let ino = self.txn.counter(keys::META_NEXT_INO)?;
+            self.txn.put(keys::META_NEXT_INO, &(ino + 1));
+            let copy = Inode {
+                ino,
+                parent: to,
+                volume,
+                nlink: if src.kind == FileKind::Dir { 2 } else { 1 },
+                children: 0,
+                ..src.clone()
+            };
+            self.put_inode(&copy);
+            self.txn
+                .put(&keys::dentry(to, &name), &Dentry { ino, kind: d.kind });
+            self.touch_dir(to, 1, i32::from(d.kind == FileKind::Dir))?;
+            self.bump_counter(keys::META_INODES, 1)?;
+            self.add_usage(volume, src.size as i64, 1)?;
+            let xattrs = self.txn.xattrs(src.ino)?;
+            if !xattrs.is_empty() {
+                self.txn.put(&keys::xattrs(ino), &xattrs);
+            }
+            match src.kind {
+                FileKind::Dir => self.clone_tree(src.ino, ino, copied, depth + 1)?,
+                FileKind::File => {
+                    copied.insert(src.ino, ino);
+                    let slices = self.txn.slices(src.ino, 0, src.size)?;
+                    self.overlay(ino, &slices)?;
+                }
+                _ => {
+                    copied.insert(src.ino, ino);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of a directory: (name, entry).
+    fn children(&self, dir: Ino) -> Result<Vec<(Vec<u8>, Dentry)>, StoreError> {
+        self.txn
+            .scan_prefix(&keys::dentry_prefix(dir))?
+            .into_iter()
+            .map(|(k, v)| Ok((k[9..].to_vec(), crate::view::decode("dentry", &v)?)))
+            .collect()
+    }
+
+    /// Names may not move between volumes, nor into or out of one: each volume's usage is
+    /// the sum of what lies below its root, and a quota could otherwise be dodged.
+    fn check_same_volume(&self, ino: Ino, to_dir: Ino) -> Result<Result<(), FsError>, StoreError> {
+        let (Some(i), Some(dir)) = (self.txn.inode(ino)?, self.txn.inode(to_dir)?) else {
+            // The command itself reports what is missing.
+            return Ok(Ok(()));
+        };
+        // A volume's root lies outside itself, in `/volumes` or the trash.
+        let from = if i.volume == i.ino { 0 } else { i.volume };
+        Ok(if from == dir.volume {
+            Ok(())
+        } else {
+            Err(FsError::CrossDevice)
+        })
+    }
+
+    /// Refuses growing a file of a volume to `new_size` if that would pass the quota.
+    fn check_quota(&self, inode: &Inode, new_size: u64) -> Result<Result<(), FsError>, StoreError> {
+        if inode.volume == 0 || new_size <= inode.size {
+            return Ok(Ok(()));
+        }
+        let Some(u) = self.txn.volume_usage(inode.volume)? else {
+            return Ok(Ok(()));
+        };
+        Ok(match u.quota {
+            Some(q) if u.bytes.saturating_add(new_size - inode.size) > q => {
+                Err(FsError::QuotaExceeded)
+            }
+            _ => Ok(()),
+        })
+    }
+
+    /// Adds to the usage of the volume `root` (nothing for 0, outside every volume).
+    fn add_usage(&mut self, root: Ino, bytes: i64, inodes: i64) -> Result<(), StoreError> {
+        if root == 0 || (bytes == 0 && inodes == 0) {
+            return Ok(());
+        }
+        let key = keys::volume_usage(root);
+        if let Some(mut u) = self.txn.volume_usage(root)? {
+            u.bytes = u.bytes.saturating_add_signed(bytes);
+            u.inodes = u.inodes.saturating_add_signed(inodes);
+            self.txn.put(&key, &u);
+        }
+        Ok(())
     }
 
     fn update_node(&mut self, node: u64, f: impl FnOnce(&mut NodeInfo)) -> Outcome {
@@ -537,8 +770,12 @@ impl Ctx<'_, '_> {
             .txn
             .inode(ino)?
             .ok_or_else(|| StoreError::Invariant(format!("inode {ino} vanished during apply")))?;
+        let before = inode.size;
         f(&mut inode);
         self.put_inode(&inode);
+        if inode.size != before {
+            self.add_usage(inode.volume, inode.size as i64 - before as i64, 0)?;
+        }
         Ok(inode)
     }
 
@@ -648,6 +885,7 @@ impl Ctx<'_, '_> {
         self.txn.del(&keys::orphan(inode.ino));
         self.txn.del(&keys::inode(inode.ino));
         self.bump_counter(keys::META_INODES, -1)?;
+        self.add_usage(inode.volume, -(inode.size as i64), -1)?;
         Ok(())
     }
 
@@ -733,8 +971,10 @@ impl Ctx<'_, '_> {
             parent,
             children: 0,
             target: target.to_vec(),
+            volume: p.volume,
         };
         self.put_inode(&inode);
+        self.add_usage(inode.volume, inode.size as i64, 1)?;
         self.txn
             .put(&keys::dentry(parent, name), &Dentry { ino, kind });
         self.touch_dir(parent, 1, i32::from(kind == FileKind::Dir))?;
@@ -932,6 +1172,7 @@ impl Ctx<'_, '_> {
                 FileKind::Dir => fail!(FsError::IsDir),
                 _ => fail!(FsError::Invalid),
             }
+            tri!(self.check_quota(&inode, size));
             if size < inode.size {
                 self.punch(ino, size, inode.size)?;
             }
@@ -963,7 +1204,8 @@ impl Ctx<'_, '_> {
     }
 
     fn write(&mut self, ino: Ino, slices: &[Slice], size: u64) -> Outcome {
-        tri!(self.must_file(ino));
+        let inode = tri!(self.must_file(ino));
+        tri!(self.check_quota(&inode, size));
         self.overlay(ino, slices)?;
         let now = self.now;
         let inode = self.update(ino, |i| {
@@ -979,6 +1221,13 @@ impl Ctx<'_, '_> {
         let Some(end) = off.checked_add(len).filter(|e| *e <= i64::MAX as u64) else {
             fail!(FsError::FileTooBig);
         };
+        let grows = match mode {
+            Fallocate::Allocate { keep_size } | Fallocate::ZeroRange { keep_size } => !keep_size,
+            Fallocate::PunchHole => false,
+        };
+        if grows {
+            tri!(self.check_quota(&inode, end));
+        }
         let grow = match mode {
             Fallocate::Allocate { keep_size } => !keep_size,
             Fallocate::PunchHole => {
@@ -1007,7 +1256,7 @@ impl Ctx<'_, '_> {
 
     fn copy_range(&mut self, src: Ino, src_off: u64, dst: Ino, dst_off: u64, len: u64) -> Outcome {
         let s = tri!(self.must_file(src));
-        tri!(self.must_file(dst));
+        let d = tri!(self.must_file(dst));
         if src_off >= s.size || len == 0 {
             return Ok(Ok(Reply::Copied(0)));
         }
@@ -1018,6 +1267,7 @@ impl Ctx<'_, '_> {
         if src == dst && src_off < dst_off + n && dst_off < src_off + n {
             fail!(FsError::Invalid);
         }
+        tri!(self.check_quota(&d, dst_off + n));
         let moved: Vec<Slice> = self
             .txn
             .slices(src, src_off, src_off + n)?

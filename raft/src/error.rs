@@ -44,6 +44,12 @@ pub enum FsError {
     /// The name belongs to a volume in the trash.
     #[error("a volume of that name is in the trash")]
     InTrash,
+    /// The change would take a volume beyond its quota.
+    #[error("disk quota exceeded")]
+    QuotaExceeded,
+    /// A rename or link across a volume's boundary.
+    #[error("invalid cross-device link")]
+    CrossDevice,
 }
 
 /// A failure of the metadata store itself: corrupt or unreadable state, or an I/O error in sled.

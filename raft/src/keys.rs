@@ -17,6 +17,7 @@ pub const SESSION: u8 = b'n';
 pub const LEASE: u8 = b'e';
 pub const NODE_INFO: u8 = b'N';
 pub const VOLUME: u8 = b'v';
+pub const VOLUME_USAGE: u8 = b'u';
 
 pub const META_APPLIED: &[u8] = b"m/applied";
 pub const META_MEMBERSHIP: &[u8] = b"m/membership";
@@ -24,6 +25,7 @@ pub const META_NEXT_INO: &[u8] = b"m/next_ino";
 pub const META_INODES: &[u8] = b"m/inodes";
 pub const META_JOIN_SECRET: &[u8] = b"m/join_secret";
 pub const META_NEXT_NODE: &[u8] = b"m/next_node";
+pub const META_SETTINGS: &[u8] = b"m/settings";
 
 fn with_u64(tag: u8, n: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -81,6 +83,10 @@ pub fn volume(name: &str) -> Vec<u8> {
     let mut k = vec![VOLUME];
     k.extend_from_slice(name.as_bytes());
     k
+}
+
+pub fn volume_usage(root: Ino) -> [u8; 9] {
+    with_u64(VOLUME_USAGE, root)
 }
 
 pub fn node_info(node: u64) -> [u8; 9] {

@@ -107,6 +107,10 @@ pub struct Inode {
     pub children: u64,
     /// For symlinks: the target.
     pub target: Vec<u8>,
+    /// The root directory of the volume this inode belongs to (a volume's root names itself),
+    /// or 0 outside every volume. Set at creation from the parent; names never move across
+    /// a volume's boundary (`CrossDevice`), so it never changes.
+    pub volume: Ino,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,6 +307,16 @@ pub enum MetaCommand {
     PurgeVolume {
         name: String,
     },
+    /// Sets how long removed volumes stay in the trash.
+    SetTrashRetention {
+        nanos: Nanos,
+    },
+    /// Forgets every mount `node` recorded: the node was removed from the cluster, or it
+    /// restarted and Docker will mount again (`except` keeps the mounts it still has).
+    ClearMounts {
+        node: u64,
+        except: Vec<String>,
+    },
     /// Records that `node` mounted the volume for Docker's mount `id` (`mount: true`), or
     /// unmounted it.
     MountVolume {
@@ -336,6 +350,55 @@ pub struct VolumeOptions {
     pub size: Option<u64>,
     /// Label constraints on the nodes that hold replicas: (key, equal, value).
     pub placement: Vec<(String, bool, String)>,
+    /// The volume this one was cloned from, if any (its tree and blocks at creation).
+    pub from: Option<String>,
+}
+
+impl VolumeOptions {
+    /// Whether a node with these labels may hold the volume's replicas.
+    pub fn admits(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.placement
+            .iter()
+            .all(|(k, equal, v)| (labels.get(k) == Some(v)) == *equal)
+    }
+
+    /// The placement rules as written: `storage==ssd,zone!=b`.
+    pub fn placement_text(&self) -> String {
+        self.placement
+            .iter()
+            .map(|(k, eq, v)| format!("{k}{}{v}", if *eq { "==" } else { "!=" }))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// What a volume holds, kept up to date by every command that changes a size, and its quota.
+/// Keyed by the volume's root inode, so the write path finds it from an inode.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeUsage {
+    pub name: String,
+    /// Quota in bytes (`size=`), if any.
+    pub quota: Option<u64>,
+    /// The sum of the sizes of the volume's files and symlinks (including unlinked files
+    /// still open somewhere, until they are purged).
+    pub bytes: u64,
+    /// Inodes in the volume, its root included.
+    pub inodes: u64,
+}
+
+/// Cluster-wide settings, changed with `SetTrashRetention` and the like.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a removed volume stays in the trash before it is purged automatically.
+    pub trash_retention: Nanos,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            trash_retention: 24 * 3600 * 1_000_000_000,
+        }
+    }
 }
 
 /// The directory under the root that holds every volume.

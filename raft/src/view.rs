@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 use crate::error::StoreError;
 use crate::keys;
 use crate::layout;
-use crate::types::{BlockId, Dentry, Ino, Inode, Nanos, NodeInfo, RangeLock, Slice, Volume};
+use crate::types::{
+    BlockId, Dentry, Ino, Inode, Nanos, NodeInfo, RangeLock, Settings, Slice, Volume, VolumeUsage,
+};
 
 pub type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -72,6 +74,17 @@ pub trait Kv {
 
     fn block_refs(&self, id: &BlockId) -> Result<u64, StoreError> {
         Ok(self.get("block_ref", &keys::block_ref(id))?.unwrap_or(0))
+    }
+
+    /// The usage and quota of the volume whose root is `root`.
+    fn volume_usage(&self, root: Ino) -> Result<Option<VolumeUsage>, StoreError> {
+        self.get("volume usage", &keys::volume_usage(root))
+    }
+
+    fn settings(&self) -> Result<Settings, StoreError> {
+        Ok(self
+            .get("settings", keys::META_SETTINGS)?
+            .unwrap_or_default())
     }
 
     fn counter(&self, key: &[u8]) -> Result<u64, StoreError> {

@@ -929,3 +929,237 @@ fn volumes_are_created_mounted_trashed_restored_and_purged() {
     vol(create("data"), &mut sm);
     assert_eq!(sm.view().volumes().unwrap().len(), 1);
 }
+
+fn volume_with(sm: &mut Sm, name: &str, options: VolumeOptions) -> CommandResult {
+    sm.run(MetaCommand::CreateVolume {
+        name: name.into(),
+        options,
+    })
+}
+
+fn root_of(sm: &mut Sm, name: &str, options: VolumeOptions) -> Ino {
+    match volume_with(sm, name, options) {
+        Ok(Reply::Volume(v)) => v.root,
+        other => panic!("create volume {name}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_volume_counts_its_bytes_and_refuses_growth_past_its_quota() {
+    let mut sm = Sm::new();
+    let quota = VolumeOptions {
+        size: Some(1000),
+        ..VolumeOptions::default()
+    };
+    let root = root_of(&mut sm, "small", quota);
+    let other = root_of(&mut sm, "big", VolumeOptions::default());
+    let usage = |sm: &Sm, root| sm.view().volume_usage(root).unwrap().unwrap();
+    assert_eq!((usage(&sm, root).bytes, usage(&sm, root).inodes), (0, 1));
+
+    let dir = sm.mk(root, "d", FileKind::Dir);
+    let f = sm.mk(dir, "f", FileKind::File);
+    assert_eq!(sm.inode(f).volume, root, "inherited through a subdirectory");
+    sm.write(f, 0, 600, 1).unwrap();
+    assert_eq!((usage(&sm, root).bytes, usage(&sm, root).inodes), (600, 3));
+    // Overwriting in place does not grow; growing past 1000 bytes is refused, unchanged.
+    sm.write(f, 0, 600, 2).unwrap();
+    assert_eq!(sm.write(f, 600, 401, 3), Err(FsError::QuotaExceeded));
+    assert_eq!(sm.inode(f).size, 600);
+    sm.write(f, 600, 400, 3).unwrap();
+    assert_eq!(usage(&sm, root).bytes, 1000);
+    let grow = |size| MetaCommand::SetAttr {
+        ino: f,
+        attr: SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        },
+    };
+    assert_eq!(sm.run(grow(1001)), Err(FsError::QuotaExceeded));
+    let fall = MetaCommand::Fallocate {
+        ino: f,
+        off: 0,
+        len: 2000,
+        mode: Fallocate::Allocate { keep_size: false },
+    };
+    assert_eq!(sm.run(fall), Err(FsError::QuotaExceeded));
+    // Shrinking gives space back; so does deleting.
+    sm.run(grow(100)).unwrap();
+    assert_eq!(usage(&sm, root).bytes, 100);
+    let g = sm.mk(root, "g", FileKind::File);
+    sm.write(g, 0, 900, 4).unwrap();
+    match sm.run(MetaCommand::Unlink {
+        parent: root,
+        name: b"g".to_vec(),
+    }) {
+        Ok(Reply::Removed { removed: Some(ino) }) => {
+            // Until purged (it may still be open), it still counts.
+            assert_eq!(usage(&sm, root).bytes, 1000);
+            sm.run(MetaCommand::Purge { ino }).unwrap();
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!((usage(&sm, root).bytes, usage(&sm, root).inodes), (100, 3));
+
+    // Another volume is not affected by this one's quota.
+    let h = sm.mk(other, "h", FileKind::File);
+    sm.write(h, 0, 5000, 5).unwrap();
+    assert_eq!(usage(&sm, other).bytes, 5000);
+    assert_eq!(usage(&sm, root).bytes, 100);
+}
+
+#[test]
+fn names_do_not_cross_a_volume_boundary() {
+    let mut sm = Sm::new();
+    let a = root_of(&mut sm, "a", VolumeOptions::default());
+    let b = root_of(&mut sm, "b", VolumeOptions::default());
+    let f = sm.mk(a, "f", FileKind::File);
+    sm.mk(a, "d", FileKind::Dir);
+    sm.mk(ROOT_INO, "outside", FileKind::File);
+    let plain = RenameFlags::default();
+    assert_eq!(sm.rename(a, "f", b, "f", plain), Err(FsError::CrossDevice));
+    assert_eq!(sm.rename(a, "d", b, "d", plain), Err(FsError::CrossDevice));
+    assert_eq!(
+        sm.rename(ROOT_INO, "outside", a, "x", plain),
+        Err(FsError::CrossDevice)
+    );
+    let link = |ino, parent| MetaCommand::Link {
+        ino,
+        new_parent: parent,
+        new_name: b"l".to_vec(),
+    };
+    assert_eq!(sm.run(link(f, b)), Err(FsError::CrossDevice));
+    assert_eq!(sm.run(link(f, ROOT_INO)), Err(FsError::CrossDevice));
+    // Inside one volume all is as usual.
+    sm.run(link(f, a)).unwrap();
+    sm.rename(a, "f", a, "g", plain).unwrap();
+    let exchange = RenameFlags {
+        exchange: true,
+        ..plain
+    };
+    sm.mk(b, "y", FileKind::File);
+    assert_eq!(
+        sm.rename(a, "g", b, "y", exchange),
+        Err(FsError::CrossDevice)
+    );
+}
+
+#[test]
+fn a_clone_shares_blocks_and_keeps_links_and_a_failed_clone_leaves_nothing() {
+    let mut sm = Sm::new();
+    let src = root_of(&mut sm, "src", VolumeOptions::default());
+    let d = sm.mk(src, "d", FileKind::Dir);
+    let f = sm.mk(d, "f", FileKind::File);
+    sm.write(f, 0, 700, 9).unwrap();
+    sm.run(MetaCommand::Link {
+        ino: f,
+        new_parent: src,
+        new_name: b"hard".to_vec(),
+    })
+    .unwrap();
+    sm.run(MetaCommand::Create {
+        parent: src,
+        name: b"sym".to_vec(),
+        kind: FileKind::Symlink,
+        perm: 0o777,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        target: b"d/f".to_vec(),
+    })
+    .unwrap();
+    assert_eq!(sm.refs(9), 1);
+    let inodes = sm.view().inode_count().unwrap();
+
+    // Too small a quota for what it would start with: refused, and no trace of it.
+    let tight = VolumeOptions {
+        size: Some(100),
+        from: Some("src".into()),
+        ..VolumeOptions::default()
+    };
+    assert_eq!(
+        volume_with(&mut sm, "tight", tight),
+        Err(FsError::QuotaExceeded)
+    );
+    assert_eq!(sm.view().volume("tight").unwrap(), None);
+    let volumes = sm.lookup(ROOT_INO, "volumes").unwrap();
+    assert_eq!(sm.lookup(volumes, "tight"), None);
+    assert_eq!(sm.view().inode_count().unwrap(), inodes);
+    assert_eq!(sm.refs(9), 1);
+
+    let from = |name: &str| VolumeOptions {
+        from: Some(name.into()),
+        ..VolumeOptions::default()
+    };
+    assert_eq!(
+        volume_with(&mut sm, "c", from("nope")),
+        Err(FsError::NotFound)
+    );
+    let copy = root_of(&mut sm, "copy", from("src"));
+    let cd = sm.lookup(copy, "d").unwrap();
+    let cf = sm.lookup(cd, "f").unwrap();
+    assert_ne!(cf, f);
+    assert_eq!(
+        sm.lookup(copy, "hard"),
+        Some(cf),
+        "a hard link stays one inode"
+    );
+    assert_eq!(sm.inode(cf).nlink, 2);
+    assert_eq!(sm.inode(cf).size, 700);
+    assert_eq!(sm.inode(cf).volume, copy);
+    let sym = sm.lookup(copy, "sym").unwrap();
+    assert_eq!(sm.inode(sym).target, b"d/f");
+    assert_eq!(sm.refs(9), 2, "the copy names the same block");
+    let usage = sm.view().volume_usage(copy).unwrap().unwrap();
+    assert_eq!((usage.bytes, usage.inodes), (703, 4));
+    assert_eq!(sm.inode(copy).children, 3);
+    assert_eq!(sm.inode(cd).children, 1);
+
+    // Writing to the copy leaves the source as it was.
+    sm.write(cf, 0, 10, 8).unwrap();
+    assert_eq!(
+        sm.view().slices(f, 0, 10).unwrap()[0].block,
+        BlockId([9; 32])
+    );
+}
+
+#[test]
+fn mounts_of_a_node_are_cleared_and_the_trash_retention_is_a_setting() {
+    let mut sm = Sm::new();
+    root_of(&mut sm, "v", VolumeOptions::default());
+    for (node, id) in [(2, "a"), (2, "b"), (3, "c")] {
+        sm.run(MetaCommand::MountVolume {
+            name: "v".into(),
+            node,
+            id: id.into(),
+            mount: true,
+        })
+        .unwrap();
+    }
+    sm.run(MetaCommand::ClearMounts {
+        node: 2,
+        except: vec!["b".into()],
+    })
+    .unwrap();
+    let ids: Vec<String> = sm
+        .view()
+        .volume("v")
+        .unwrap()
+        .unwrap()
+        .mounts
+        .into_iter()
+        .map(|(_, id, _)| id)
+        .collect();
+    assert_eq!(ids, ["b", "c"]);
+
+    assert_eq!(
+        sm.view().settings().unwrap().trash_retention,
+        24 * 3600 * 1_000_000_000
+    );
+    sm.run(MetaCommand::SetTrashRetention { nanos: 60 })
+        .unwrap();
+    assert_eq!(sm.view().settings().unwrap().trash_retention, 60);
+    assert_eq!(
+        sm.run(MetaCommand::SetTrashRetention { nanos: -1 }),
+        Err(FsError::Invalid)
+    );
+}
