@@ -12,6 +12,9 @@ command -v strace >/dev/null || missing+=("strace (apt-get install strace; the b
 command -v bindfs >/dev/null || missing+=("bindfs (apt-get install bindfs; the benchmark's FUSE passthrough)")
 /usr/bin/python3 -c 'import matplotlib, venv' 2>/dev/null \
   || missing+=("python3-matplotlib and python3-venv (apt-get install python3-matplotlib python3-venv; the benchmark's chart and its peers)")
+command -v dockerd >/dev/null || missing+=("dockerd (apt-get install docker.io; the plugin tests start their own engines)")
+[ -x /bin/busybox ] || missing+=("/bin/busybox (apt-get install busybox-static; the plugin tests' container image)")
+command -v curl >/dev/null || missing+=("curl (apt-get install curl; the plugin tests send raw requests)")
 getent passwd nobody >/dev/null && getent group nogroup >/dev/null && getent passwd daemon >/dev/null \
   || missing+=("the users nobody/nogroup and daemon/daemon that pjdfstest switches to")
 if [ ${#missing[@]} -gt 0 ]; then

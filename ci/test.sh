@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test shoal has: unit and integration tests (real FUSE mounts, kill -9 durability),
-# pjdfstest against the mount, fsx, and the benchmark runner's quick mode against every peer
+# pjdfstest against the mount, fsx, the Docker plugin against real dockerds, and the benchmark runner's quick mode against every peer
 # (a smoke test: no assertion on speed). Needs root; see ci/require.sh for what else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ cargo test --release --workspace
 ci/pjdfstest.sh
 ci/fsx.sh 50000
 ci/fsx.sh 50000 "$RANDOM" 3
+ci/docker.sh
 bench/install-peers.sh
 bench/run --quick --out "$(mktemp -d /tmp/shoal-bench-quick.XXXXXX)" \
   --require local,fuse-passthrough,shoal-r1,shoal-r3,juicefs,seaweedfs

@@ -172,13 +172,8 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
             return Ok(AdminReply::Volumes(vec![volume_info(node, v)?]));
         }
         VolumeRequest::Create { name, options } => {
-            let options = crate::plugin::parse_options(&options)?;
-            crate::plugin::check_fits(node, &options)?;
-            let cmd = MetaCommand::CreateVolume {
-                name: name.clone(),
-                options,
-            };
-            (name, cmd)
+            crate::plugin::create_volume(node, &name, &options).await?;
+            return Ok(AdminReply::Done);
         }
         VolumeRequest::Remove(name) => (name.clone(), MetaCommand::TrashVolume { name }),
         VolumeRequest::Restore(name) => (name.clone(), MetaCommand::RestoreVolume { name }),

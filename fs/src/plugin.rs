@@ -163,6 +163,37 @@ pub fn check_fits(node: &Node, options: &VolumeOptions) -> Result<(), String> {
     Ok(())
 }
 
+/// Creates a volume from `-o` options: what `docker volume create` and `shoal volume create`
+/// both do.
+pub async fn create_volume(
+    node: &Node,
+    name: &str,
+    opts: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    check_volume_name(name)?;
+    let options = parse_options(opts)?;
+    check_fits(node, &options)?;
+    let from = options.from.clone();
+    let cmd = MetaCommand::CreateVolume {
+        name: name.to_string(),
+        options,
+    };
+    match (node.run(cmd).await, from) {
+        (Ok(_), _) => {
+            info!(volume = %name, "volume created");
+            Ok(())
+        }
+        (Err(OpError::Fs(FsError::NotFound)), Some(from)) => Err(format!(
+            "cannot clone volume {from} into {name}: no such volume: {from} (see `docker volume ls`)"
+        )),
+        (Err(OpError::Fs(FsError::QuotaExceeded)), Some(from)) => Err(format!(
+            "cannot clone volume {from} into {name}: its files do not fit in size={}",
+            opts.get("size").map_or("", String::as_str)
+        )),
+        (Err(e), _) => Err(explain(name, e, node)),
+    }
+}
+
 fn node_list(v: &Volume) -> String {
     let mut nodes: Vec<String> = v
         .mounts
@@ -263,14 +294,7 @@ async fn create(State(p): Shared, body: Bytes) -> axum::Json<Value> {
     answer(
         async {
             let r = parse(&body)?;
-            let options = parse_options(&r.opts.clone().unwrap_or_default())?;
-            check_fits(&p.node, &options)?;
-            let cmd = MetaCommand::CreateVolume {
-                name: r.name.clone(),
-                options,
-            };
-            p.run(&r.name, cmd).await?;
-            info!(volume = %r.name, "volume created");
+            create_volume(&p.node, &r.name, &r.opts.unwrap_or_default()).await?;
             Ok(json!({}))
         }
         .await,

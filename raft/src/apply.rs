@@ -420,8 +420,8 @@ impl Ctx<'_, '_> {
         let source = match &options.from {
             Some(from) => match self.volume(from)? {
                 Some(v) if v.trashed.is_none() => Some(v),
-                Some(_) => fail!(FsError::InTrash),
-                None => fail!(FsError::NotFound),
+                // A volume in the trash is not there to be cloned.
+                _ => fail!(FsError::NotFound),
             },
             None => None,
         };

@@ -37,7 +37,16 @@ pub struct MountHandle {
     unmounter: SessionUnmounter,
     thread: Option<JoinHandle<io::Result<()>>>,
     pub notifier: Notifier,
+    /// The mount's device number; its minor names the FUSE connection in fusectl.
+    dev: Option<u64>,
 }
+
+/// How long an unmounted filesystem keeps serving those who still hold it (a container's
+/// bind mount, a process in it) before the connection is aborted.
+const UNMOUNT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where the kernel's fusectl filesystem lists FUSE connections.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
 
 /// The mount point's line in /proc/self/mountinfo, if it is one: (fs type, source).
 pub fn mount_entry(path: &Path) -> Option<(String, String)> {
@@ -130,12 +139,31 @@ pub fn mount(
         .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
     raise_readahead(&mountpoint);
     info!(mount = %mountpoint.display(), threads, "mounted");
+    let dev = rustix::fs::stat(&mountpoint).ok().map(|st| st.st_dev);
     Ok(MountHandle {
         mountpoint,
         unmounter,
         thread: Some(thread),
         notifier,
+        dev,
     })
+}
+
+/// Aborts the FUSE connection of the filesystem with device number `dev` through fusectl,
+/// mounting fusectl first if the system has not.
+fn abort_connection(dev: u64) -> io::Result<()> {
+    let conn = Path::new(FUSECTL).join(rustix::fs::minor(dev).to_string());
+    if !conn.exists() {
+        rustix::mount::mount(
+            "fusectl",
+            FUSECTL,
+            "fusectl",
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .map_err(io::Error::from)?;
+    }
+    std::fs::write(conn.join("abort"), "1")
 }
 
 /// The kernel's readahead for the mount, in KiB. The kernel starts FUSE mounts at 128 KiB,
@@ -162,16 +190,35 @@ fn raise_readahead(mountpoint: &Path) {
 }
 
 impl MountHandle {
-    /// Unmounts; if the mount is busy, detaches it lazily so the kernel finishes when the last
-    /// user lets go.
+    /// Unmounts and ends the FUSE session. If the mount is busy it is detached lazily; if
+    /// someone still holds the filesystem after `UNMOUNT_GRACE` (a container's bind mount of
+    /// a volume keeps it alive after the host's mount point is gone), the connection is
+    /// aborted: from then on they get ENOTCONN, never an empty directory, and no request is
+    /// taken that the daemon would not finish. Returns once the session has stopped.
     pub fn unmount(mut self) {
         if let Err(e) = self.unmounter.unmount() {
             warn!(mount = %self.mountpoint.display(), error = %e, "unmount failed (busy?); detaching lazily");
             if let Err(e) = detach(&self.mountpoint) {
                 warn!(mount = %self.mountpoint.display(), error = %e, "lazy detach failed");
             }
-            // The session serves the files still open until the process exits.
-            return;
+        }
+        let deadline = std::time::Instant::now() + UNMOUNT_GRACE;
+        while !self.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if !self.is_finished() {
+            warn!(
+                mount = %self.mountpoint.display(),
+                "the filesystem is still in use (a container or process holds it); aborting its FUSE connection: they get ENOTCONN until restarted"
+            );
+            match self.dev.map(abort_connection) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    warn!(error = %e, "cannot abort the FUSE connection; it ends when this process exits");
+                    return;
+                }
+                None => return,
+            }
         }
         if let Some(t) = self.thread.take() {
             match t.join() {
