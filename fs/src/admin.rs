@@ -40,6 +40,8 @@ pub enum VolumeRequest {
     Remove(String),
     Restore(String),
     Purge(String),
+    /// Show, or set (seconds), how long removed volumes stay in the trash.
+    Retention(Option<u64>),
 }
 
 /// A volume as `shoal volume ls|inspect` shows it.
@@ -80,6 +82,8 @@ pub enum AdminReply {
     Status(Box<Status>),
     Members(Vec<Member>),
     Volumes(Vec<VolumeInfo>),
+    /// The trash retention, in seconds.
+    Retention(u64),
     Done,
     Token(String),
     Error(String),
@@ -177,7 +181,27 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
         }
         VolumeRequest::Remove(name) => (name.clone(), MetaCommand::TrashVolume { name }),
         VolumeRequest::Restore(name) => (name.clone(), MetaCommand::RestoreVolume { name }),
-        VolumeRequest::Purge(name) => (name.clone(), MetaCommand::PurgeVolume { name }),
+        VolumeRequest::Purge(name) => (
+            name.clone(),
+            MetaCommand::PurgeVolume {
+                name,
+                trashed: None,
+            },
+        ),
+        VolumeRequest::Retention(set) => {
+            if let Some(secs) = set {
+                let nanos = i64::try_from(secs.saturating_mul(1_000_000_000))
+                    .map_err(|_| format!("{secs} s is too long a retention"))?;
+                node.run(MetaCommand::SetTrashRetention { nanos })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            node.read_barrier().await.map_err(|e| e.to_string())?;
+            let r = shoal_raft::Kv::settings(&node.view).map_err(|e| e.to_string())?;
+            return Ok(AdminReply::Retention(
+                (r.trash_retention / 1_000_000_000) as u64,
+            ));
+        }
     };
     shoal_raft::check_volume_name(&name)?;
     node.run(cmd)

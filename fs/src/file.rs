@@ -227,7 +227,8 @@ impl OpenFile {
                 // The layout may name the blocks only once the replicas have them.
                 let copies: Vec<(BlockId, Bytes)> =
                     packed.iter().map(|(id, p)| (*id, p.data.clone())).collect();
-                crate::cluster::replicate::push(node, &copies).await?;
+                let policy = crate::cluster::replicate::Policy::of_volume(node, self.volume);
+                crate::cluster::replicate::push(node, &copies, &policy).await?;
                 let slices = packed.into_iter().flat_map(|(_, p)| p.slices).collect();
                 node.run(MetaCommand::Write {
                     ino: self.ino,

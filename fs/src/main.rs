@@ -188,6 +188,15 @@ enum VolumeCommand {
         data: PathBuf,
         name: String,
     },
+    /// Show or set how long removed volumes stay in the trash before they are purged
+    /// (cluster-wide; default 24h): `shoal volume retention 7d`
+    Retention {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        /// A duration such as 30m, 24h or 7d; 0s purges at the next sweep (every 10 s)
+        #[arg(value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
 }
 
 fn parse_opt(s: &str) -> Result<(String, String), String> {
@@ -224,6 +233,20 @@ fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
             R::Purge(name.clone()),
             format!("volume {name} deleted for good"),
         ),
+        VolumeCommand::Retention { data, duration } => {
+            let set = duration.map(|d| d.as_secs());
+            match runtime()?.block_on(admin::request(
+                &data,
+                AdminRequest::Volume(R::Retention(set)),
+            ))? {
+                AdminReply::Retention(secs) => {
+                    let d = humantime::format_duration(std::time::Duration::from_secs(secs));
+                    println!("removed volumes stay in the trash for {d}");
+                    return Ok(());
+                }
+                other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+            }
+        }
         VolumeCommand::Ls { data, json } => {
             let vs = volumes(&data, R::List)?;
             if json {

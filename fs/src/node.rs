@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
-use shoal_raft::{BlockId, FsError, Ino, MetaCommand, MetaRequest, Raft, Reply, StateView};
+use shoal_raft::{BlockId, FsError, Ino, Kv, MetaCommand, MetaRequest, Raft, Reply, StateView};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, info, warn};
 
@@ -754,6 +754,34 @@ async fn session_worker(node: std::sync::Weak<Node>) {
                     warn!(error = %e, "ending expired sessions failed; retrying");
                 }
                 node.locks_changed.notify_waiters();
+            }
+            if round % 10 == 5 {
+                purge_expired_trash(&node).await;
+            }
+        }
+    }
+}
+
+/// On the leader: deletes the volumes that stayed in the trash longer than the cluster's
+/// retention (`shoal volume retention`).
+async fn purge_expired_trash(node: &Node) {
+    let (Ok(volumes), Ok(settings)) = (node.view.volumes(), node.view.settings()) else {
+        return;
+    };
+    let now = now_nanos();
+    for v in volumes {
+        let Some(trashed) = v.trashed else { continue };
+        if trashed.saturating_add(settings.trash_retention) > now {
+            continue;
+        }
+        let cmd = MetaCommand::PurgeVolume {
+            name: v.name.clone(),
+            trashed: Some(trashed),
+        };
+        match node.run(cmd).await {
+            Ok(_) => info!(volume = %v.name, "purged a volume whose time in the trash ran out"),
+            Err(e) => {
+                warn!(volume = %v.name, error = %e, "purging an expired volume from the trash failed; retrying")
             }
         }
     }

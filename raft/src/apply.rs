@@ -341,7 +341,7 @@ impl Ctx<'_, '_> {
             MetaCommand::CreateVolume { name, options } => self.create_volume(name, options),
             MetaCommand::TrashVolume { name } => self.trash_volume(name),
             MetaCommand::RestoreVolume { name } => self.restore_volume(name),
-            MetaCommand::PurgeVolume { name } => self.purge_volume(name),
+            MetaCommand::PurgeVolume { name, trashed } => self.purge_volume(name, *trashed),
             MetaCommand::MountVolume {
                 name,
                 node,
@@ -519,12 +519,15 @@ impl Ctx<'_, '_> {
         self.put_volume(v)
     }
 
-    fn purge_volume(&mut self, name: &str) -> Outcome {
+    fn purge_volume(&mut self, name: &str, trashed: Option<Nanos>) -> Outcome {
         let Some(v) = self.volume(name)? else {
             fail!(FsError::NotFound);
         };
         if v.trashed.is_none() {
             // Only what is in the trash can be purged: `TrashVolume` first.
+            fail!(FsError::NotPermitted);
+        }
+        if trashed.is_some() && trashed != v.trashed {
             fail!(FsError::NotPermitted);
         }
         let trash = tri!(self.system_dir(TRASH_DIR));

@@ -303,9 +303,12 @@ pub enum MetaCommand {
     RestoreVolume {
         name: String,
     },
-    /// Deletes a volume in the trash with everything in it.
+    /// Deletes a volume in the trash with everything in it. With `trashed`, only if it is
+    /// still the same stay in the trash (the retention sweep's guard against a volume that
+    /// was restored and removed again meanwhile).
     PurgeVolume {
         name: String,
+        trashed: Option<Nanos>,
     },
     /// Sets how long removed volumes stay in the trash.
     SetTrashRetention {

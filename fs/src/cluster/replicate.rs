@@ -1,5 +1,7 @@
-//! Block replication: a committed block is on the writer and on the next R-1 nodes in
+//! Block replication: a committed block is on the writer and on the R-1 best other nodes in
 //! rendezvous order for the block, and a reader that lacks a block fetches it from them.
+//! A volume's `replicas=` sets R for its files and `placement=` limits the nodes to those
+//! whose labels match (`Policy`).
 
 use std::net::SocketAddr;
 
@@ -23,6 +25,62 @@ fn score(id: &BlockId, node: u64) -> u64 {
     u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
+/// How many copies of a block to keep, and on which nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub replicas: usize,
+    /// The nodes allowed to hold copies; `None` for every member.
+    pub nodes: Option<Vec<u64>>,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            replicas: REPLICAS,
+            nodes: None,
+        }
+    }
+}
+
+impl Policy {
+    /// The policy of the volume whose root is `root` (the default outside volumes).
+    pub fn of_volume(node: &Node, root: shoal_raft::Ino) -> Policy {
+        use shoal_raft::Kv;
+        let options = node
+            .view
+            .volume_usage(root)
+            .ok()
+            .flatten()
+            .and_then(|u| node.view.volume(&u.name).ok().flatten())
+            .map(|v| v.options);
+        let Some(o) = options else {
+            return Policy::default();
+        };
+        let nodes = (!o.placement.is_empty()).then(|| {
+            let labels = node.view.nodes().unwrap_or_default();
+            node.members()
+                .into_iter()
+                .map(|(id, _)| id)
+                .filter(|id| labels.get(id).is_some_and(|i| o.admits(&i.labels)))
+                .collect()
+        });
+        Policy {
+            replicas: o.replicas.map_or(REPLICAS, |r| r as usize),
+            nodes,
+        }
+    }
+
+    pub fn allows(&self, node: u64) -> bool {
+        self.nodes.as_ref().is_none_or(|n| n.contains(&node))
+    }
+
+    /// The nodes that should hold block `id`, among `live`.
+    pub fn holders(&self, id: &BlockId, live: &[u64]) -> Vec<u64> {
+        let allowed: Vec<u64> = live.iter().copied().filter(|n| self.allows(*n)).collect();
+        placement(id, &allowed, self.replicas)
+    }
+}
+
 /// The nodes that should hold block `id`: the `r` best of `nodes` by rendezvous score.
 pub fn placement(id: &BlockId, nodes: &[u64], r: usize) -> Vec<u64> {
     let mut ranked = nodes.to_vec();
@@ -43,16 +101,21 @@ pub fn candidates(node: &Node, id: &BlockId) -> Vec<(u64, SocketAddr)> {
     out
 }
 
-/// Copies blocks this node just stored to R-1 other nodes, trying further candidates when one
-/// fails. Returns once each block is durable on as many nodes as could take it.
-pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)]) -> OpResult<()> {
+/// Copies blocks this node just stored to the other nodes the policy wants (R-1 of them, or R
+/// when this node is not one the policy allows), trying further candidates when one fails.
+/// Returns once each block is durable on as many nodes as could take it.
+pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> OpResult<()> {
     let Some(cluster) = node.cluster() else {
         return Ok(());
     };
     let mut tasks = Vec::new();
     for (id, data) in blocks {
-        let want = (REPLICAS - 1).min(node.members().len().saturating_sub(1));
-        let order = candidates(node, id);
+        let order: Vec<(u64, SocketAddr)> = candidates(node, id)
+            .into_iter()
+            .filter(|(n, _)| policy.allows(*n))
+            .collect();
+        let here = usize::from(policy.allows(node.id));
+        let want = policy.replicas.saturating_sub(here).min(order.len());
         let peers = cluster.peers.clone();
         let (id, data) = (*id, data.to_vec());
         tasks.push(tokio::spawn(async move {

@@ -787,5 +787,148 @@ fn the_volume_plugin_serves_one_volume_cluster_wide_and_never_loses_it() {
     assert_eq!(plugin_err(&r), "", "{r}");
     let ls = c.shoal_at(3, &["volume", "ls", "--json"]);
     let ls: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
-    assert_eq!(ls[0]["files"], 0, "a purged volume's files are gone: {ls}");
+    assert_eq!(
+        ls[0]["entries"], 0,
+        "a purged volume's files are gone: {ls}"
+    );
+}
+
+/// Volume policies: placement and replicas decide where blocks go, a quota is enforced at
+/// write() and shown by statfs, names do not cross volumes, a clone shares blocks, inspect
+/// counts mounts per node, and the trash empties itself after the retention.
+#[test]
+fn volume_policies_quotas_clones_and_the_trash_retention() {
+    use serde_json::json;
+    let c = LocalCluster::up(4);
+    let ok = |k: u32, args: &[&str]| {
+        let out = c.shoal_at(k, args);
+        assert!(out.status.success(), "shoal {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(1, &["node", "label", "add", "2", "storage=ssd"]);
+    ok(1, &["node", "label", "add", "3", "storage=ssd"]);
+    let out = c.shoal_at(
+        1,
+        &[
+            "volume",
+            "create",
+            "fast",
+            "-o",
+            "placement=storage==ssd",
+            "-o",
+            "replicas=3",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("replicas=3 but the cluster has 2 node(s) matching placement=storage==ssd"),
+        "{out:?}"
+    );
+    ok(
+        1,
+        &[
+            "volume",
+            "create",
+            "fast",
+            "-o",
+            "placement=storage==ssd",
+            "-o",
+            "replicas=2",
+        ],
+    );
+
+    // Written through node 1, which has no ssd label: the blocks go to nodes 2 and 3, and
+    // none to node 4 (with the default policy node 4 would hold three blocks in four).
+    let data: Vec<u8> = (0..12_000_000u32).map(|i| (i % 233) as u8).collect();
+    fs::write(c.mnt(1).join("volumes/fast/f"), &data).unwrap();
+    let written = block_files(&c.data(1));
+    assert!(written.len() >= 3, "a 12 MB file is several blocks");
+    for k in [2, 3] {
+        assert!(
+            written.is_subset(&block_files(&c.data(k))),
+            "node {k} lacks blocks"
+        );
+    }
+    assert!(
+        written.is_disjoint(&block_files(&c.data(4))),
+        "node 4 got blocks of an ssd-only volume"
+    );
+    // Repair keeps to the policy too: after a few rounds node 4 still holds none.
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        written.is_disjoint(&block_files(&c.data(4))),
+        "repair copied blocks to node 4"
+    );
+
+    // A clone is instant and shares the blocks: no new block anywhere.
+    let before: usize = (1..=4).map(|k| block_files(&c.data(k)).len()).sum();
+    ok(2, &["volume", "create", "copy", "-o", "from=fast"]);
+    assert_eq!(read(&c.mnt(4).join("volumes/copy/f")).unwrap(), data);
+    let after: usize = (1..=4).map(|k| block_files(&c.data(k)).len()).sum();
+    assert_eq!(before, after);
+    fs::write(c.mnt(3).join("volumes/copy/f"), b"changed").unwrap();
+    assert_eq!(
+        read(&c.mnt(1).join("volumes/fast/f")).unwrap(),
+        data,
+        "the source is untouched"
+    );
+
+    // Quota: write() past it fails with EDQUOT; statfs shows the quota; nothing else is hit.
+    ok(1, &["volume", "create", "small", "-o", "size=1MiB"]);
+    let q = c.mnt(2).join("volumes/small");
+    use std::io::Write;
+    let mut f = fs::File::create(q.join("big")).unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    let mut written = 0usize;
+    let err = loop {
+        match f.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) => break e,
+        }
+        assert!(
+            written <= 2 << 20,
+            "wrote {written} bytes into a 1 MiB volume"
+        );
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::EDQUOT), "{err}");
+    assert_eq!(written, 1 << 20);
+    drop(f);
+    let st = rustix::fs::statvfs(&q).unwrap();
+    assert_eq!(st.f_blocks * st.f_frsize, 1 << 20);
+    assert_eq!(st.f_bavail, 0);
+    let free_elsewhere = rustix::fs::statvfs(c.mnt(2).join("volumes/fast")).unwrap();
+    assert!(free_elsewhere.f_blocks * free_elsewhere.f_frsize > 1 << 30);
+    let cross = fs::rename(c.mnt(2).join("volumes/fast/f"), q.join("f")).unwrap_err();
+    assert_eq!(cross.raw_os_error(), Some(libc::EXDEV), "{cross}");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(3, &["volume", "inspect", "small"])).unwrap();
+    assert_eq!(
+        (info["used"].clone(), info["quota"].clone()),
+        (json!(1 << 20), json!(1 << 20))
+    );
+
+    // Mount counts per node.
+    for id in ["m1", "m2"] {
+        let r = plugin(
+            &c,
+            2,
+            "VolumeDriver.Mount",
+            json!({"Name": "small", "ID": id}),
+        );
+        assert_eq!(plugin_err(&r), "", "{r}");
+    }
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(1, &["volume", "inspect", "small"])).unwrap();
+    assert_eq!(info["mounts"], json!([{"node": 2, "count": 2}]), "{info}");
+
+    // Retention: removed volumes are purged by the leader once their time is up.
+    assert!(ok(1, &["volume", "retention"]).contains("1day"));
+    assert!(ok(1, &["volume", "retention", "0s"]).contains("0s"));
+    ok(4, &["volume", "rm", "copy"]);
+    eventually_within(
+        "the expired volume is purged",
+        Duration::from_secs(30),
+        || !ok(1, &["volume", "ls"]).contains("copy"),
+    );
+    assert!(fs::metadata(c.mnt(1).join("volumes/fast/f")).is_ok());
 }

@@ -916,9 +916,19 @@ fn volumes_are_created_mounted_trashed_restored_and_purged() {
     // Purge only from the trash, and then everything in it is gone.
     let purge = || MetaCommand::PurgeVolume {
         name: "data".into(),
+        trashed: None,
     };
     assert_eq!(sm.run(purge()), Err(FsError::NotPermitted));
-    vol(trash(), &mut sm);
+    let when = vol(trash(), &mut sm).trashed;
+    let stale = MetaCommand::PurgeVolume {
+        name: "data".into(),
+        trashed: when.map(|t| t - 1),
+    };
+    assert_eq!(
+        sm.run(stale),
+        Err(FsError::NotPermitted),
+        "trashed again since"
+    );
     assert_eq!(sm.run(purge()), Ok(Reply::Done));
     assert_eq!(sm.view().volume("data").unwrap(), None);
     assert_eq!(sm.lookup(bin, "data"), None);
