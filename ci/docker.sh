@@ -178,7 +178,14 @@ expect_failure "re-using a trashed name" "shoal volume restore data" run_a --vol
 shoal1 volume restore data >/dev/null
 got=$(run_a -v data:/data "$IMG" cat /data/f)
 [ "$got" = hi ] || fail "restored volume holds '$got'"
-pass "rm refused while host B uses it (names node 2); after that it goes to the trash, its name is not handed out empty, and restore brings back its bytes"
+# `docker volume prune` on a host with no containers, while host A uses the volume.
+d a run -d --name holder --network none -v data:/data "$IMG" sleep 600 >/dev/null
+d b volume ls --format '{{.Name}}' | grep -qx data || fail "host B does not list data"
+d b volume prune --all --force >/dev/null 2>&1 || d b volume prune --force >/dev/null
+shoal1 volume ls | grep -E '^data +active' >/dev/null || fail "prune on host B removed data: $(shoal1 volume ls)"
+[ "$(cat "$CLUSTER/node-2/mnt/volumes/data/f")" = hi ] || fail "data lost its file after a prune on host B"
+d a rm -f holder >/dev/null
+pass "rm refused while host B uses it (names node 2); after that it goes to the trash, its name is not handed out empty, restore brings back its bytes, and a prune on a host without containers leaves a volume used elsewhere"
 
 # --- 4. quota ------------------------------------------------------------------------------
 d a volume create -d shoal -o size=1MiB small >/dev/null

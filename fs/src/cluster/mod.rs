@@ -456,6 +456,9 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
         Request::GetBlock { id, len } => {
             Response::GetBlock(replicate::serve_get(&node, id, len).await)
         }
+        Request::HasBlocks { ids } => {
+            Response::HasBlocks(ids.iter().map(|id| node.blocks.contains(id)).collect())
+        }
     }
 }
 

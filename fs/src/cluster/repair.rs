@@ -11,13 +11,14 @@ use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use std::collections::HashMap;
 
 use shoal_raft::{BlockId, FileKind, Ino, Kv};
 
 use super::replicate::{self, Policy};
+use super::rpc::{Request, Response};
 use crate::node::{Node, now_nanos};
 
 const PERIOD: Duration = Duration::from_secs(3);
@@ -49,12 +50,22 @@ pub async fn round(node: &Node) -> (u64, u64) {
     let referenced = node.view.block_ids().unwrap_or_default();
     let mut missing = 0;
     let mut fetched = 0;
+    // Copies here that no policy asks for, with the nodes that should hold them instead.
+    let mut extra: Vec<(BlockId, Vec<u64>)> = Vec::new();
     for id in referenced {
         let policies = special.get(&id).map_or(&default[..], Vec::as_slice);
-        let mine = policies
+        let holders: Vec<u64> = policies
             .iter()
-            .any(|p| p.holders(&id, &live).contains(&node.id));
-        if !mine || node.blocks.contains(&id) {
+            .flat_map(|p| p.holders(&id, &live))
+            .collect();
+        let mine = holders.contains(&node.id);
+        if !mine {
+            if extra.len() < TRIM_BATCH && !holders.is_empty() && node.blocks.contains(&id) {
+                extra.push((id, holders));
+            }
+            continue;
+        }
+        if node.blocks.contains(&id) {
             continue;
         }
         match replicate::fetch(node, id, None).await {
@@ -85,17 +96,89 @@ pub async fn round(node: &Node) -> (u64, u64) {
     if fetched > 0 {
         info!(blocks = fetched, "re-replicated blocks onto this node");
     }
+    let trimmed = trim(node, extra).await;
+    if trimmed > 0 {
+        info!(
+            blocks = trimmed,
+            "deleted copies here that the other holders have (more copies than the policy asks for, or a placement that excludes this node)"
+        );
+    }
     (missing, fetched)
+}
+
+/// At most this many extra copies are checked per round.
+const TRIM_BATCH: usize = 1000;
+
+/// Deletes the copies in `extra` that every node that should hold them confirms it has, so a
+/// block ends with the copies its policy asks for and only where its placement allows.
+async fn trim(node: &Node, extra: Vec<(BlockId, Vec<u64>)>) -> usize {
+    let Some(cluster) = node.cluster() else {
+        return 0;
+    };
+    if extra.is_empty() {
+        return 0;
+    }
+    let addrs: HashMap<u64, std::net::SocketAddr> = node
+        .members()
+        .into_iter()
+        .filter_map(|(n, a)| Some((n, a.parse().ok()?)))
+        .collect();
+    let mut asks: HashMap<u64, Vec<BlockId>> = HashMap::new();
+    for (id, holders) in &extra {
+        for h in holders {
+            asks.entry(*h).or_default().push(*id);
+        }
+    }
+    let mut confirmed: HashMap<BlockId, usize> = HashMap::new();
+    for (holder, ids) in asks {
+        let Some(addr) = addrs.get(&holder) else {
+            continue;
+        };
+        let req = Request::HasBlocks { ids: ids.clone() };
+        match cluster.peers.call::<_, Response>(*addr, &req).await {
+            Ok(Response::HasBlocks(has)) if has.len() == ids.len() => {
+                for (id, yes) in ids.iter().zip(has) {
+                    if yes {
+                        *confirmed.entry(*id).or_default() += 1;
+                    }
+                }
+            }
+            Ok(other) => warn!(node = holder, response = ?other, "unexpected answer to HasBlocks"),
+            Err(e) => debug!(node = holder, error = %e, "cannot ask which blocks a node has"),
+        }
+    }
+    let mut n = 0;
+    for (id, holders) in extra {
+        if confirmed.get(&id).copied().unwrap_or(0) < holders.len() {
+            continue;
+        }
+        // A commit on this node may be about to name the block again: keep it then.
+        let guard = node.unreferenced_writes.lock().expect("guard lock");
+        if guard.contains_key(&id) {
+            continue;
+        }
+        match node.blocks.delete(&id) {
+            // Cached chunks stay: they are verified bytes of the block, wherever it lives.
+            Ok(()) => n += 1,
+            Err(e) => warn!(block = %id, error = %e, "could not delete an extra copy"),
+        }
+    }
+    n
 }
 
 /// The policies of the blocks of volumes that set `replicas=` or `placement=`, found by
 /// walking those volumes' files.
 fn volume_policies(node: &Node) -> HashMap<BlockId, Vec<Policy>> {
     let mut out: HashMap<BlockId, Vec<Policy>> = HashMap::new();
-    for v in node.view.volumes().unwrap_or_default() {
-        if v.options.replicas.is_none() && v.options.placement.is_empty() {
-            continue;
-        }
+    let volumes = node.view.volumes().unwrap_or_default();
+    let special =
+        |v: &shoal_raft::Volume| v.options.replicas.is_some() || !v.options.placement.is_empty();
+    if !volumes.iter().any(special) {
+        return out;
+    }
+    // References found by the walk, to tell blocks also named outside every volume.
+    let mut seen: HashMap<BlockId, u64> = HashMap::new();
+    for v in volumes {
         let policy = Policy::of_volume(node, v.root);
         let mut dirs: Vec<Ino> = vec![v.root];
         while let Some(dir) = dirs.pop() {
@@ -105,6 +188,7 @@ fn volume_policies(node: &Node) -> HashMap<BlockId, Vec<Policy>> {
                     FileKind::File => {
                         let size = node.view.inode(d.ino).ok().flatten().map_or(0, |i| i.size);
                         for s in node.view.slices(d.ino, 0, size).unwrap_or_default() {
+                            *seen.entry(s.block).or_default() += 1;
                             let list = out.entry(s.block).or_default();
                             if !list.contains(&policy) {
                                 list.push(policy.clone());
@@ -114,6 +198,13 @@ fn volume_policies(node: &Node) -> HashMap<BlockId, Vec<Policy>> {
                     _ => {}
                 }
             }
+        }
+    }
+    // A block also named by a file outside the volumes keeps the default policy's copies.
+    for (id, policies) in out.iter_mut() {
+        let refs = node.view.block_refs(id).unwrap_or(u64::MAX);
+        if seen.get(id).copied().unwrap_or(0) < refs && !policies.contains(&Policy::default()) {
+            policies.push(Policy::default());
         }
     }
     out

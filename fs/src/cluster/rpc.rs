@@ -42,6 +42,10 @@ pub enum Request {
         id: BlockId,
         len: Option<u32>,
     },
+    /// Which of these blocks the receiver holds (before another node drops an extra copy).
+    HasBlocks {
+        ids: Vec<BlockId>,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -75,6 +79,7 @@ pub enum Response {
     RenewCert(Result<Vec<u8>, String>),
     PutBlock(Result<(), String>),
     GetBlock(Result<Vec<u8>, String>),
+    HasBlocks(Vec<bool>),
     /// The request was refused: the caller is not allowed to make it.
     Denied(String),
 }

@@ -653,10 +653,11 @@ fn blocks_of_a_dead_node_are_re_replicated_onto_the_others() {
 
 #[test]
 fn node_certificates_are_renewed_before_they_expire() {
-    // Certificates valid 12 s, renewed after 6 s: by 20 s every first certificate has expired.
-    let c = LocalCluster::up_with_env(3, &[("SHOAL_CERT_VALIDITY_SECS", "12")]);
+    // Certificates valid 20 s, renewed after 10 s: by 25 s every first certificate has expired,
+    // and the newest ones have 15 s left, time enough for a restart on a loaded machine.
+    let c = LocalCluster::up_with_env(3, &[("SHOAL_CERT_VALIDITY_SECS", "20")]);
     fs::write(c.mnt(1).join("early"), b"1").unwrap();
-    std::thread::sleep(Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(25));
     // A restarted node makes new TLS handshakes with its saved certificate, against the others'
     // current ones: all must be renewed for it to rejoin.
     let pid = rustix::process::Pid::from_raw(c.pid(2)).unwrap();
@@ -853,12 +854,24 @@ fn volume_policies_quotas_clones_and_the_trash_retention() {
         written.is_disjoint(&block_files(&c.data(4))),
         "node 4 got blocks of an ssd-only volume"
     );
-    // Repair keeps to the policy too: after a few rounds node 4 still holds none.
-    std::thread::sleep(Duration::from_secs(7));
+    // Repair keeps to the policy too: node 1's own copies are dropped once nodes 2 and 3
+    // confirm they hold them, and node 4 still holds none.
+    eventually_within(
+        "the writer drops the copies its placement excludes",
+        Duration::from_secs(30),
+        || written.is_disjoint(&block_files(&c.data(1))),
+    );
     assert!(
         written.is_disjoint(&block_files(&c.data(4))),
         "repair copied blocks to node 4"
     );
+    for k in [2, 3] {
+        assert!(
+            written.is_subset(&block_files(&c.data(k))),
+            "node {k} lost blocks"
+        );
+    }
+    assert_eq!(read(&c.mnt(1).join("volumes/fast/f")).unwrap(), data);
 
     // A clone is instant and shares the blocks: no new block anywhere.
     let before: usize = (1..=4).map(|k| block_files(&c.data(k)).len()).sum();
