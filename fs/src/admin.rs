@@ -42,6 +42,8 @@ pub enum VolumeRequest {
     Purge(String),
     /// Show, or set (seconds), how long removed volumes stay in the trash.
     Retention(Option<u64>),
+    /// Forget the mounts recorded for a node.
+    ForgetMounts(u64),
 }
 
 /// A volume as `shoal volume ls|inspect` shows it.
@@ -188,6 +190,20 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
                 trashed: None,
             },
         ),
+        VolumeRequest::ForgetMounts(id) => {
+            if !members(node)?.iter().any(|m| m.id == id) {
+                return Err(format!(
+                    "node {id} is not a member of this cluster (see `shoal node ls`)"
+                ));
+            }
+            node.run(MetaCommand::ClearMounts {
+                node: id,
+                except: Vec::new(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            return Ok(AdminReply::Done);
+        }
         VolumeRequest::Retention(set) => {
             if let Some(secs) = set {
                 let nanos = i64::try_from(secs.saturating_mul(1_000_000_000))

@@ -50,15 +50,18 @@ pub struct OpenFile {
     commit_queued: AtomicBool,
     /// The node's session epoch when the file was opened: see `Node::epoch`.
     pub(crate) epoch: u64,
-    /// The root of the volume the file is in (0 if none), whose quota writes check.
+    /// The root of the volume the file is in (0 if none).
     pub(crate) volume: Ino,
+    /// That volume's quota, which writes check (quotas are set once, at creation).
+    quota: Option<u64>,
 }
 
 impl OpenFile {
-    pub(crate) fn new(ino: Ino, epoch: u64, volume: Ino) -> OpenFile {
+    pub(crate) fn new(ino: Ino, epoch: u64, volume: Ino, quota: Option<u64>) -> OpenFile {
         OpenFile {
             ino,
             volume,
+            quota,
             opens: AtomicUsize::new(0),
             bufs: Mutex::new(Buffers::default()),
             commit_lock: tokio::sync::Mutex::new(()),
@@ -254,23 +257,20 @@ impl OpenFile {
     /// then (see `commit`).
     pub(crate) fn check_quota(&self, node: &Node, end: u64) -> OpResult<()> {
         use shoal_raft::Kv;
-        if self.volume == 0 {
-            return Ok(());
-        }
-        let usage = node
-            .view
-            .volume_usage(self.volume)
-            .map_err(crate::ops::store_err)?;
-        let Some(quota) = usage.as_ref().and_then(|u| u.quota) else {
+        let Some(quota) = self.quota else {
             return Ok(());
         };
+        let used = node
+            .view
+            .volume_usage(self.volume)
+            .map_err(crate::ops::store_err)?
+            .map_or(0, |u| u.bytes);
         let committed = node
             .view
             .inode(self.ino)
             .map_err(crate::ops::store_err)?
             .map_or(0, |i| i.size);
         let end = end.max(self.buffered_end().unwrap_or(0));
-        let used = usage.map_or(0, |u| u.bytes);
         if used.saturating_add(end.saturating_sub(committed)) > quota {
             return Err(FsError::QuotaExceeded.into());
         }

@@ -182,6 +182,17 @@ enum VolumeCommand {
         data: PathBuf,
         name: String,
     },
+    /// Forget the Docker mounts recorded for a node, on every volume: for a node whose
+    /// containers are gone but whose Docker never unmounted (a crash or a reinstall), so that
+    /// its volumes can be removed. A container still running there keeps writing into the
+    /// volume, which may then go to the trash (nothing is deleted before the retention).
+    ForgetMounts {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        /// The node's id (see `shoal node ls`)
+        #[arg(long)]
+        node: u64,
+    },
     /// Delete a volume in the trash, with all its files, for good
     Purge {
         #[arg(long, default_value = "/var/lib/shoal")]
@@ -227,6 +238,11 @@ fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
             data,
             R::Restore(name.clone()),
             format!("volume {name} restored"),
+        ),
+        VolumeCommand::ForgetMounts { data, node } => (
+            data,
+            R::ForgetMounts(node),
+            format!("forgot every volume mount recorded for node {node}"),
         ),
         VolumeCommand::Purge { data, name } => (
             data,

@@ -243,10 +243,20 @@ impl Node {
         if inode.kind == FileKind::File {
             let mut files = self.files.lock().expect("files lock");
             let f = files.entry(ino).or_insert_with(|| {
+                let quota = match inode.volume {
+                    0 => None,
+                    root => self
+                        .view
+                        .volume_usage(root)
+                        .ok()
+                        .flatten()
+                        .and_then(|u| u.quota),
+                };
                 Arc::new(OpenFile::new(
                     ino,
                     self.epoch.load(Ordering::Acquire),
                     inode.volume,
+                    quota,
                 ))
             });
             f.opens.fetch_add(1, Ordering::SeqCst);

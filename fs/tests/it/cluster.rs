@@ -933,6 +933,16 @@ fn volume_policies_quotas_clones_and_the_trash_retention() {
     let info: serde_json::Value =
         serde_json::from_str(&ok(1, &["volume", "inspect", "small"])).unwrap();
     assert_eq!(info["mounts"], json!([{"node": 2, "count": 2}]), "{info}");
+    // Mounts Docker never took back (the node's containers are gone) can be forgotten.
+    let out = c.shoal_at(1, &["volume", "forget-mounts", "--node", "9"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a member"),
+        "{out:?}"
+    );
+    ok(1, &["volume", "forget-mounts", "--node", "2"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(1, &["volume", "inspect", "small"])).unwrap();
+    assert_eq!(info["mounts"], json!([]), "{info}");
 
     // Retention: removed volumes are purged by the leader once their time is up.
     assert!(ok(1, &["volume", "retention"]).contains("1day"));
