@@ -196,12 +196,9 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
                     "node {id} is not a member of this cluster (see `shoal node ls`)"
                 ));
             }
-            node.run(MetaCommand::ClearMounts {
-                node: id,
-                except: Vec::new(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+            node.run(MetaCommand::ClearMounts { node: id })
+                .await
+                .map_err(|e| e.to_string())?;
             return Ok(AdminReply::Done);
         }
         VolumeRequest::Retention(set) => {

@@ -348,7 +348,7 @@ impl Ctx<'_, '_> {
                 id,
                 mount,
             } => self.mount_volume(name, *node, id, *mount),
-            MetaCommand::ClearMounts { node, except } => self.clear_mounts(*node, except),
+            MetaCommand::ClearMounts { node } => self.clear_mounts(*node),
             MetaCommand::SetTrashRetention { nanos } => {
                 if *nanos < 0 {
                     fail!(FsError::Invalid);
@@ -576,14 +576,13 @@ impl Ctx<'_, '_> {
         self.put_volume(v)
     }
 
-    fn clear_mounts(&mut self, node: u64, except: &[String]) -> Outcome {
+    fn clear_mounts(&mut self, node: u64) -> Outcome {
         for (k, _) in self.txn.scan_prefix(&[keys::VOLUME])? {
             let Some(mut v) = self.txn.get::<Volume>("volume", &k)? else {
                 continue;
             };
             let before = v.mounts.len();
-            v.mounts
-                .retain(|(n, id, _)| *n != node || except.contains(id));
+            v.mounts.retain(|(n, _, _)| *n != node);
             if v.mounts.len() != before {
                 self.txn.put(&k, &v);
             }

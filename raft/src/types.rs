@@ -314,11 +314,10 @@ pub enum MetaCommand {
     SetTrashRetention {
         nanos: Nanos,
     },
-    /// Forgets every mount `node` recorded: the node was removed from the cluster, or it
-    /// restarted and Docker will mount again (`except` keeps the mounts it still has).
+    /// Forgets every mount `node` recorded: the node was removed from the cluster, or its
+    /// Docker lost track of its containers (`shoal volume forget-mounts`).
     ClearMounts {
         node: u64,
-        except: Vec<String>,
     },
     /// Records that `node` mounted the volume for Docker's mount `id` (`mount: true`), or
     /// unmounted it.

@@ -370,14 +370,11 @@ impl Node {
             .map_err(|e| format!("removing node {id}: {e}"))?;
         info!(node = id, "node removed from the cluster");
         // Its Docker mounts went with it: they must not keep volumes from being removed.
-        self.run(shoal_raft::MetaCommand::ClearMounts {
-            node: id,
-            except: Vec::new(),
-        })
-        .await
-        .map_err(|e| {
-            format!("node {id} was removed, but forgetting its volume mounts failed: {e}")
-        })?;
+        self.run(shoal_raft::MetaCommand::ClearMounts { node: id })
+            .await
+            .map_err(|e| {
+                format!("node {id} was removed, but forgetting its volume mounts failed: {e}")
+            })?;
         Ok(())
     }
 
