@@ -11,9 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . ci/lib.sh
 
-for tool in dockerd docker unshare curl /bin/busybox; do
+for tool in dockerd docker unshare curl ip /bin/busybox; do
   command -v "$tool" >/dev/null || {
-    echo "missing: $tool (apt-get install docker.io busybox-static curl util-linux)" >&2
+    echo "missing: $tool (apt-get install docker.io busybox-static curl util-linux iproute2)" >&2
     exit 1
   }
 done
