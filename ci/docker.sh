@@ -269,4 +269,24 @@ got=$(run_b -v data:/data "$IMG" cat /data/f)
 d b rm -f runner >/dev/null
 pass "after node 2's daemon restarts, Docker's List/Mount/Path work and new containers see the data; a container that was running gets ENOTCONN, never an empty directory"
 
+# --- 9. a Swarm task with a healthcheck is replaced after its node's daemon restarts ---------
+d a volume create -d shoal beats >/dev/null
+service --name beater --replicas 1 --health-cmd 'ls /data >/dev/null' --health-interval 1s \
+  --health-retries 1 --health-timeout 2s --health-start-period 1s \
+  --mount type=volume,volume-driver=shoal,source=beats,destination=/data "$IMG" \
+  sh -c 'while :; do date +%s >> /data/beat; sleep 1; done'
+beats="$CLUSTER/node-3/mnt/volumes/beats/beat"
+wait_for 60 sh -c "[ \$(wc -l < $beats) -ge 3 ]" || fail "the beater task does not write"
+pid=$(cat "$CLUSTER/node-1/daemon.pid")
+stopped=$(date +%s)
+kill -TERM "$pid"
+wait_for 30 sh -c "! kill -0 $pid"
+"$SH" local up --nodes 3 --dir "$CLUSTER" >/dev/null
+restarted=$(date +%s)
+wait_for 120 sh -c "[ \$(tail -n 1 $beats) -gt $restarted ]" || fail "no task wrote again after node 1's daemon restarted: $(d a service ps beater)"
+gap=$(awk 'NR > 1 && $1 - prev > max { max = $1 - prev } { prev = $1 } END { print max }' "$beats")
+echo "    node 1's daemon down for $((restarted - stopped)) s; longest gap between heartbeats: $gap s"
+d a service rm beater >/dev/null
+pass "a Swarm task with a healthcheck on its volume is replaced after its node's daemon restarts: heartbeats resumed after a ${gap} s gap"
+
 echo "docker scenarios passed"
