@@ -155,6 +155,16 @@ pub fn members(node: &Node) -> Result<Vec<Member>, String> {
         .collect())
 }
 
+fn must_be_member(node: &Node, id: u64) -> Result<(), String> {
+    if members(node)?.iter().any(|m| m.id == id) {
+        Ok(())
+    } else {
+        Err(format!(
+            "there is no node {id} in this cluster: it is not a member (see `shoal node ls`)"
+        ))
+    }
+}
+
 /// Serves `shoal volume`: the same commands the Docker plugin proposes, with its messages.
 async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, String> {
     use shoal_raft::MetaCommand;
@@ -191,11 +201,7 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
             },
         ),
         VolumeRequest::ForgetMounts(id) => {
-            if !members(node)?.iter().any(|m| m.id == id) {
-                return Err(format!(
-                    "node {id} is not a member of this cluster (see `shoal node ls`)"
-                ));
-            }
+            must_be_member(node, id)?;
             node.run(MetaCommand::ClearMounts { node: id })
                 .await
                 .map_err(|e| e.to_string())?;
@@ -237,14 +243,11 @@ fn volume_info(node: &Node, v: shoal_raft::Volume) -> Result<VolumeInfo, String>
         .map_err(|e| e.to_string())?
         .trash_retention;
     let secs = |t: i64| t.div_euclid(1_000_000_000);
-    let mut mounts: Vec<VolumeMounts> = Vec::new();
-    for (n, _, _) in &v.mounts {
-        match mounts.iter_mut().find(|m| m.node == *n) {
-            Some(m) => m.count += 1,
-            None => mounts.push(VolumeMounts { node: *n, count: 1 }),
-        }
-    }
-    mounts.sort_by_key(|m| m.node);
+    let mounts = v
+        .mounts_per_node()
+        .into_iter()
+        .map(|(node, count)| VolumeMounts { node, count })
+        .collect();
     Ok(VolumeInfo {
         state: if v.trashed.is_some() {
             "trash"
@@ -272,11 +275,7 @@ fn volume_info(node: &Node, v: shoal_raft::Volume) -> Result<VolumeInfo, String>
 /// Sets or removes a label of a member node.
 async fn label(node: &Node, id: u64, key: String, value: Option<String>) -> Result<(), String> {
     shoal_raft::check_label(&key, value.as_deref().unwrap_or(""))?;
-    if !members(node)?.iter().any(|m| m.id == id) {
-        return Err(format!(
-            "there is no node {id} in this cluster: see `shoal node ls`"
-        ));
-    }
+    must_be_member(node, id)?;
     node.run(shoal_raft::MetaCommand::SetNodeLabel {
         node: id,
         key,

@@ -195,13 +195,11 @@ pub async fn create_volume(
 }
 
 fn node_list(v: &Volume) -> String {
-    let mut nodes: Vec<String> = v
-        .mounts
+    v.mounts_per_node()
         .iter()
-        .map(|(n, _, _)| format!("node {n}"))
-        .collect();
-    nodes.dedup();
-    nodes.join(", ")
+        .map(|(n, _)| format!("node {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A volume command's outcome as the message a Docker user reads.

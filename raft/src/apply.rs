@@ -1223,26 +1223,19 @@ impl Ctx<'_, '_> {
         let Some(end) = off.checked_add(len).filter(|e| *e <= i64::MAX as u64) else {
             fail!(FsError::FileTooBig);
         };
-        let grows = match mode {
+        let grow = match mode {
             Fallocate::Allocate { keep_size } | Fallocate::ZeroRange { keep_size } => !keep_size,
             Fallocate::PunchHole => false,
         };
-        if grows {
+        if grow {
             tri!(self.check_quota(&inode, end));
         }
-        let grow = match mode {
-            Fallocate::Allocate { keep_size } => !keep_size,
-            Fallocate::PunchHole => {
-                self.punch(ino, off, end.min(inode.size))?;
-                false
-            }
-            Fallocate::ZeroRange { keep_size } => {
-                self.punch(ino, off, end.min(inode.size))?;
-                !keep_size
-            }
-        };
-        let now = self.now;
+        // Punching and zeroing make the range read as zeros; allocating leaves the data.
         let changes_data = !matches!(mode, Fallocate::Allocate { .. });
+        if changes_data {
+            self.punch(ino, off, end.min(inode.size))?;
+        }
+        let now = self.now;
         let inode = self.update(ino, |i| {
             if grow && end > i.size {
                 i.size = end;

@@ -343,6 +343,21 @@ pub struct Volume {
     pub mounts: Vec<(u64, String, Nanos)>,
 }
 
+impl Volume {
+    /// Where it is mounted: (node, number of Docker mounts there), by node.
+    pub fn mounts_per_node(&self) -> Vec<(u64, usize)> {
+        let mut out: Vec<(u64, usize)> = Vec::new();
+        for (n, _, _) in &self.mounts {
+            match out.iter_mut().find(|(m, _)| m == n) {
+                Some((_, count)) => *count += 1,
+                None => out.push((*n, 1)),
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+}
+
 /// A volume's policy, from `docker volume create -o`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct VolumeOptions {

@@ -167,18 +167,16 @@ async fn trim(node: &Node, extra: Vec<(BlockId, Vec<u64>)>) -> usize {
 }
 
 /// The policies of the blocks of volumes that set `replicas=` or `placement=`, found by
-/// walking those volumes' files.
+/// walking those volumes' files. Every other block follows the default policy.
 fn volume_policies(node: &Node) -> HashMap<BlockId, Vec<Policy>> {
     let mut out: HashMap<BlockId, Vec<Policy>> = HashMap::new();
-    let volumes = node.view.volumes().unwrap_or_default();
-    let special =
-        |v: &shoal_raft::Volume| v.options.replicas.is_some() || !v.options.placement.is_empty();
-    if !volumes.iter().any(special) {
-        return out;
-    }
-    // References found by the walk, to tell blocks also named outside every volume.
+    // References found by the walk, to tell blocks also named by other files.
     let mut seen: HashMap<BlockId, u64> = HashMap::new();
-    for v in volumes {
+    let volumes = node.view.volumes().unwrap_or_default();
+    let special = volumes
+        .into_iter()
+        .filter(|v| v.options.replicas.is_some() || !v.options.placement.is_empty());
+    for v in special {
         let policy = Policy::of_volume(node, v.root);
         let mut dirs: Vec<Ino> = vec![v.root];
         while let Some(dir) = dirs.pop() {
@@ -200,7 +198,7 @@ fn volume_policies(node: &Node) -> HashMap<BlockId, Vec<Policy>> {
             }
         }
     }
-    // A block also named by a file outside the volumes keeps the default policy's copies.
+    // A block also named by another file (outside these volumes) keeps the default copies.
     for (id, policies) in out.iter_mut() {
         let refs = node.view.block_refs(id).unwrap_or(u64::MAX);
         if seen.get(id).copied().unwrap_or(0) < refs && !policies.contains(&Policy::default()) {

@@ -46,6 +46,9 @@ impl Policy {
     /// The policy of the volume whose root is `root` (the default outside volumes).
     pub fn of_volume(node: &Node, root: shoal_raft::Ino) -> Policy {
         use shoal_raft::Kv;
+        if root == 0 {
+            return Policy::default();
+        }
         let options = node
             .view
             .volume_usage(root)

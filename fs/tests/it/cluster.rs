@@ -808,35 +808,28 @@ fn volume_policies_quotas_clones_and_the_trash_retention() {
     };
     ok(1, &["node", "label", "add", "2", "storage=ssd"]);
     ok(1, &["node", "label", "add", "3", "storage=ssd"]);
-    let out = c.shoal_at(
-        1,
-        &[
-            "volume",
-            "create",
-            "fast",
-            "-o",
-            "placement=storage==ssd",
-            "-o",
-            "replicas=3",
-        ],
-    );
+    let fast = |replicas: &str| {
+        c.shoal_at(
+            1,
+            &[
+                "volume",
+                "create",
+                "fast",
+                "-o",
+                "placement=storage==ssd",
+                "-o",
+                replicas,
+            ],
+        )
+    };
+    let out = fast("replicas=3");
     assert!(
         String::from_utf8_lossy(&out.stderr)
             .contains("replicas=3 but the cluster has 2 node(s) matching placement=storage==ssd"),
         "{out:?}"
     );
-    ok(
-        1,
-        &[
-            "volume",
-            "create",
-            "fast",
-            "-o",
-            "placement=storage==ssd",
-            "-o",
-            "replicas=2",
-        ],
-    );
+    let out = fast("replicas=2");
+    assert!(out.status.success(), "{out:?}");
 
     // Written through node 1, which has no ssd label: the blocks go to nodes 2 and 3, and
     // none to node 4 (with the default policy node 4 would hold three blocks in four).
