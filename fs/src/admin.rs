@@ -9,7 +9,9 @@ use shoal_net::frame;
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
-use crate::node::Node;
+use shoal_raft::FsError;
+
+use crate::node::{Node, OpError};
 
 pub const SOCKET: &str = "admin.sock";
 
@@ -38,8 +40,17 @@ pub enum VolumeRequest {
     List,
     Inspect(String),
     Remove(String),
-    Restore(String),
-    Purge(String),
+    /// Restore the removed volume `name`: its generation `id`, or the newest; under `rename`.
+    Restore {
+        name: String,
+        id: Option<u64>,
+        rename: Option<String>,
+    },
+    /// Purge the removed volume `name`: its generation `id`, or its only one.
+    Purge {
+        name: String,
+        id: Option<u64>,
+    },
     /// Show, or set (seconds), how long removed volumes stay in the trash.
     Retention(Option<u64>),
     /// Forget the mounts recorded for a node.
@@ -50,6 +61,8 @@ pub enum VolumeRequest {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct VolumeInfo {
     pub name: String,
+    /// Its identity, which tells removed volumes of one name apart (its root inode).
+    pub id: u64,
     /// `active`, or `trash` once removed.
     pub state: String,
     /// Bytes of file content in it (the sizes of its files and symlinks).
@@ -76,6 +89,8 @@ pub struct VolumeInfo {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct VolumeMounts {
     pub node: u64,
+    /// The node as people know it: `host (node N, address)`.
+    pub name: String,
     pub count: usize,
 }
 
@@ -95,6 +110,9 @@ pub enum AdminReply {
 pub struct Member {
     pub id: u64,
     pub addr: String,
+    /// The host's name, as the node last reported it (empty before its first report).
+    #[serde(default)]
+    pub hostname: String,
     /// leader, voter or learner
     pub role: String,
     /// Whether the node holds a live session: it renewed its lease within the last
@@ -150,9 +168,34 @@ pub fn members(node: &Node) -> Result<Vec<Member>, String> {
                     age_secs: (now.saturating_sub(info.reported_at).max(0) / 1_000_000_000) as u64,
                 }),
                 labels: info.labels,
+                hostname: info.hostname,
             }
         })
         .collect())
+}
+
+/// A node as messages name it: `sw2 (node 2, 10.0.0.2:7440)`, or `node 2` when the cluster
+/// knows neither its host name nor its address.
+pub fn node_name(node: &Node, id: u64) -> String {
+    let host = node
+        .view
+        .nodes()
+        .ok()
+        .and_then(|mut n| n.remove(&id))
+        .map(|i| i.hostname)
+        .unwrap_or_default();
+    let addr = node
+        .members()
+        .into_iter()
+        .find(|(m, _)| *m == id)
+        .map(|(_, a)| a)
+        .unwrap_or_default();
+    match (host.is_empty(), addr.is_empty()) {
+        (true, true) => format!("node {id}"),
+        (true, false) => format!("node {id} ({addr})"),
+        (false, true) => format!("{host} (node {id})"),
+        (false, false) => format!("{host} (node {id}, {addr})"),
+    }
 }
 
 fn must_be_member(node: &Node, id: u64) -> Result<(), String> {
@@ -171,7 +214,8 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
     let (name, cmd) = match req {
         VolumeRequest::List => {
             node.read_barrier().await.map_err(|e| e.to_string())?;
-            let vs = node.view.volumes().map_err(|e| e.to_string())?;
+            let mut vs = node.view.volumes().map_err(|e| e.to_string())?;
+            vs.extend(node.view.trash().map_err(|e| e.to_string())?);
             let infos = vs
                 .into_iter()
                 .map(|v| volume_info(node, v))
@@ -192,14 +236,29 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
             return Ok(AdminReply::Done);
         }
         VolumeRequest::Remove(name) => (name.clone(), MetaCommand::TrashVolume { name }),
-        VolumeRequest::Restore(name) => (name.clone(), MetaCommand::RestoreVolume { name }),
-        VolumeRequest::Purge(name) => (
-            name.clone(),
-            MetaCommand::PurgeVolume {
-                name,
+        VolumeRequest::Restore { name, id, rename } => {
+            return restore(node, name, id, rename).await;
+        }
+        VolumeRequest::Purge { name, id } => {
+            shoal_raft::check_volume_name(&name)?;
+            let cmd = MetaCommand::PurgeVolume {
+                name: name.clone(),
+                id,
                 trashed: None,
-            },
-        ),
+            };
+            return match node.run(cmd).await {
+                Ok(_) => Ok(AdminReply::Done),
+                Err(OpError::Fs(FsError::Ambiguous)) => Err(format!(
+                    "several removed volumes named {name} are in the trash (ids {}): say which with --id",
+                    trashed_ids(node, &name)
+                )),
+                Err(OpError::Fs(FsError::NotFound)) if id.is_some() => Err(format!(
+                    "no removed volume {name} with id {} is in the trash (see `shoal volume ls`)",
+                    id.unwrap_or_default()
+                )),
+                Err(e) => Err(crate::plugin::explain(&name, e, node)),
+            };
+        }
         VolumeRequest::ForgetMounts(id) => {
             must_be_member(node, id)?;
             node.run(MetaCommand::ClearMounts { node: id })
@@ -229,6 +288,48 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
     Ok(AdminReply::Done)
 }
 
+/// The ids of the removed volumes named `name`, oldest first.
+fn trashed_ids(node: &Node, name: &str) -> String {
+    node.view
+        .trash()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|v| v.name == name)
+        .map(|v| v.root.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn restore(
+    node: &Node,
+    name: String,
+    id: Option<u64>,
+    rename: Option<String>,
+) -> Result<AdminReply, String> {
+    use shoal_raft::MetaCommand;
+    shoal_raft::check_volume_name(&name)?;
+    let to = rename.clone().unwrap_or_else(|| name.clone());
+    shoal_raft::check_volume_name(&to)?;
+    let cmd = MetaCommand::RestoreVolume {
+        name: name.clone(),
+        id,
+        rename,
+    };
+    match node.run(cmd).await {
+        Ok(_) => Ok(AdminReply::Done),
+        Err(OpError::Fs(FsError::Exists)) => Err(format!(
+            "a live volume is named {to}: restore the removed one under another name with `shoal volume restore {name} --as NEW`"
+        )),
+        Err(OpError::Fs(FsError::NotFound)) => Err(match id {
+            Some(id) => format!(
+                "no removed volume {name} with id {id} is in the trash (see `shoal volume ls`)"
+            ),
+            None => format!("no removed volume {name} is in the trash (see `shoal volume ls`)"),
+        }),
+        Err(e) => Err(crate::plugin::explain(&name, e, node)),
+    }
+}
+
 /// A volume as the CLI shows it, with the usage the state machine keeps.
 fn volume_info(node: &Node, v: shoal_raft::Volume) -> Result<VolumeInfo, String> {
     use shoal_raft::Kv;
@@ -246,9 +347,14 @@ fn volume_info(node: &Node, v: shoal_raft::Volume) -> Result<VolumeInfo, String>
     let mounts = v
         .mounts_per_node()
         .into_iter()
-        .map(|(node, count)| VolumeMounts { node, count })
+        .map(|(id, count)| VolumeMounts {
+            node: id,
+            name: node_name(node, id),
+            count,
+        })
         .collect();
     Ok(VolumeInfo {
+        id: v.root,
         state: if v.trashed.is_some() {
             "trash"
         } else {
@@ -306,6 +412,8 @@ pub struct Status {
     pub inodes: u64,
     pub blocks: u64,
     pub block_bytes: u64,
+    /// Blocks some file's layout references, cluster-wide.
+    pub referenced_blocks: u64,
     pub disk_free_bytes: u64,
     pub cache_bytes: u64,
     pub dirty_bytes: u64,
@@ -347,6 +455,7 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         inodes: node.view.inode_count().unwrap_or(0),
         blocks,
         block_bytes,
+        referenced_blocks: node.view.block_count().unwrap_or(0),
         disk_free_bytes,
         cache_bytes: node.cache.weight(),
         dirty_bytes: node.dirty_bytes(),

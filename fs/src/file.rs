@@ -182,6 +182,18 @@ impl OpenFile {
                 node.dirty_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 Ok(())
             }
+            Err(OpError::Fs(FsError::NotFound | FsError::SessionExpired)) => {
+                // The file is gone under this node: its session was fenced, and the unlinked
+                // file it held was deleted with that session's holds. The bytes can land
+                // nowhere; keeping them would retry them forever.
+                node.dirty_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                tracing::warn!(
+                    ino = self.ino,
+                    bytes,
+                    "dropped buffered writes of a file deleted while this node's session was fenced"
+                );
+                Err(OpError::Errno(libc::EIO))
+            }
             Err(e @ OpError::Fs(FsError::QuotaExceeded)) => {
                 // Past the volume's quota: the bytes can never land. Like a local filesystem
                 // after EDQUOT, they are gone; the error goes to this fsync or close.

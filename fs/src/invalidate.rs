@@ -23,11 +23,13 @@ use tracing::debug;
 
 /// Starts the invalidation thread and returns the hook the state machine calls after applying.
 /// Changes proposed by this node's session are skipped; lock changes wake `locks_changed`, so
-/// a blocked lock request retries as soon as another node releases.
+/// a blocked lock request retries as soon as another node releases; unlinked inodes go to the
+/// purge worker (`purge`), which lets go of those this node holds and has no handle on.
 pub fn start(
     notifier: Arc<OnceLock<Notifier>>,
     own_session: Arc<AtomicU64>,
     locks_changed: Arc<Notify>,
+    purge: tokio::sync::mpsc::UnboundedSender<shoal_raft::Ino>,
 ) -> ApplyHook {
     let (tx, rx) = mpsc::channel::<(u64, Vec<Change>)>();
     std::thread::Builder::new()
@@ -37,6 +39,11 @@ pub fn start(
     Arc::new(move |session, changes| {
         if changes.iter().any(|c| matches!(c, Change::Locks(_))) {
             locks_changed.notify_waiters();
+        }
+        for c in &changes {
+            if let Change::Orphan(ino) = c {
+                let _ = purge.send(*ino);
+            }
         }
         if session != own_session.load(Ordering::Acquire) {
             let _ = tx.send((session, changes));
@@ -57,7 +64,7 @@ fn run(notifier: &OnceLock<Notifier>, rx: &mpsc::Receiver<(u64, Vec<Change>)>) {
                 Change::Entry { parent, name } => {
                     n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
                 }
-                Change::Locks(_) => continue,
+                Change::Locks(_) | Change::Orphan(_) => continue,
             };
             if let Err(e) = r
                 && e.raw_os_error() != Some(libc::ENOENT)

@@ -176,11 +176,17 @@ enum VolumeCommand {
         data: PathBuf,
         name: String,
     },
-    /// Bring a volume back from the trash
+    /// Bring a removed volume back from the trash: the newest of that name, unless --id
     Restore {
         #[arg(long, default_value = "/var/lib/shoal")]
         data: PathBuf,
         name: String,
+        /// Which removed volume of that name (the ID column of `shoal volume ls`)
+        #[arg(long)]
+        id: Option<u64>,
+        /// Restore it under this name (needed while a live volume holds its own)
+        #[arg(long = "as", value_name = "NEW")]
+        rename: Option<String>,
     },
     /// Forget the Docker mounts recorded for a node, on every volume: for a node whose
     /// containers are gone but whose Docker never unmounted (a crash or a reinstall), so that
@@ -193,11 +199,14 @@ enum VolumeCommand {
         #[arg(long)]
         node: u64,
     },
-    /// Delete a volume in the trash, with all its files, for good
+    /// Delete a removed volume in the trash, with all its files, for good
     Purge {
         #[arg(long, default_value = "/var/lib/shoal")]
         data: PathBuf,
         name: String,
+        /// Which removed volume of that name, when there are several (see `shoal volume ls`)
+        #[arg(long)]
+        id: Option<u64>,
     },
     /// Show or set how long removed volumes stay in the trash before they are purged
     /// (cluster-wide; default 24h): `shoal volume retention 7d`
@@ -234,20 +243,32 @@ fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
                 "volume {name} moved to the trash (`shoal volume restore {name}` brings it back)"
             ),
         ),
-        VolumeCommand::Restore { data, name } => (
+        VolumeCommand::Restore {
             data,
-            R::Restore(name.clone()),
-            format!("volume {name} restored"),
+            name,
+            id,
+            rename,
+        } => (
+            data,
+            R::Restore {
+                name: name.clone(),
+                id,
+                rename: rename.clone(),
+            },
+            format!("volume {} restored", rename.as_deref().unwrap_or(&name)),
         ),
         VolumeCommand::ForgetMounts { data, node } => (
             data,
             R::ForgetMounts(node),
             format!("forgot every volume mount recorded for node {node}"),
         ),
-        VolumeCommand::Purge { data, name } => (
+        VolumeCommand::Purge { data, name, id } => (
             data,
-            R::Purge(name.clone()),
-            format!("volume {name} deleted for good"),
+            R::Purge {
+                name: name.clone(),
+                id,
+            },
+            format!("removed volume {name} deleted for good"),
         ),
         VolumeCommand::Retention { data, duration } => {
             let set = duration.map(|d| d.as_secs());
@@ -270,19 +291,34 @@ fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<24} {:<7} {:>10} {:>10} {:>8} {:>8} {:<20}",
-                "NAME", "STATE", "USED", "QUOTA", "ENTRIES", "REPLICAS", "MOUNTED ON"
+                "{:<24} {:<7} {:>8} {:<20} {:>10} {:>10} {:>8} {:>8} {:<20}",
+                "NAME",
+                "STATE",
+                "ID",
+                "REMOVED",
+                "USED",
+                "QUOTA",
+                "ENTRIES",
+                "REPLICAS",
+                "MOUNTED ON"
             );
             for v in vs {
                 let mounted: Vec<String> = v
                     .mounts
                     .iter()
-                    .map(|m| format!("node {} ({}×)", m.node, m.count))
+                    .map(|m| format!("{} ({}×)", m.name, m.count))
                     .collect();
+                let removed = v.trashed.map_or("-".into(), |t| {
+                    let at =
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
+                    humantime::format_rfc3339_seconds(at).to_string()
+                });
                 println!(
-                    "{:<24} {:<7} {:>10} {:>10} {:>8} {:>8} {:<20}",
+                    "{:<24} {:<7} {:>8} {:<20} {:>10} {:>10} {:>8} {:>8} {:<20}",
                     v.name,
                     v.state,
+                    v.id,
+                    removed,
                     bytesize::ByteSize(v.used).to_string(),
                     v.quota
                         .map_or("-".into(), |q| bytesize::ByteSize(q).to_string()),
@@ -461,8 +497,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<4} {:<22} {:<8} {:<5} {:<30} LABELS",
-                "ID", "ADDRESS", "ROLE", "STATE", "DISK USED"
+                "{:<4} {:<16} {:<22} {:<8} {:<5} {:<30} LABELS",
+                "ID", "HOST", "ADDRESS", "ROLE", "STATE", "DISK USED"
             );
             for m in members {
                 let disk = m.disk.map_or_else(
@@ -480,8 +516,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let labels: Vec<String> =
                     m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!(
-                    "{:<4} {:<22} {:<8} {:<5} {:<30} {}",
+                    "{:<4} {:<16} {:<22} {:<8} {:<5} {:<30} {}",
                     m.id,
+                    if m.hostname.is_empty() {
+                        "-"
+                    } else {
+                        &m.hostname
+                    },
                     m.addr,
                     m.role,
                     if m.up { "up" } else { "down" },

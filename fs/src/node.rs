@@ -158,7 +158,8 @@ pub fn fs_errno(e: FsError) -> i32 {
         FsError::NotSupported => libc::EOPNOTSUPP,
         FsError::SessionExpired => libc::EIO,
         FsError::Busy => libc::EBUSY,
-        FsError::InTrash => libc::EEXIST,
+        FsError::Ambiguous => libc::EINVAL,
+        FsError::Stale => libc::EIO,
         FsError::QuotaExceeded => libc::EDQUOT,
         FsError::CrossDevice => libc::EXDEV,
     }
@@ -202,6 +203,13 @@ pub struct Node {
     /// cached pages are still good.
     pub(crate) seen: Mutex<HashMap<Ino, (shoal_raft::Nanos, u64)>>,
     pub(crate) purge_tx: mpsc::UnboundedSender<Ino>,
+    /// Unlinked inodes this node is letting go of (`Purge` proposed, not yet applied): no new
+    /// handle may open them, since the release may be the last one and delete them.
+    pub(crate) releasing: Mutex<std::collections::HashSet<Ino>>,
+    /// Numbers this node's proposals (`MetaRequest::seq`), so a retried one applies once.
+    next_seq: AtomicU64,
+    /// The numbers of the proposals still waiting for their answer.
+    in_flight: Mutex<std::collections::BTreeSet<u64>>,
     /// Woken whenever this node releases a lock, so blocked lock requests retry.
     pub(crate) locks_changed: Arc<Notify>,
     /// The kernel notifier of this node's mount, once mounted: see `invalidate`.
@@ -348,6 +356,8 @@ pub async fn init(
     raft.client_write(MetaRequest {
         now: now_nanos(),
         session: 0,
+        seq: 0,
+        acked: 0,
         cmds,
     })
     .await
@@ -381,10 +391,14 @@ impl Node {
         let session = Arc::new(AtomicU64::new(rand::random::<u64>() | 1));
         let notifier = Arc::new(std::sync::OnceLock::new());
         let locks_changed = Arc::new(Notify::new());
-        let hook =
-            crate::invalidate::start(notifier.clone(), session.clone(), locks_changed.clone());
-        let (raft, view) = open_raft(config.node_id, data, cluster.as_deref(), Some(hook)).await?;
         let (purge_tx, purge_rx) = mpsc::unbounded_channel();
+        let hook = crate::invalidate::start(
+            notifier.clone(),
+            session.clone(),
+            locks_changed.clone(),
+            purge_tx.clone(),
+        );
+        let (raft, view) = open_raft(config.node_id, data, cluster.as_deref(), Some(hook)).await?;
         let node = Arc::new(Node {
             id: config.node_id,
             cache: Arc::new(BlockCache::new(options.cache_bytes)),
@@ -404,6 +418,9 @@ impl Node {
             repair_fetched: AtomicU64::new(0),
             seen: Mutex::new(HashMap::new()),
             purge_tx,
+            releasing: Mutex::new(Default::default()),
+            next_seq: AtomicU64::new(1),
+            in_flight: Mutex::new(Default::default()),
             locks_changed,
             cluster,
             notifier,
@@ -446,12 +463,31 @@ impl Node {
     }
 
     /// Proposes a batch of commands through Raft; returns once they are durable and applied.
+    /// However often it is sent (a retry after a lost answer, a resend here after this node
+    /// was elected), it applies once: it carries this node's session and a number of its own.
     pub async fn propose(&self, cmds: Vec<MetaCommand>) -> OpResult<Vec<Result<Reply, FsError>>> {
-        let mut req = MetaRequest {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let acked = {
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+            in_flight.insert(seq);
+            *in_flight.first().expect("just inserted")
+        };
+        let req = MetaRequest {
             now: now_nanos(),
             session: self.session(),
+            seq,
+            acked,
             cmds,
         };
+        let result = self.propose_numbered(req).await;
+        self.in_flight.lock().expect("in-flight lock").remove(&seq);
+        result
+    }
+
+    async fn propose_numbered(
+        &self,
+        mut req: MetaRequest,
+    ) -> OpResult<Vec<Result<Reply, FsError>>> {
         loop {
             // Keep a copy to forward only where there is a leader to forward to.
             let copy = self.cluster.is_some().then(|| req.clone());
@@ -666,26 +702,38 @@ impl Node {
     }
 }
 
-/// Deletes unlinked inodes once nobody here has them open, a batch per Raft entry.
+/// Lets go of unlinked inodes this node's session holds and has no handle on, a batch per
+/// Raft entry; the last holder's release deletes the inode. Told by the unlink and close
+/// paths here, and by the Raft apply when another node's unlink made an orphan.
 async fn purge_worker(node: std::sync::Weak<Node>, mut rx: mpsc::UnboundedReceiver<Ino>) {
     while let Some(first) = rx.recv().await {
         let Some(node) = node.upgrade() else { return };
-        let mut inos = vec![first];
+        let mut inos = std::collections::BTreeSet::from([first]);
         while let Ok(more) = rx.try_recv() {
-            inos.push(more);
+            inos.insert(more);
         }
-        let cmds: Vec<MetaCommand> = {
+        let session = node.session();
+        let inos: Vec<Ino> = {
             let files = node.files.lock().expect("files lock");
+            let mut releasing = node.releasing.lock().expect("releasing lock");
             inos.into_iter()
                 .filter(|ino| !files.contains_key(ino))
-                .map(|ino| MetaCommand::Purge { ino })
+                .filter(|ino| {
+                    matches!(node.view.orphan(*ino), Ok(Some(holders)) if holders.contains(&session))
+                })
+                .filter(|ino| releasing.insert(*ino))
                 .collect()
         };
-        if cmds.is_empty() {
+        if inos.is_empty() {
             continue;
         }
+        let cmds = inos.iter().map(|&ino| MetaCommand::Purge { ino }).collect();
         if let Err(e) = node.propose(cmds).await {
-            warn!(error = %e, "purging unlinked files failed; they are retried at the next start");
+            warn!(error = %e, "letting go of unlinked files failed; this session's end lets go of them");
+        }
+        let mut releasing = node.releasing.lock().expect("releasing lock");
+        for ino in inos {
+            releasing.remove(&ino);
         }
     }
 }
@@ -708,6 +756,10 @@ async fn session_worker(node: std::sync::Weak<Node>) {
                 node: node.id,
                 disk_total: st.f_blocks.saturating_mul(st.f_frsize),
                 disk_free: st.f_bavail.saturating_mul(st.f_frsize),
+                hostname: rustix::system::uname()
+                    .nodename()
+                    .to_string_lossy()
+                    .into_owned(),
             });
         }
         let renewed =
@@ -765,7 +817,7 @@ async fn session_worker(node: std::sync::Weak<Node>) {
 /// On the leader: deletes the volumes that stayed in the trash longer than the cluster's
 /// retention (`shoal volume retention`).
 async fn purge_expired_trash(node: &Node) {
-    let (Ok(volumes), Ok(settings)) = (node.view.volumes(), node.view.settings()) else {
+    let (Ok(volumes), Ok(settings)) = (node.view.trash(), node.view.settings()) else {
         return;
     };
     let now = now_nanos();
@@ -776,6 +828,7 @@ async fn purge_expired_trash(node: &Node) {
         }
         let cmd = MetaCommand::PurgeVolume {
             name: v.name.clone(),
+            id: Some(v.root),
             trashed: Some(trashed),
         };
         match node.run(cmd).await {

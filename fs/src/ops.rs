@@ -242,6 +242,10 @@ impl Node {
         let inode = self.getattr(ino)?;
         if inode.kind == FileKind::File {
             let mut files = self.files.lock().expect("files lock");
+            if inode.nlink == 0 && !files.contains_key(&ino) && !self.may_open_orphan(ino) {
+                // Unlinked everywhere and let go of here: its deletion may be applying now.
+                return Err(FsError::NotFound.into());
+            }
             let f = files.entry(ino).or_insert_with(|| {
                 let quota = match inode.volume {
                     0 => None,
@@ -269,6 +273,19 @@ impl Node {
             }
         };
         Ok((inode, keep))
+    }
+
+    /// Whether a new handle may open `ino`, unlinked: only while this node's session still
+    /// holds it and is not letting go of it. Called with the files lock held, which the purge
+    /// worker takes too before it lets go.
+    fn may_open_orphan(&self, ino: Ino) -> bool {
+        let session = self.session();
+        let held = matches!(self.view.orphan(ino), Ok(Some(h)) if h.contains(&session));
+        held && !self
+            .releasing
+            .lock()
+            .expect("releasing lock")
+            .contains(&ino)
     }
 
     /// Closes one handle: commits, and purges the file if it was the last handle of an
@@ -369,7 +386,13 @@ impl Node {
             .as_ref()
             .map(|f| f.snapshot_overlay(off, size))
             .unwrap_or_default();
-        let inode = self.getattr(ino)?;
+        let inode = match self.getattr(ino) {
+            // Open here, yet deleted: only a fenced session's hold can have been lost so.
+            Err(OpError::Fs(FsError::NotFound)) if file.is_some() => {
+                return Err(OpError::Errno(libc::EIO));
+            }
+            other => other?,
+        };
         if inode.kind == FileKind::Dir {
             return Err(FsError::IsDir.into());
         }

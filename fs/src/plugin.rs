@@ -180,9 +180,10 @@ pub async fn create_volume(
     };
     match (node.run(cmd).await, from) {
         (Ok(_), _) => {
-            info!(volume = %name, "volume created");
+            info!(volume = %name, "volume created (or there already, with these options)");
             Ok(())
         }
+        (Err(OpError::Fs(FsError::Exists)), _) => Err(differences(node, name, opts)),
         (Err(OpError::Fs(FsError::NotFound)), Some(from)) => Err(format!(
             "cannot clone volume {from} into {name}: no such volume: {from} (see `docker volume ls`)"
         )),
@@ -194,10 +195,37 @@ pub async fn create_volume(
     }
 }
 
-fn node_list(v: &Volume) -> String {
+/// Why a Create of an existing volume was refused: each option it asks that the volume does
+/// not have.
+fn differences(
+    node: &Node,
+    name: &str,
+    opts: &std::collections::BTreeMap<String, String>,
+) -> String {
+    let (Ok(Some(v)), Ok(asked)) = (node.view.volume(name), parse_options(opts)) else {
+        return format!("volume {name} already exists with other options");
+    };
+    let show = |field: &str, value: &str| match (field, value.parse::<u64>()) {
+        ("size", Ok(n)) => format!("size={}", bytesize::ByteSize(n).display().iec()),
+        _ => format!("{field}={value}"),
+    };
+    let (has, asks): (Vec<String>, Vec<String>) = v
+        .options
+        .conflicts(&asked)
+        .into_iter()
+        .map(|(field, has, asks)| (show(field, &has), show(field, &asks)))
+        .unzip();
+    format!(
+        "volume {name} exists with {}; this Create asks {}: create it with the options it has (`docker volume inspect {name}`), or pick another name",
+        has.join(", "),
+        asks.join(", ")
+    )
+}
+
+fn node_list(node: &Node, v: &Volume) -> String {
     v.mounts_per_node()
         .iter()
-        .map(|(n, _)| format!("node {n}"))
+        .map(|(n, _)| crate::admin::node_name(node, *n))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -207,16 +235,13 @@ pub fn explain(name: &str, e: OpError, node: &Node) -> String {
     match e {
         OpError::Fs(FsError::Exists) => format!("volume {name} already exists"),
         OpError::Fs(FsError::NotFound) => format!("no such volume: {name}"),
-        OpError::Fs(FsError::InTrash) => format!(
-            "volume {name} was removed and is in shoal's trash; bring it back with `shoal volume restore {name}`, or delete it for good with `shoal volume purge {name}` before creating a new one"
-        ),
         OpError::Fs(FsError::Busy) => {
             let on = node
                 .view
                 .volume(name)
                 .ok()
                 .flatten()
-                .map(|v| node_list(&v))
+                .map(|v| node_list(node, &v))
                 .unwrap_or_default();
             format!("volume {name} is in use on {on}: stop the containers using it first")
         }
@@ -251,8 +276,8 @@ impl Plugin {
             .await
             .map_err(|e| format!("volume {name}: {e}"))?;
         match self.node.view.volume(name) {
-            Ok(Some(v)) if v.trashed.is_none() => Ok(v),
-            Ok(_) => Err(format!("no such volume: {name}")),
+            Ok(Some(v)) => Ok(v),
+            Ok(None) => Err(format!("no such volume: {name}")),
             Err(e) => Err(format!("volume {name}: {e}")),
         }
     }
@@ -403,7 +428,6 @@ async fn list(State(p): Shared) -> axum::Json<Value> {
             let vs = p.node.view.volumes().map_err(|e| listing(&e))?;
             let vs: Vec<Value> = vs
                 .iter()
-                .filter(|v| v.trashed.is_none())
                 .map(|v| json!({"Name": v.name, "Mountpoint": p.mountpoint(&v.name)}))
                 .collect();
             Ok(json!({ "Volumes": vs }))

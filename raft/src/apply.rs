@@ -12,16 +12,13 @@ use crate::error::{FsError, StoreError};
 use crate::keys;
 use crate::layout::{self, RefDelta};
 use crate::types::*;
-use crate::view::{Kv, Xattrs, encode};
+use crate::view::{KeyValue, Kv, Xattrs, decode, encode};
 
 const S_ISGID: u32 = 0o2000;
 const XATTR_NAME_MAX: usize = 255;
 const XATTR_VALUE_MAX: usize = 64 * 1024;
 /// How deep `is_ancestor` walks before it declares the tree corrupt.
 const MAX_DEPTH: usize = 1 << 16;
-
-/// A key and its value.
-pub type KeyValue = (Vec<u8>, Vec<u8>);
 
 /// Writes staged over the tree; reads see them first.
 pub struct Txn<'a> {
@@ -37,6 +34,22 @@ impl Kv for Txn<'_> {
             Some(v) => Ok(v.clone()),
             None => Ok(self.tree.get(key)?.map(|v| v.to_vec())),
         }
+    }
+
+    /// The tree's keys in the range with the staged writes laid over them.
+    fn range_raw(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for kv in self.tree.range(start..end) {
+            let (k, v) = kv?;
+            merged.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        for (k, v) in self.writes.range(start.to_vec()..end.to_vec()) {
+            merged.insert(k.clone(), v.clone());
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect())
     }
 }
 
@@ -126,6 +139,9 @@ pub enum Change {
     Entry { parent: Ino, name: Vec<u8> },
     /// The byte-range locks of an inode changed.
     Locks(Ino),
+    /// The record of an unlinked inode's holders changed: a node that holds it and has no
+    /// handle on it should release it.
+    Orphan(Ino),
 }
 
 /// What writes to `touched` keys change for someone caching inodes and entries.
@@ -137,6 +153,7 @@ pub(crate) fn changes_of(touched: impl IntoIterator<Item = Vec<u8>>) -> Vec<Chan
                 Some(Change::Inode(keys::u64_after_tag(&k)))
             }
             Some(&keys::LOCKS) if k.len() >= 9 => Some(Change::Locks(keys::u64_after_tag(&k))),
+            Some(&keys::ORPHAN) if k.len() >= 9 => Some(Change::Orphan(keys::u64_after_tag(&k))),
             Some(&keys::DENTRY) if k.len() >= 9 => Some(Change::Entry {
                 parent: keys::u64_after_tag(&k),
                 name: k[9..].to_vec(),
@@ -149,8 +166,45 @@ pub(crate) fn changes_of(touched: impl IntoIterator<Item = Vec<u8>>) -> Vec<Chan
     out
 }
 
-/// Applies one request's commands in order; returns one result per command.
+/// Applies one request's commands in order; returns one result per command. A request
+/// applied before (same session and `seq`) is not applied again: it gets the answer it got
+/// the first time.
 pub fn apply_request(txn: &mut Txn<'_>, req: &MetaRequest) -> Result<MetaResponse, StoreError> {
+    if req.seq != 0 {
+        if let Some(first) = txn.get::<MetaResponse>("reply", &keys::reply(req.session, req.seq))? {
+            return Ok(first);
+        }
+        let acked: u64 = txn.get("acked", &keys::acked(req.session))?.unwrap_or(0);
+        if req.seq < acked {
+            // Its proposer had every answer up to `acked`: this is a copy that arrived late.
+            return Ok(MetaResponse {
+                results: req.cmds.iter().map(|_| Err(FsError::Stale)).collect(),
+            });
+        }
+        if req.acked > acked {
+            let answered = txn.range_raw(
+                &keys::reply(req.session, 0),
+                &keys::reply(req.session, req.acked),
+            )?;
+            for (k, _) in answered {
+                txn.del(&k);
+            }
+            txn.put(&keys::acked(req.session), &req.acked);
+        }
+    }
+    let resp = apply_commands(txn, req)?;
+    // Kept while the session lives; an ended session's keys go with it (`end_session`).
+    if req.seq != 0
+        && txn
+            .get::<(u64, Nanos)>("lease", &keys::lease(req.session))?
+            .is_some()
+    {
+        txn.put(&keys::reply(req.session, req.seq), &resp);
+    }
+    Ok(resp)
+}
+
+fn apply_commands(txn: &mut Txn<'_>, req: &MetaRequest) -> Result<MetaResponse, StoreError> {
     let mut ctx = Ctx {
         txn,
         now: req.now,
@@ -330,18 +384,24 @@ impl Ctx<'_, '_> {
                 node,
                 disk_total,
                 disk_free,
+                hostname,
             } => {
                 let now = self.now;
                 self.update_node(*node, |info| {
                     info.disk_total = *disk_total;
                     info.disk_free = *disk_free;
                     info.reported_at = now;
+                    info.hostname.clone_from(hostname);
                 })
             }
             MetaCommand::CreateVolume { name, options } => self.create_volume(name, options),
             MetaCommand::TrashVolume { name } => self.trash_volume(name),
-            MetaCommand::RestoreVolume { name } => self.restore_volume(name),
-            MetaCommand::PurgeVolume { name, trashed } => self.purge_volume(name, *trashed),
+            MetaCommand::RestoreVolume { name, id, rename } => {
+                self.restore_volume(name, *id, rename.as_deref())
+            }
+            MetaCommand::PurgeVolume { name, id, trashed } => {
+                self.purge_volume(name, *id, *trashed)
+            }
             MetaCommand::MountVolume {
                 name,
                 node,
@@ -412,10 +472,11 @@ impl Ctx<'_, '_> {
             fail!(FsError::Invalid);
         }
         if let Some(v) = self.volume(name)? {
-            fail!(match v.trashed {
-                Some(_) => FsError::InTrash,
-                None => FsError::Exists,
-            });
+            // Every host that runs a task on the volume creates it, often at the same moment.
+            if v.options.conflicts(options).is_empty() {
+                return Ok(Ok(Reply::Volume(v)));
+            }
+            fail!(FsError::Exists);
         }
         let source = match &options.from {
             Some(from) => match self.volume(from)? {
@@ -444,11 +505,10 @@ impl Ctx<'_, '_> {
             },
         );
         if adopted {
-            self.adopt_tree(root, root, &mut BTreeSet::new(), 0)?;
+            self.adopt_tree(root)?;
         }
         if let Some(src) = &source {
-            let mut copied = BTreeMap::new();
-            self.clone_tree(src.root, root, &mut copied, 0)?;
+            self.clone_tree(src.root, root)?;
         }
         if let Some(quota) = options.size
             && self
@@ -470,94 +530,131 @@ impl Ctx<'_, '_> {
         })
     }
 
-    /// Moves the volume's directory between `/volumes` and `/.trash` (`to_trash`), checking
-    /// that the name there is still the volume's directory.
-    fn move_volume(
-        &mut self,
-        v: &Volume,
-        to_trash: bool,
-    ) -> Result<Result<(), FsError>, StoreError> {
-        let volumes = tri!(self.system_dir(VOLUMES_DIR));
-        let trash = tri!(self.system_dir(TRASH_DIR));
-        let (from, to) = if to_trash {
-            (volumes, trash)
-        } else {
-            (trash, volumes)
-        };
-        let name = v.name.as_bytes();
-        if self.txn.lookup(from, name)?.map(|d| d.ino) != Some(v.root) {
-            // Renamed by hand through a mount: put it back under its name first.
-            return Ok(Err(FsError::NotFound));
-        }
-        Ok(self.rename(from, name, to, name, true)?.map(drop))
+    /// The generations of `name` in the trash, oldest first.
+    fn trashed(&self, name: &str) -> Result<Vec<Volume>, StoreError> {
+        let mut out: Vec<Volume> = self
+            .txn
+            .scan_prefix(&keys::trash_prefix(name))?
+            .into_iter()
+            .map(|(_, v)| decode("trashed volume", &v))
+            .collect::<Result<_, _>>()?;
+        out.sort_by_key(|v| (v.trashed, v.root));
+        Ok(out)
+    }
+
+    /// The generation of `name` in the trash that `id` names, or, without `id`, the newest
+    /// (`newest`) or the only one.
+    fn pick_trashed(
+        &self,
+        name: &str,
+        id: Option<Ino>,
+        newest: bool,
+    ) -> Result<Result<Volume, FsError>, StoreError> {
+        let mut all = self.trashed(name)?;
+        Ok(match id {
+            Some(id) => all
+                .into_iter()
+                .find(|v| v.root == id)
+                .ok_or(FsError::NotFound),
+            None if all.len() > 1 && !newest => Err(FsError::Ambiguous),
+            None => all.pop().ok_or(FsError::NotFound),
+        })
     }
 
     fn trash_volume(&mut self, name: &str) -> Outcome {
         let Some(mut v) = self.volume(name)? else {
             fail!(FsError::NotFound);
         };
-        if v.trashed.is_some() {
-            fail!(FsError::InTrash);
-        }
         if !v.mounts.is_empty() {
             fail!(FsError::Busy);
         }
-        tri!(self.move_volume(&v, true));
+        let volumes = tri!(self.system_dir(VOLUMES_DIR));
+        let trash = tri!(self.system_dir(TRASH_DIR));
+        if self.txn.lookup(volumes, name.as_bytes())?.map(|d| d.ino) != Some(v.root) {
+            // Renamed by hand through a mount: put it back under its name first.
+            fail!(FsError::NotFound);
+        }
+        // In the trash under its identity, so the name is free for a new volume at once.
+        let id = v.root.to_string();
+        tri!(self.rename(volumes, name.as_bytes(), trash, id.as_bytes(), true));
         v.trashed = Some(self.now);
-        self.put_volume(v)
+        self.txn.del(&keys::volume(name));
+        self.txn.put(&keys::trash(name, v.root), &v);
+        Ok(Ok(Reply::Volume(v)))
     }
 
-    fn restore_volume(&mut self, name: &str) -> Outcome {
-        let Some(mut v) = self.volume(name)? else {
-            fail!(FsError::NotFound);
-        };
-        if v.trashed.is_none() {
+    fn restore_volume(&mut self, name: &str, id: Option<Ino>, rename: Option<&str>) -> Outcome {
+        let mut v = tri!(self.pick_trashed(name, id, true));
+        let to = rename.unwrap_or(name);
+        if check_volume_name(to).is_err() {
+            fail!(FsError::Invalid);
+        }
+        if self.volume(to)?.is_some() {
             fail!(FsError::Exists);
         }
-        tri!(self.move_volume(&v, false));
+        let volumes = tri!(self.system_dir(VOLUMES_DIR));
+        let trash = tri!(self.system_dir(TRASH_DIR));
+        let id = v.root.to_string();
+        if self.txn.lookup(trash, id.as_bytes())?.map(|d| d.ino) != Some(v.root) {
+            fail!(FsError::NotFound);
+        }
+        // A directory made by hand under the name is in the way: the restore refuses.
+        tri!(self.rename(trash, id.as_bytes(), volumes, to.as_bytes(), true));
+        self.txn.del(&keys::trash(name, v.root));
+        if let Some(mut usage) = self.txn.volume_usage(v.root)? {
+            usage.name = to.to_string();
+            self.txn.put(&keys::volume_usage(v.root), &usage);
+        }
+        v.name = to.to_string();
         v.trashed = None;
+        v.mounts.clear();
         self.put_volume(v)
     }
 
-    fn purge_volume(&mut self, name: &str, trashed: Option<Nanos>) -> Outcome {
-        let Some(v) = self.volume(name)? else {
-            fail!(FsError::NotFound);
-        };
-        if v.trashed.is_none() {
+    fn purge_volume(&mut self, name: &str, id: Option<Ino>, trashed: Option<Nanos>) -> Outcome {
+        let v = match self.pick_trashed(name, id, false)? {
+            Ok(v) => v,
             // Only what is in the trash can be purged: `TrashVolume` first.
-            fail!(FsError::NotPermitted);
-        }
+            Err(FsError::NotFound) if id.is_none() && self.volume(name)?.is_some() => {
+                fail!(FsError::NotPermitted)
+            }
+            Err(e) => fail!(e),
+        };
         if trashed.is_some() && trashed != v.trashed {
             fail!(FsError::NotPermitted);
         }
         let trash = tri!(self.system_dir(TRASH_DIR));
-        if self.txn.lookup(trash, name.as_bytes())?.map(|d| d.ino) == Some(v.root) {
-            self.remove_tree(trash, name.as_bytes(), 0)?;
+        let dir = v.root.to_string();
+        if self.txn.lookup(trash, dir.as_bytes())?.map(|d| d.ino) == Some(v.root) {
+            self.remove_tree(trash, dir.as_bytes())?;
         }
         self.txn.del(&keys::volume_usage(v.root));
-        self.txn.del(&keys::volume(name));
+        self.txn.del(&keys::trash(name, v.root));
         Ok(Ok(Reply::Done))
     }
 
-    /// Removes `name` in `parent` and, for a directory, everything below it. Files that
+    /// Removes `name` in `parent` and, for a directory, everything below it, depth first
+    /// with a stack of its own (a tree may be deeper than any thread's stack). Files that
     /// lose their last link are deleted at once.
-    fn remove_tree(&mut self, parent: Ino, name: &[u8], depth: usize) -> Result<(), StoreError> {
-        let Some(d) = self.txn.lookup(parent, name)? else {
-            return Ok(());
-        };
-        if d.kind == FileKind::Dir && depth < MAX_DEPTH {
-            let children: Vec<Vec<u8>> = self
-                .txn
-                .scan_prefix(&keys::dentry_prefix(d.ino))?
-                .into_iter()
-                .map(|(k, _)| k[9..].to_vec())
-                .collect();
-            for child in children {
-                self.remove_tree(d.ino, &child, depth + 1)?;
+    fn remove_tree(&mut self, parent: Ino, name: &[u8]) -> Result<(), StoreError> {
+        // (directory, name in it, whether its children were pushed already)
+        let mut stack: Vec<(Ino, Vec<u8>, bool)> = vec![(parent, name.to_vec(), false)];
+        while let Some((dir, name, expanded)) = stack.pop() {
+            let Some(d) = self.txn.lookup(dir, &name)? else {
+                continue;
+            };
+            if d.kind != FileKind::Dir {
+                if let Ok(Reply::Removed { removed: Some(ino) }) = self.unlink(dir, &name)? {
+                    self.destroy_orphan(ino)?;
+                }
+            } else if expanded {
+                let _ = self.rmdir(dir, &name)?;
+            } else {
+                stack.push((dir, name, true));
+                for (k, _) in self.txn.scan_prefix(&keys::dentry_prefix(d.ino))? {
+                    stack.push((d.ino, k[9..].to_vec(), false));
+                }
             }
-            let _ = self.rmdir(parent, name)?;
-        } else if let Ok(Reply::Removed { removed: Some(ino) }) = self.unlink(parent, name)? {
-            let _ = self.purge(ino)?;
         }
         Ok(())
     }
@@ -566,9 +663,6 @@ impl Ctx<'_, '_> {
         let Some(mut v) = self.volume(name)? else {
             fail!(FsError::NotFound);
         };
-        if mount && v.trashed.is_some() {
-            fail!(FsError::InTrash);
-        }
         v.mounts.retain(|(n, i, _)| !(*n == node && i == id));
         if mount {
             v.mounts.push((node, id.to_string(), self.now));
@@ -590,25 +684,20 @@ impl Ctx<'_, '_> {
         Ok(Ok(Reply::Done))
     }
 
-    /// Makes everything below `dir` part of the volume `root` and counts it.
-    fn adopt_tree(
-        &mut self,
-        root: Ino,
-        dir: Ino,
-        seen: &mut BTreeSet<Ino>,
-        depth: usize,
-    ) -> Result<(), StoreError> {
-        if depth >= MAX_DEPTH {
-            return Ok(());
-        }
-        for (_, d) in self.children(dir)? {
-            let inode = self.update(d.ino, |i| i.volume = root)?;
-            // Hard links are counted once, at the first name found.
-            if seen.insert(d.ino) {
-                self.add_usage(root, inode.size as i64, 1)?;
-            }
-            if d.kind == FileKind::Dir {
-                self.adopt_tree(root, d.ino, seen, depth + 1)?;
+    /// Makes everything below `root` part of the volume `root` and counts it.
+    fn adopt_tree(&mut self, root: Ino) -> Result<(), StoreError> {
+        let mut seen = BTreeSet::new();
+        let mut dirs = vec![root];
+        while let Some(dir) = dirs.pop() {
+            for (_, d) in self.children(dir)? {
+                let inode = self.update(d.ino, |i| i.volume = root)?;
+                // Hard links are counted once, at the first name found.
+                if seen.insert(d.ino) {
+                    self.add_usage(root, inode.size as i64, 1)?;
+                }
+                if d.kind == FileKind::Dir {
+                    dirs.push(d.ino);
+                }
             }
         }
         Ok(())
@@ -616,58 +705,54 @@ impl Ctx<'_, '_> {
 
     /// Copies the tree below `from` into the empty directory `to` of the volume `to` belongs
     /// to. File data is shared, not copied: the copies name the same blocks, whose reference
-    /// counts go up. `copied` maps source inodes to their copies, so hard links stay links.
-    fn clone_tree(
-        &mut self,
-        from: Ino,
-        to: Ino,
-        copied: &mut BTreeMap<Ino, Ino>,
-        depth: usize,
-    ) -> Result<(), StoreError> {
-        if depth >= MAX_DEPTH {
-            return Ok(());
-        }
+    /// counts go up. Hard links stay links. A loop, not recursion: trees may be deep.
+    fn clone_tree(&mut self, from: Ino, to: Ino) -> Result<(), StoreError> {
         let volume = self.txn.inode(to)?.map_or(0, |i| i.volume);
-        for (name, d) in self.children(from)? {
-            if let Some(&ino) = copied.get(&d.ino) {
-                self.update(ino, |i| i.nlink += 1)?;
+        // Source inodes and their copies, so hard links stay links.
+        let mut copied: BTreeMap<Ino, Ino> = BTreeMap::new();
+        let mut dirs = vec![(from, to)];
+        while let Some((from, to)) = dirs.pop() {
+            for (name, d) in self.children(from)? {
+                if let Some(&ino) = copied.get(&d.ino) {
+                    self.update(ino, |i| i.nlink += 1)?;
+                    self.txn
+                        .put(&keys::dentry(to, &name), &Dentry { ino, kind: d.kind });
+                    self.touch_dir(to, 1, 0)?;
+                    continue;
+                }
+                let Some(src) = self.txn.inode(d.ino)? else {
+                    continue;
+                };
+                let ino = self.txn.counter(keys::META_NEXT_INO)?;
+                self.txn.put(keys::META_NEXT_INO, &(ino + 1));
+                let copy = Inode {
+                    ino,
+                    parent: to,
+                    volume,
+                    nlink: if src.kind == FileKind::Dir { 2 } else { 1 },
+                    children: 0,
+                    ..src.clone()
+                };
+                self.put_inode(&copy);
                 self.txn
                     .put(&keys::dentry(to, &name), &Dentry { ino, kind: d.kind });
-                self.touch_dir(to, 1, 0)?;
-                continue;
-            }
-            let Some(src) = self.txn.inode(d.ino)? else {
-                continue;
-            };
-            let ino = self.txn.counter(keys::META_NEXT_INO)?;
-            self.txn.put(keys::META_NEXT_INO, &(ino + 1));
-            let copy = Inode {
-                ino,
-                parent: to,
-                volume,
-                nlink: if src.kind == FileKind::Dir { 2 } else { 1 },
-                children: 0,
-                ..src.clone()
-            };
-            self.put_inode(&copy);
-            self.txn
-                .put(&keys::dentry(to, &name), &Dentry { ino, kind: d.kind });
-            self.touch_dir(to, 1, i32::from(d.kind == FileKind::Dir))?;
-            self.bump_counter(keys::META_INODES, 1)?;
-            self.add_usage(volume, src.size as i64, 1)?;
-            let xattrs = self.txn.xattrs(src.ino)?;
-            if !xattrs.is_empty() {
-                self.txn.put(&keys::xattrs(ino), &xattrs);
-            }
-            match src.kind {
-                FileKind::Dir => self.clone_tree(src.ino, ino, copied, depth + 1)?,
-                FileKind::File => {
-                    copied.insert(src.ino, ino);
-                    let slices = self.txn.slices(src.ino, 0, src.size)?;
-                    self.overlay(ino, &slices)?;
+                self.touch_dir(to, 1, i32::from(d.kind == FileKind::Dir))?;
+                self.bump_counter(keys::META_INODES, 1)?;
+                self.add_usage(volume, src.size as i64, 1)?;
+                let xattrs = self.txn.xattrs(src.ino)?;
+                if !xattrs.is_empty() {
+                    self.txn.put(&keys::xattrs(ino), &xattrs);
                 }
-                _ => {
-                    copied.insert(src.ino, ino);
+                match src.kind {
+                    FileKind::Dir => dirs.push((src.ino, ino)),
+                    FileKind::File => {
+                        copied.insert(src.ino, ino);
+                        let slices = self.txn.slices(src.ino, 0, src.size)?;
+                        self.overlay(ino, &slices)?;
+                    }
+                    _ => {
+                        copied.insert(src.ino, ino);
+                    }
                 }
             }
         }
@@ -867,9 +952,27 @@ impl Ctx<'_, '_> {
         )
     }
 
+    /// The indexes of the chunks of a file that exist among those holding `[start, end)`:
+    /// what an edit of the range must visit, however sparse and large the file.
+    fn stored_chunks(&self, ino: Ino, start: u64, end: u64) -> Result<Vec<u64>, StoreError> {
+        let range = layout::chunks_of(start, end);
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = keys::chunk(ino, range.start);
+        let last = keys::chunk(ino, range.end);
+        Ok(self
+            .txn
+            .range_raw(&first, &last)?
+            .into_iter()
+            .map(|(k, _)| keys::u64_at(&k, 9))
+            .collect())
+    }
+
     /// Makes `[start, end)` of a file read as zeros.
     fn punch(&mut self, ino: Ino, start: u64, end: u64) -> Result<(), StoreError> {
-        self.edit_chunks(ino, layout::chunks_of(start, end), |_, list, refs| {
+        let chunks = self.stored_chunks(ino, start, end)?;
+        self.edit_chunks(ino, chunks, |_, list, refs| {
             layout::punch(list, start, end, refs)
         })
     }
@@ -877,8 +980,8 @@ impl Ctx<'_, '_> {
     /// Deletes an inode and everything hanging off it.
     fn destroy(&mut self, inode: &Inode) -> Result<(), StoreError> {
         if inode.kind == FileKind::File {
-            let end = inode.size;
-            self.edit_chunks(inode.ino, layout::chunks_of(0, end), |_, list, refs| {
+            let chunks = self.stored_chunks(inode.ino, 0, inode.size)?;
+            self.edit_chunks(inode.ino, chunks, |_, list, refs| {
                 layout::punch(list, 0, u64::MAX, refs)
             })?;
         }
@@ -891,8 +994,10 @@ impl Ctx<'_, '_> {
         Ok(())
     }
 
-    /// Drops one link of a non-directory. An inode that loses its last link becomes an orphan
-    /// of this session, to be purged once nobody has it open.
+    /// Drops one link of a non-directory. An inode that loses its last link becomes an
+    /// orphan held by every live session, since any node may have it open: each releases it
+    /// (`Purge`) once it has no handle on it, a session that ends releases what it held, and
+    /// the last release deletes it.
     fn drop_link(&mut self, ino: Ino) -> Result<Option<Ino>, StoreError> {
         let now = self.now;
         let inode = self.update(ino, |i| {
@@ -902,7 +1007,13 @@ impl Ctx<'_, '_> {
         if inode.nlink > 0 {
             return Ok(None);
         }
-        self.txn.put(&keys::orphan(ino), &self.session);
+        let holders: Vec<u64> = self
+            .txn
+            .scan_prefix(&[keys::LEASE])?
+            .into_iter()
+            .map(|(k, _)| keys::u64_after_tag(&k))
+            .collect();
+        self.txn.put(&keys::orphan(ino), &holders);
         Ok(Some(ino))
     }
 
@@ -1320,13 +1431,38 @@ impl Ctx<'_, '_> {
         Ok(Ok(Reply::Done))
     }
 
+    /// The proposing session lets go of an unlinked inode; the last holder's release
+    /// deletes it.
     fn purge(&mut self, ino: Ino) -> Outcome {
+        self.release_orphan(ino, self.session)?;
+        Ok(Ok(Reply::Done))
+    }
+
+    fn release_orphan(&mut self, ino: Ino, session: u64) -> Result<(), StoreError> {
+        let Some(mut holders) = self.txn.get::<Vec<u64>>("orphan", &keys::orphan(ino))? else {
+            // Not an orphan: still linked, or gone already.
+            return Ok(());
+        };
+        let before = holders.len();
+        holders.retain(|s| *s != session);
+        if holders.is_empty() {
+            self.destroy_orphan(ino)
+        } else {
+            if holders.len() != before {
+                self.txn.put(&keys::orphan(ino), &holders);
+            }
+            Ok(())
+        }
+    }
+
+    /// Deletes an inode whose last link is gone, whoever may hold it.
+    fn destroy_orphan(&mut self, ino: Ino) -> Result<(), StoreError> {
         if let Some(inode) = self.txn.inode(ino)?
             && inode.nlink == 0
         {
             self.destroy(&inode)?;
         }
-        Ok(Ok(Reply::Done))
+        Ok(())
     }
 
     // ---- locks and sessions ----
@@ -1441,13 +1577,17 @@ impl Ctx<'_, '_> {
                 self.store_locks(ino, locks);
             }
         }
-        let orphans = self.txn.scan_prefix(&[keys::ORPHAN])?;
-        for (k, v) in orphans {
-            let owner: u64 = crate::view::decode("orphan", &v)?;
-            if owner == session {
-                self.purge(keys::u64_after_tag(&k))?.ok();
-            }
+        for (k, _) in self.txn.scan_prefix(&[keys::ORPHAN])? {
+            self.release_orphan(keys::u64_after_tag(&k), session)?;
         }
+        let answers = self
+            .txn
+            .range_raw(&keys::reply(session, 0), &keys::reply(session, u64::MAX))?;
+        for (k, _) in answers {
+            self.txn.del(&k);
+        }
+        self.txn.del(&keys::reply(session, u64::MAX));
+        self.txn.del(&keys::acked(session));
         Ok(())
     }
 

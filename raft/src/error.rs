@@ -41,9 +41,12 @@ pub enum FsError {
     /// The volume is mounted on some node.
     #[error("the volume is in use")]
     Busy,
-    /// The name belongs to a volume in the trash.
-    #[error("a volume of that name is in the trash")]
-    InTrash,
+    /// Several volumes in the trash have the name: say which one.
+    #[error("several volumes match")]
+    Ambiguous,
+    /// A copy of a request whose answer its proposer already has: not applied.
+    #[error("a late copy of a request that was already answered")]
+    Stale,
     /// The change would take a volume beyond its quota.
     #[error("disk quota exceeded")]
     QuotaExceeded,

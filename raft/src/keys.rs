@@ -18,6 +18,9 @@ pub const LEASE: u8 = b'e';
 pub const NODE_INFO: u8 = b'N';
 pub const VOLUME: u8 = b'v';
 pub const VOLUME_USAGE: u8 = b'u';
+pub const TRASH: u8 = b't';
+pub const REPLY: u8 = b'r';
+pub const ACKED: u8 = b'q';
 
 pub const META_APPLIED: &[u8] = b"m/applied";
 pub const META_MEMBERSHIP: &[u8] = b"m/membership";
@@ -85,6 +88,35 @@ pub fn volume(name: &str) -> Vec<u8> {
     k
 }
 
+/// A removed volume in the trash: `t` + name + 0 + root. Names hold no 0 byte, so the
+/// generations of one name sort together.
+pub fn trash(name: &str, root: Ino) -> Vec<u8> {
+    let mut k = trash_prefix(name);
+    k.extend_from_slice(&root.to_be_bytes());
+    k
+}
+
+pub fn trash_prefix(name: &str) -> Vec<u8> {
+    let mut k = vec![TRASH];
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k
+}
+
+/// The answer kept for request `seq` of `session`.
+pub fn reply(session: u64, seq: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = REPLY;
+    k[1..9].copy_from_slice(&session.to_be_bytes());
+    k[9..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Below which sequence number every request of `session` has been answered.
+pub fn acked(session: u64) -> [u8; 9] {
+    with_u64(ACKED, session)
+}
+
 pub fn volume_usage(root: Ino) -> [u8; 9] {
     with_u64(VOLUME_USAGE, root)
 }
@@ -103,6 +135,21 @@ pub fn block_ref(id: &BlockId) -> [u8; 33] {
 
 pub fn garbage(id: &BlockId) -> [u8; 33] {
     with_block(GARBAGE, id)
+}
+
+/// The first key past every key of `tag` + `ino` + anything.
+pub fn inode_after(tag: u8, ino: Ino) -> Vec<u8> {
+    match ino.checked_add(1) {
+        Some(next) => with_u64(tag, next).to_vec(),
+        None => vec![tag + 1],
+    }
+}
+
+/// The big-endian u64 at `at` in a key.
+pub fn u64_at(key: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[at..at + 8]);
+    u64::from_be_bytes(b)
 }
 
 /// The u64 that follows the tag byte of a key.

@@ -281,6 +281,8 @@ pub enum MetaCommand {
         node: u64,
         disk_total: u64,
         disk_free: u64,
+        /// The host's name, so that messages can name hosts rather than node ids.
+        hostname: String,
     },
     /// Sets (`Some`) or removes (`None`) a label of a node; keys and values as
     /// [`check_label`] allows.
@@ -289,25 +291,33 @@ pub enum MetaCommand {
         key: String,
         value: Option<String>,
     },
-    /// Creates volume `name`: the directory `/volumes/NAME` and its record. Refused if the
-    /// name is taken, also by a volume in the trash.
+    /// Creates volume `name`: the directory `/volumes/NAME` and its record. If a live volume
+    /// has the name already, succeeds without a change when every option asked is one it has
+    /// (Docker creates a volume from every host that needs it), and fails with `Exists`
+    /// otherwise. Removed volumes in the trash do not hold their name.
     CreateVolume {
         name: String,
         options: VolumeOptions,
     },
-    /// Moves a volume that no node mounts to the trash (`/.trash/NAME`).
+    /// Moves a volume that no node mounts to the trash (`/.trash/ID`, `ID` its root inode)
+    /// and frees its name.
     TrashVolume {
         name: String,
     },
-    /// Brings a volume back from the trash.
+    /// Brings a volume back from the trash: the generation `id` of `name`, or its newest,
+    /// under `rename` or its own name. Fails with `Exists` while a live volume has that name.
     RestoreVolume {
         name: String,
+        id: Option<Ino>,
+        rename: Option<String>,
     },
-    /// Deletes a volume in the trash with everything in it. With `trashed`, only if it is
-    /// still the same stay in the trash (the retention sweep's guard against a volume that
-    /// was restored and removed again meanwhile).
+    /// Deletes a volume in the trash with everything in it: the generation `id` of `name`, or
+    /// its only one (`Ambiguous` when there are several). With `trashed`, only if it is still
+    /// the same stay in the trash (the retention sweep's guard against a volume that was
+    /// restored and removed again meanwhile).
     PurgeVolume {
         name: String,
+        id: Option<Ino>,
         trashed: Option<Nanos>,
     },
     /// Sets how long removed volumes stay in the trash.
@@ -333,7 +343,9 @@ pub enum MetaCommand {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Volume {
     pub name: String,
-    /// The volume's directory, under `/volumes` or, in the trash, under `/.trash`.
+    /// The volume's directory, `/volumes/NAME` or, in the trash, `/.trash/ROOT`. Never
+    /// reused, so it is also the volume's identity: several removed volumes of one name
+    /// wait in the trash side by side, told apart by it.
     pub root: Ino,
     pub options: VolumeOptions,
     pub created: Nanos,
@@ -372,6 +384,44 @@ pub struct VolumeOptions {
 }
 
 impl VolumeOptions {
+    /// Where the options `asked` of a Create differ from these, which a volume has: for each
+    /// option asked that it does not have, (option, what it has, what is asked). Options not
+    /// asked are no difference, so a Create with no options matches every volume.
+    pub fn conflicts(&self, asked: &VolumeOptions) -> Vec<(&'static str, String, String)> {
+        let text = |o: Option<String>| o.unwrap_or_else(|| "(not set)".into());
+        let mut out = Vec::new();
+        if asked.replicas.is_some() && asked.replicas != self.replicas {
+            out.push((
+                "replicas",
+                text(self.replicas.map(|r| r.to_string())),
+                text(asked.replicas.map(|r| r.to_string())),
+            ));
+        }
+        if asked.size.is_some() && asked.size != self.size {
+            out.push((
+                "size",
+                text(self.size.map(|s| s.to_string())),
+                text(asked.size.map(|s| s.to_string())),
+            ));
+        }
+        if !asked.placement.is_empty() && asked.placement != self.placement {
+            let has = self.placement_text();
+            out.push((
+                "placement",
+                if has.is_empty() {
+                    "(not set)".into()
+                } else {
+                    has
+                },
+                asked.placement_text(),
+            ));
+        }
+        if asked.from.is_some() && asked.from != self.from {
+            out.push(("from", text(self.from.clone()), text(asked.from.clone())));
+        }
+        out
+    }
+
     /// Whether a node with these labels may hold the volume's replicas.
     pub fn admits(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
         self.placement
@@ -451,6 +501,8 @@ pub struct NodeInfo {
     pub disk_total: u64,
     pub disk_free: u64,
     pub reported_at: Nanos,
+    /// The host's name as the node last reported it (empty before its first report).
+    pub hostname: String,
 }
 
 /// Label keys are 1 to 63 and values 0 to 128 characters of `A-Z a-z 0-9 . _ - /`, so that a
@@ -494,8 +546,14 @@ pub enum XattrMode {
 pub struct MetaRequest {
     /// The proposer's clock when it proposed, used for every timestamp the batch sets.
     pub now: Nanos,
-    /// The proposer's session, which owns the locks and orphans the batch creates.
+    /// The proposer's session, which owns the locks the batch takes.
     pub session: u64,
+    /// The proposer's number for this request within its session (0: none). A request is
+    /// applied once: a repeat (a retry after a lost answer) gets the first one's answer.
+    pub seq: u64,
+    /// Every request of the session numbered below this has been answered, so the answers
+    /// kept for them can go, and a late copy of one of them is refused.
+    pub acked: u64,
     pub cmds: Vec<MetaCommand>,
 }
 

@@ -26,9 +26,38 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("metadata records always serialize")
 }
 
-/// Point reads by key.
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Point reads by key, and range scans.
 pub trait Kv {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Every key in `[start, end)` with its value, in key order.
+    fn range_raw(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, StoreError>;
+
+    /// The chunks of a file that exist among indexes `[first, last]`, with their slices, in
+    /// order. Costs what is stored, not the size of the range: a sparse file of an exabyte
+    /// with one written chunk is one key.
+    fn chunks(
+        &self,
+        ino: Ino,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<(u64, Vec<Slice>)>, StoreError> {
+        if first > last {
+            return Ok(Vec::new());
+        }
+        let end = match last.checked_add(1) {
+            Some(next) => keys::chunk(ino, next).to_vec(),
+            // The last possible index: everything of this inode.
+            None => keys::inode_after(keys::CHUNK, ino),
+        };
+        self.range_raw(&keys::chunk(ino, first), &end)?
+            .into_iter()
+            .map(|(k, v)| Ok((keys::u64_at(&k, 9), decode("chunk", &v)?)))
+            .collect()
+    }
 
     fn get<T: DeserializeOwned>(
         &self,
@@ -57,9 +86,13 @@ pub trait Kv {
 
     /// The slices holding bytes of `[start, end)` of a file, trimmed to that range, in order.
     fn slices(&self, ino: Ino, start: u64, end: u64) -> Result<Vec<Slice>, StoreError> {
+        let range = layout::chunks_of(start, end);
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
-        for index in layout::chunks_of(start, end) {
-            out.extend(layout::extract(&self.chunk(ino, index)?, start, end));
+        for (_, list) in self.chunks(ino, range.start, range.end - 1)? {
+            out.extend(layout::extract(&list, start, end));
         }
         Ok(out)
     }
@@ -102,6 +135,15 @@ impl Kv for StateView {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.tree.get(key)?.map(|v| v.to_vec()))
     }
+
+    fn range_raw(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..end) {
+            let (k, v) = kv?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
 }
 
 impl StateView {
@@ -126,8 +168,8 @@ impl StateView {
         Ok(out)
     }
 
-    /// Inodes whose last name is gone but which a session still had open, with that session.
-    pub fn orphans(&self) -> Result<Vec<(Ino, u64)>, StoreError> {
+    /// Inodes whose last name is gone, with the sessions that may still hold them open.
+    pub fn orphans(&self) -> Result<Vec<(Ino, Vec<u64>)>, StoreError> {
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix([keys::ORPHAN]) {
             let (k, v) = kv?;
@@ -145,12 +187,27 @@ impl StateView {
         self.get("volume", &keys::volume(name))
     }
 
-    /// Every volume, in the trash or not, by name.
+    /// The sessions that may still hold the unlinked inode open, if it is an orphan.
+    pub fn orphan(&self, ino: Ino) -> Result<Option<Vec<u64>>, StoreError> {
+        self.get("orphan", &keys::orphan(ino))
+    }
+
+    /// Every live volume, by name.
     pub fn volumes(&self) -> Result<Vec<Volume>, StoreError> {
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix([keys::VOLUME]) {
             out.push(decode("volume", &kv?.1)?);
         }
+        Ok(out)
+    }
+
+    /// Every removed volume in the trash, by name and then age (oldest first).
+    pub fn trash(&self) -> Result<Vec<Volume>, StoreError> {
+        let mut out: Vec<Volume> = Vec::new();
+        for kv in self.tree.scan_prefix([keys::TRASH]) {
+            out.push(decode("trashed volume", &kv?.1)?);
+        }
+        out.sort_by(|a, b| (&a.name, a.trashed, a.root).cmp(&(&b.name, b.trashed, b.root)));
         Ok(out)
     }
 

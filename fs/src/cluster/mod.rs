@@ -50,6 +50,29 @@ fn slow_append(node: u64) -> Option<Duration> {
         .map(|(_, ms)| Duration::from_millis(ms))
 }
 
+/// Fault injection for tests: with `SHOAL_FAULT_DROP_PROPOSE_REPLY=1` the leader loses its
+/// answer to the first attempt of every forwarded proposal (session renewals and disk reports
+/// aside), after applying it, as when the network drops the reply. Unset in production.
+fn drop_propose_reply(req: &shoal_raft::MetaRequest) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static SEEN: std::sync::Mutex<Option<std::collections::HashSet<(u64, u64)>>> =
+        std::sync::Mutex::new(None);
+    let on =
+        *ON.get_or_init(|| std::env::var("SHOAL_FAULT_DROP_PROPOSE_REPLY").as_deref() == Ok("1"));
+    let routine = req.cmds.iter().all(|c| {
+        matches!(
+            c,
+            shoal_raft::MetaCommand::RenewSession | shoal_raft::MetaCommand::ReportNode { .. }
+        )
+    });
+    if !on || routine || req.seq == 0 {
+        return false;
+    }
+    let mut seen = SEEN.lock().expect("fault lock");
+    seen.get_or_insert_with(Default::default)
+        .insert((req.session, req.seq))
+}
+
 /// The first nodes of a cluster are voters; later ones are learners.
 pub const VOTERS: usize = 3;
 
@@ -433,8 +456,19 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
         }
         Request::Vote(r) => Response::Vote(node.raft.vote(r).await),
         Request::Snapshot(r) => Response::Snapshot(node.raft.install_snapshot(r).await),
-        Request::Propose(r) => {
-            Response::Propose(node.propose_request(r).await.map_err(|e| e.to_string()))
+        Request::Propose(mut r) => {
+            // One clock for every time in the log: leases are renewed and expired against the
+            // leader's, whatever the proposer's clock says.
+            r.now = crate::node::now_nanos();
+            let drop_reply = drop_propose_reply(&r);
+            let answer = node.propose_request(r).await.map_err(|e| e.to_string());
+            if drop_reply {
+                // Applied, but the answer never reaches the proposer, which times out and
+                // sends the proposal again.
+                warn!(peer, "fault: dropping the answer to a forwarded proposal");
+                tokio::time::sleep(shoal_net::rpc::CALL_TIMEOUT * 2).await;
+            }
+            Response::Propose(answer)
         }
         Request::ReadIndex => Response::ReadIndex(
             node.raft

@@ -8,19 +8,19 @@ use std::time::{Duration, Instant};
 
 use crate::testkit::{is_mounted, shoal};
 
-struct LocalCluster {
+pub(crate) struct LocalCluster {
     dir: tempfile::TempDir,
     base_port: u16,
     env: Vec<(String, String)>,
 }
 
 impl LocalCluster {
-    fn up(nodes: u32) -> LocalCluster {
+    pub(crate) fn up(nodes: u32) -> LocalCluster {
         LocalCluster::up_with_env(nodes, &[])
     }
 
     /// A cluster whose daemons run with extra environment variables.
-    fn up_with_env(nodes: u32, env: &[(&str, &str)]) -> LocalCluster {
+    pub(crate) fn up_with_env(nodes: u32, env: &[(&str, &str)]) -> LocalCluster {
         let dir = tempfile::tempdir().unwrap();
         // Tests run in parallel: each cluster gets its own ports.
         let base_port = 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10;
@@ -37,7 +37,7 @@ impl LocalCluster {
         c
     }
 
-    fn local_up(&self, nodes: u32) {
+    pub(crate) fn local_up(&self, nodes: u32) {
         let out = Command::new(shoal())
             .args([
                 "local",
@@ -60,19 +60,19 @@ impl LocalCluster {
         );
     }
 
-    fn node(&self, k: u32) -> PathBuf {
+    pub(crate) fn node(&self, k: u32) -> PathBuf {
         self.dir.path().join(format!("node-{k}"))
     }
 
-    fn mnt(&self, k: u32) -> PathBuf {
+    pub(crate) fn mnt(&self, k: u32) -> PathBuf {
         self.node(k).join("mnt")
     }
 
-    fn data(&self, k: u32) -> PathBuf {
+    pub(crate) fn data(&self, k: u32) -> PathBuf {
         self.node(k).join("data")
     }
 
-    fn pid(&self, k: u32) -> i32 {
+    pub(crate) fn pid(&self, k: u32) -> i32 {
         fs::read_to_string(self.node(k).join("daemon.pid"))
             .unwrap()
             .trim()
@@ -80,7 +80,7 @@ impl LocalCluster {
             .unwrap()
     }
 
-    fn kill9(&self, k: u32) {
+    pub(crate) fn kill9(&self, k: u32) {
         let pid = rustix::process::Pid::from_raw(self.pid(k)).unwrap();
         rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -90,7 +90,7 @@ impl LocalCluster {
     }
 
     /// Runs `shoal ARGS --data` with node `k`'s data directory.
-    fn shoal_at(&self, k: u32, args: &[&str]) -> std::process::Output {
+    pub(crate) fn shoal_at(&self, k: u32, args: &[&str]) -> std::process::Output {
         Command::new(shoal())
             .args(args)
             .arg("--data")
@@ -99,7 +99,7 @@ impl LocalCluster {
             .unwrap()
     }
 
-    fn leader(&self, k: u32) -> Option<u64> {
+    pub(crate) fn leader(&self, k: u32) -> Option<u64> {
         let out = Command::new(shoal())
             .arg("status")
             .arg("--json")
@@ -152,11 +152,11 @@ fn try_join(token: &str, peer: &str) -> (bool, String) {
 }
 
 /// Waits until `f` holds, for up to 10 s: these tests say what becomes visible, not how fast.
-fn eventually(what: &str, f: impl FnMut() -> bool) {
+pub(crate) fn eventually(what: &str, f: impl FnMut() -> bool) {
     eventually_within(what, Duration::from_secs(10), f)
 }
 
-fn eventually_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn eventually_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
         assert!(Instant::now() < deadline, "never happened: {what}");
@@ -164,7 +164,7 @@ fn eventually_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn read(path: &Path) -> Option<Vec<u8>> {
+pub(crate) fn read(path: &Path) -> Option<Vec<u8>> {
     fs::read(path).ok()
 }
 
@@ -313,7 +313,7 @@ fn files_stay_readable_when_a_node_dies_and_the_leader_is_replaced() {
     assert_eq!(read(&c.mnt(1).join("f")).unwrap(), data);
 }
 
-fn status(c: &LocalCluster, k: u32) -> Option<serde_json::Value> {
+pub(crate) fn status(c: &LocalCluster, k: u32) -> Option<serde_json::Value> {
     let out = c.shoal_at(k, &["status", "--json"]);
     serde_json::from_slice(&out.stdout).ok()
 }
@@ -674,7 +674,12 @@ fn node_certificates_are_renewed_before_they_expire() {
 }
 
 /// One call of Docker's volume plugin protocol on node `k`'s plugin socket.
-fn plugin(c: &LocalCluster, k: u32, call: &str, body: serde_json::Value) -> serde_json::Value {
+pub(crate) fn plugin(
+    c: &LocalCluster,
+    k: u32,
+    call: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(c.node(k).join("plugin.sock")).unwrap();
     let body = body.to_string();
@@ -691,7 +696,7 @@ fn plugin(c: &LocalCluster, k: u32, call: &str, body: serde_json::Value) -> serd
     serde_json::from_str(body).unwrap()
 }
 
-fn plugin_err(v: &serde_json::Value) -> &str {
+pub(crate) fn plugin_err(v: &serde_json::Value) -> &str {
     v["Err"].as_str().unwrap_or("")
 }
 
@@ -753,9 +758,16 @@ fn the_volume_plugin_serves_one_volume_cluster_wide_and_never_loses_it() {
     let listed = plugin(&c, 3, "VolumeDriver.List", json!({}));
     assert_eq!(listed["Volumes"][0]["Name"], "data", "{listed}");
 
-    // Not removable while node 2 has it mounted; the refusal names the node.
+    // Not removable while node 2 has it mounted; the refusal names the host and the node.
     let r = plugin(&c, 3, "VolumeDriver.Remove", json!({"Name": "data"}));
-    assert!(plugin_err(&r).contains("in use on node 2"), "{r}");
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        plugin_err(&r).contains(&format!("in use on {host} (node 2, 127.0.0.1:")),
+        "{r}"
+    );
     let r = plugin(
         &c,
         2,
@@ -766,31 +778,90 @@ fn the_volume_plugin_serves_one_volume_cluster_wide_and_never_loses_it() {
     let r = plugin(&c, 3, "VolumeDriver.Remove", json!({"Name": "data"}));
     assert_eq!(plugin_err(&r), "", "{r}");
 
-    // Removed: gone for Docker, but Create under its name is refused instead of handing out
-    // an empty volume, and `shoal volume restore` brings the bytes back.
+    // Removed: gone for Docker, and its name is free at once (`docker compose down -v && up`):
+    // Create makes a new, empty volume, while the old one's bytes wait in the trash.
     let got = plugin(&c, 1, "VolumeDriver.Get", json!({"Name": "data"}));
     assert!(plugin_err(&got).contains("no such volume"), "{got}");
     let r = plugin(&c, 1, "VolumeDriver.Create", json!({"Name": "data"}));
-    assert!(plugin_err(&r).contains("shoal volume restore data"), "{r}");
-    let out = c.shoal_at(1, &["volume", "restore", "data"]);
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(read(&c.mnt(1).join("volumes/data/f")).unwrap(), b"kept");
-
-    // Purge only from the trash, then the name is free.
+    assert_eq!(plugin_err(&r), "", "{r}");
+    assert!(
+        fs::read_dir(c.mnt(2).join("volumes/data"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    fs::write(c.mnt(1).join("volumes/data/g"), b"second").unwrap();
+    let ls = |k| -> serde_json::Value {
+        let out = c.shoal_at(k, &["volume", "ls", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let trashed: Vec<serde_json::Value> = ls(3)
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["state"] == "trash")
+        .cloned()
+        .collect();
+    assert_eq!(trashed.len(), 1, "{trashed:?}");
+    let first_id = trashed[0]["id"].as_u64().unwrap();
+    // While the new one holds the name, a restore under it is refused, naming --as.
+    let out = c.shoal_at(2, &["volume", "restore", "data"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--as NEW"),
+        "{out:?}"
+    );
+    // A second generation in the trash: purge must be told which.
+    assert!(c.shoal_at(2, &["volume", "rm", "data"]).status.success());
     let out = c.shoal_at(1, &["volume", "purge", "data"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("several removed volumes") && said.contains("--id"),
+        "{out:?}"
+    );
+    // The newest comes back by default; --id and --as bring back the first under another name.
+    assert!(
+        c.shoal_at(1, &["volume", "restore", "data"])
+            .status
+            .success()
+    );
+    assert_eq!(read(&c.mnt(3).join("volumes/data/g")).unwrap(), b"second");
+    let id = first_id.to_string();
+    let out = c.shoal_at(
+        1,
+        &["volume", "restore", "data", "--id", &id, "--as", "data-old"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(read(&c.mnt(2).join("volumes/data-old/f")).unwrap(), b"kept");
+    let got = plugin(&c, 3, "VolumeDriver.Get", json!({"Name": "data-old"}));
+    assert_eq!(plugin_err(&got), "", "{got}");
+
+    // Purge only from the trash; a purged volume's files are gone.
+    let out = c.shoal_at(1, &["volume", "purge", "data-old"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("not in the trash"),
         "{out:?}"
     );
-    assert!(c.shoal_at(2, &["volume", "rm", "data"]).status.success());
-    assert!(c.shoal_at(2, &["volume", "purge", "data"]).status.success());
-    let r = plugin(&c, 1, "VolumeDriver.Create", json!({"Name": "data"}));
-    assert_eq!(plugin_err(&r), "", "{r}");
-    let ls = c.shoal_at(3, &["volume", "ls", "--json"]);
-    let ls: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert!(
+        c.shoal_at(2, &["volume", "rm", "data-old"])
+            .status
+            .success()
+    );
+    assert!(
+        c.shoal_at(2, &["volume", "purge", "data-old"])
+            .status
+            .success()
+    );
+    assert!(
+        ls(3)
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["name"] != "data-old")
+    );
     assert_eq!(
-        ls[0]["entries"], 0,
-        "a purged volume's files are gone: {ls}"
+        ls(1).as_array().unwrap().len(),
+        1,
+        "only the live data is left"
     );
 }
 
@@ -925,7 +996,19 @@ fn volume_policies_quotas_clones_and_the_trash_retention() {
     }
     let info: serde_json::Value =
         serde_json::from_str(&ok(1, &["volume", "inspect", "small"])).unwrap();
-    assert_eq!(info["mounts"], json!([{"node": 2, "count": 2}]), "{info}");
+    assert_eq!(info["mounts"][0]["node"], 2, "{info}");
+    assert_eq!(info["mounts"][0]["count"], 2, "{info}");
+    assert_eq!(info["mounts"].as_array().map(Vec::len), Some(1), "{info}");
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        info["mounts"][0]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(&format!("{host} (node 2, 127.0.0.1:"))),
+        "{info}"
+    );
     // Mounts Docker never took back (the node's containers are gone) can be forgotten.
     let out = c.shoal_at(1, &["volume", "forget-mounts", "--node", "9"]);
     assert!(

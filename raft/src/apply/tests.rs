@@ -43,6 +43,8 @@ impl Sm {
         let req = MetaRequest {
             now: self.now,
             session: SESSION,
+            seq: 0,
+            acked: 0,
             cmds: vec![cmd],
         };
         let mut resp = apply_request(&mut txn, &req).unwrap();
@@ -211,7 +213,7 @@ fn hard_links_count_and_orphans_wait_for_purge() {
     // Unlinked but maybe open: the inode and its blocks stay until purged.
     assert_eq!(sm.inode(f).nlink, 0);
     assert_eq!(sm.refs(1), 1);
-    assert_eq!(sm.view().orphans().unwrap(), vec![(f, SESSION)]);
+    assert_eq!(sm.view().orphans().unwrap(), vec![(f, vec![SESSION])]);
     sm.run(MetaCommand::Purge { ino: f }).unwrap();
     assert!(sm.view().inode(f).unwrap().is_none());
     assert_eq!(sm.refs(1), 0);
@@ -738,6 +740,8 @@ fn applying_in_one_batch_or_many_gives_the_same_state() {
             MetaRequest {
                 now,
                 session: 0,
+                seq: 0,
+                acked: 0,
                 cmds: vec![MetaCommand::OpenSession {
                     node: 2,
                     session: 20,
@@ -746,16 +750,22 @@ fn applying_in_one_batch_or_many_gives_the_same_state() {
             MetaRequest {
                 now: now + SESSION_LEASE - 1,
                 session: 20,
+                seq: 0,
+                acked: 0,
                 cmds: vec![MetaCommand::RenewSession],
             },
             MetaRequest {
                 now: now + SESSION_LEASE + 10,
                 session: 0,
+                seq: 0,
+                acked: 0,
                 cmds: vec![MetaCommand::ExpireSessions],
             },
             MetaRequest {
                 now: now + SESSION_LEASE + 20,
                 session: 20,
+                seq: 0,
+                acked: 0,
                 cmds: vec![MetaCommand::Create {
                     parent: ROOT_INO,
                     name: b"x".to_vec(),
@@ -814,6 +824,7 @@ fn node_reports_and_labels() {
         node: 2,
         disk_total: 100,
         disk_free: 40,
+        hostname: "sw2".into(),
     })
     .unwrap();
     let label = |key: &str, value: Option<&str>| MetaCommand::SetNodeLabel {
@@ -837,6 +848,7 @@ fn node_reports_and_labels() {
     let nodes = sm.view().nodes().unwrap();
     let info = &nodes[&2];
     assert_eq!((info.disk_total, info.disk_free), (100, 40));
+    assert_eq!(info.hostname, "sw2");
     assert!(info.reported_at > 0);
     assert_eq!(
         info.labels.iter().collect::<Vec<_>>(),
@@ -847,6 +859,7 @@ fn node_reports_and_labels() {
         node: 2,
         disk_total: 100,
         disk_free: 30,
+        hostname: "sw2".into(),
     })
     .unwrap();
     assert_eq!(sm.view().nodes().unwrap()[&2].labels.len(), 1);
@@ -870,7 +883,11 @@ fn volumes_are_created_mounted_trashed_restored_and_purged() {
     let v = vol(create("data"), &mut sm);
     let volumes = sm.lookup(ROOT_INO, "volumes").unwrap();
     assert_eq!(sm.lookup(volumes, "data"), Some(v.root));
-    assert_eq!(sm.run(create("data")), Err(FsError::Exists));
+    assert_eq!(
+        vol(create("data"), &mut sm).root,
+        v.root,
+        "created again: the same volume"
+    );
     assert_eq!(sm.run(create("-bad")), Err(FsError::Invalid));
     assert_eq!(sm.run(create("a/b")), Err(FsError::Invalid));
     let sub = sm.mk(v.root, "sub", FileKind::Dir);
@@ -895,49 +912,350 @@ fn volumes_are_created_mounted_trashed_restored_and_purged() {
     assert_eq!(sm.run(trash()), Err(FsError::Busy));
     assert!(vol(mount(false), &mut sm).mounts.is_empty());
 
-    // In the trash: its name is taken, its files are kept, and it comes back.
+    // In the trash under its identity: its files are kept, its name is free at once.
     let trashed = vol(trash(), &mut sm);
     assert!(trashed.trashed.is_some());
     assert_eq!(sm.lookup(volumes, "data"), None);
     let bin = sm.lookup(ROOT_INO, ".trash").unwrap();
-    assert_eq!(sm.lookup(bin, "data"), Some(v.root));
-    assert_eq!(sm.run(create("data")), Err(FsError::InTrash));
-    assert_eq!(sm.run(mount(true)), Err(FsError::InTrash));
-    let restored = vol(
-        MetaCommand::RestoreVolume {
-            name: "data".into(),
-        },
-        &mut sm,
-    );
-    assert_eq!(restored.trashed, None);
-    assert_eq!(sm.lookup(volumes, "data"), Some(v.root));
-    assert_eq!(sm.lookup(sub, "f"), Some(f));
-
-    // Purge only from the trash, and then everything in it is gone.
-    let purge = || MetaCommand::PurgeVolume {
+    assert_eq!(sm.lookup(bin, &v.root.to_string()), Some(v.root));
+    assert_eq!(sm.run(mount(true)), Err(FsError::NotFound));
+    let second = vol(create("data"), &mut sm);
+    assert_ne!(second.root, v.root, "a new, empty volume");
+    assert_eq!(sm.view().inode(second.root).unwrap().unwrap().children, 0);
+    let restore = |id: Option<Ino>, rename: Option<&str>| MetaCommand::RestoreVolume {
         name: "data".into(),
+        id,
+        rename: rename.map(Into::into),
+    };
+    // The name is held by the new volume: restoring under it is refused; under another works.
+    assert_eq!(sm.run(restore(None, None)), Err(FsError::Exists));
+    vol(trash(), &mut sm);
+    assert_eq!(
+        sm.view().trash().unwrap().len(),
+        2,
+        "two generations of one name"
+    );
+    let purge = |id: Option<Ino>| MetaCommand::PurgeVolume {
+        name: "data".into(),
+        id,
         trashed: None,
     };
-    assert_eq!(sm.run(purge()), Err(FsError::NotPermitted));
-    let when = vol(trash(), &mut sm).trashed;
-    let stale = MetaCommand::PurgeVolume {
-        name: "data".into(),
-        trashed: when.map(|t| t - 1),
-    };
     assert_eq!(
-        sm.run(stale),
+        sm.run(purge(None)),
+        Err(FsError::Ambiguous),
+        "which of the two is not said"
+    );
+    // The newest comes back by default; `id` picks another, `rename` another name.
+    let restored = vol(restore(None, None), &mut sm);
+    assert_eq!(restored.root, second.root);
+    let old = vol(restore(Some(v.root), Some("old-data")), &mut sm);
+    assert_eq!((old.root, old.trashed), (v.root, None));
+    assert_eq!(sm.lookup(volumes, "old-data"), Some(v.root));
+    assert_eq!(sm.lookup(sub, "f"), Some(f));
+    assert_eq!(
+        sm.view().volume_usage(v.root).unwrap().unwrap().name,
+        "old-data"
+    );
+    assert!(sm.view().trash().unwrap().is_empty());
+
+    // Purge only from the trash, and then everything in it is gone.
+    let purge_old = |trashed: Option<Nanos>| MetaCommand::PurgeVolume {
+        name: "old-data".into(),
+        id: None,
+        trashed,
+    };
+    assert_eq!(sm.run(purge_old(None)), Err(FsError::NotPermitted));
+    let when = vol(
+        MetaCommand::TrashVolume {
+            name: "old-data".into(),
+        },
+        &mut sm,
+    )
+    .trashed;
+    assert_eq!(
+        sm.run(purge_old(when.map(|t| t - 1))),
         Err(FsError::NotPermitted),
         "trashed again since"
     );
-    assert_eq!(sm.run(purge()), Ok(Reply::Done));
-    assert_eq!(sm.view().volume("data").unwrap(), None);
-    assert_eq!(sm.lookup(bin, "data"), None);
+    assert_eq!(sm.run(purge_old(None)), Ok(Reply::Done));
+    assert_eq!(sm.view().volume("old-data").unwrap(), None);
+    assert!(sm.view().trash().unwrap().is_empty());
+    assert_eq!(sm.lookup(bin, &v.root.to_string()), None);
     assert!(sm.view().inode(f).unwrap().is_none());
+    assert_eq!(
+        sm.run(purge(None)),
+        Err(FsError::NotPermitted),
+        "data is live"
+    );
+    vol(trash(), &mut sm);
+    assert_eq!(sm.run(purge(Some(second.root))), Ok(Reply::Done));
     // What is left: the /volumes and /.trash directories.
     assert_eq!(sm.view().inode_count().unwrap(), inodes_before + 2);
-    // The name is free again.
     vol(create("data"), &mut sm);
     assert_eq!(sm.view().volumes().unwrap().len(), 1);
+}
+
+#[test]
+fn create_of_an_existing_volume_succeeds_when_it_asks_nothing_it_lacks() {
+    let mut sm = Sm::new();
+    let opts = |replicas: Option<u32>, size: Option<u64>| VolumeOptions {
+        replicas,
+        size,
+        ..VolumeOptions::default()
+    };
+    let first = root_of(&mut sm, "shared", opts(Some(3), None));
+    let f = sm.mk(first, "kept", FileKind::File);
+    // The same name with no options, or with the options it has, changes nothing.
+    assert_eq!(root_of(&mut sm, "shared", opts(None, None)), first);
+    assert_eq!(root_of(&mut sm, "shared", opts(Some(3), None)), first);
+    assert_eq!(sm.lookup(first, "kept"), Some(f));
+    // Anything it does not have is refused, and named.
+    assert_eq!(
+        volume_with(&mut sm, "shared", opts(Some(2), None)),
+        Err(FsError::Exists)
+    );
+    assert_eq!(
+        volume_with(&mut sm, "shared", opts(Some(3), Some(1 << 30))),
+        Err(FsError::Exists)
+    );
+    let has = opts(Some(3), None);
+    assert_eq!(
+        has.conflicts(&opts(Some(2), Some(10))),
+        vec![
+            ("replicas", "3".to_string(), "2".to_string()),
+            ("size", "(not set)".to_string(), "10".to_string())
+        ]
+    );
+    assert!(has.conflicts(&VolumeOptions::default()).is_empty());
+    assert_eq!(sm.view().volumes().unwrap().len(), 1);
+}
+
+#[test]
+fn a_repeated_request_applies_once_and_gets_the_first_answer() {
+    let mut sm = Sm::new();
+    let a = sm.mk(ROOT_INO, "a", FileKind::File);
+    let b = sm.mk(ROOT_INO, "b", FileKind::File);
+    let apply = |sm: &mut Sm, seq: u64, acked: u64, cmd: MetaCommand| {
+        sm.now += 1;
+        let mut txn = Txn::new(&sm.tree);
+        let req = MetaRequest {
+            now: sm.now,
+            session: SESSION,
+            seq,
+            acked,
+            cmds: vec![cmd],
+        };
+        let mut resp = apply_request(&mut txn, &req).unwrap();
+        sm.tree.apply_batch(txn.into_batch()).unwrap();
+        resp.results.pop().unwrap()
+    };
+    let exchange = MetaCommand::Rename {
+        parent: ROOT_INO,
+        name: "a".into(),
+        new_parent: ROOT_INO,
+        new_name: "b".into(),
+        flags: RenameFlags {
+            exchange: true,
+            noreplace: false,
+        },
+    };
+    let first = apply(&mut sm, 1, 1, exchange.clone());
+    assert!(first.is_ok(), "{first:?}");
+    // The retry of a request whose answer was lost: the same answer, not a second exchange.
+    assert_eq!(apply(&mut sm, 1, 1, exchange.clone()), first);
+    assert_eq!(
+        (sm.lookup(ROOT_INO, "a"), sm.lookup(ROOT_INO, "b")),
+        (Some(b), Some(a))
+    );
+    let create = MetaCommand::Create {
+        parent: ROOT_INO,
+        name: "c".into(),
+        kind: FileKind::File,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        target: Vec::new(),
+    };
+    let made = apply(&mut sm, 2, 1, create.clone());
+    assert!(matches!(made, Ok(Reply::Inode(_))), "{made:?}");
+    assert_eq!(apply(&mut sm, 2, 1, create.clone()), made, "not EEXIST");
+    // Once the proposer says it has every answer below 3, they are forgotten, and a late copy
+    // of one of those requests is refused instead of applied.
+    let unlink = MetaCommand::Unlink {
+        parent: ROOT_INO,
+        name: "c".into(),
+    };
+    assert!(apply(&mut sm, 3, 3, unlink.clone()).is_ok());
+    assert!(
+        sm.view()
+            .get_raw(&keys::reply(SESSION, 1))
+            .unwrap()
+            .is_none(),
+        "answers below acked are dropped"
+    );
+    assert_eq!(apply(&mut sm, 2, 3, create), Err(FsError::Stale));
+    assert_eq!(sm.lookup(ROOT_INO, "c"), None);
+    assert_eq!(apply(&mut sm, 3, 3, unlink).map(drop), Ok(()), "not ENOENT");
+    // A session that ends takes its answers with it.
+    sm.run(MetaCommand::OpenSession {
+        node: 1,
+        session: SESSION + 1,
+    })
+    .unwrap();
+    let left: Vec<_> = sm.tree.scan_prefix([keys::REPLY]).collect();
+    assert!(left.is_empty(), "{} answers left", left.len());
+    assert!(sm.view().get_raw(&keys::acked(SESSION)).unwrap().is_none());
+}
+
+#[test]
+fn an_unlinked_file_lives_until_every_session_that_may_hold_it_lets_go() {
+    let mut sm = Sm::new();
+    // Two more nodes' sessions are alive.
+    for (node, session) in [(2, 20), (3, 30)] {
+        sm.run(MetaCommand::OpenSession { node, session }).unwrap();
+    }
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    sm.write(f, 0, 10, 1).unwrap();
+    let unlinked = sm.run(MetaCommand::Unlink {
+        parent: ROOT_INO,
+        name: "f".into(),
+    });
+    assert_eq!(unlinked, Ok(Reply::Removed { removed: Some(f) }));
+    let mut holders = sm.view().orphan(f).unwrap().unwrap();
+    holders.sort_unstable();
+    assert_eq!(holders, vec![SESSION, 20, 30]);
+    // This node lets go at once (as an unlink of a file not open here does): still there.
+    sm.run(MetaCommand::Purge { ino: f }).unwrap();
+    assert_eq!(sm.inode(f).nlink, 0);
+    assert_eq!(sm.refs(1), 1);
+    // Node 2 lets go; node 3's session ends (it died): the last holder gone, it is deleted.
+    let release = |session: u64| {
+        let mut txn = Txn::new(&sm.tree);
+        let req = MetaRequest {
+            now: 100,
+            session,
+            seq: 0,
+            acked: 0,
+            cmds: vec![MetaCommand::Purge { ino: f }],
+        };
+        apply_request(&mut txn, &req).unwrap();
+        sm.tree.apply_batch(txn.into_batch()).unwrap();
+    };
+    release(20);
+    assert_eq!(sm.view().orphan(f).unwrap(), Some(vec![30]));
+    assert!(sm.view().inode(f).unwrap().is_some());
+    sm.now += SESSION_LEASE;
+    sm.run(MetaCommand::RenewSession).unwrap();
+    sm.run(MetaCommand::ExpireSessions).unwrap();
+    assert!(
+        sm.view().inode(f).unwrap().is_none(),
+        "deleted with the last holder"
+    );
+    assert_eq!(sm.refs(1), 0);
+    assert!(sm.view().orphans().unwrap().is_empty());
+}
+
+#[test]
+fn an_exabyte_sparse_file_costs_what_it_stores() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "huge", FileKind::File);
+    const EIB: u64 = 1 << 60;
+    let size = |size| MetaCommand::SetAttr {
+        ino: f,
+        attr: SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        },
+    };
+    // 2^34 chunk indexes: a walk over every index would not finish in this test's lifetime.
+    sm.run(size(EIB)).unwrap();
+    sm.write(f, EIB - 4096, 4096, 1).unwrap();
+    sm.write(f, 0, 4096, 2).unwrap();
+    let slices = sm.view().slices(f, 0, EIB).unwrap();
+    assert_eq!(slices.len(), 2);
+    assert_eq!(slices[1].off, EIB - 4096);
+    let copy = sm.mk(ROOT_INO, "copy", FileKind::File);
+    let copied = sm.run(MetaCommand::CopyRange {
+        src: f,
+        src_off: 0,
+        dst: copy,
+        dst_off: 0,
+        len: EIB,
+    });
+    assert_eq!(copied, Ok(Reply::Copied(EIB)));
+    assert_eq!(sm.refs(1), 2);
+    sm.run(MetaCommand::Fallocate {
+        ino: f,
+        off: 0,
+        len: EIB,
+        mode: Fallocate::PunchHole,
+    })
+    .unwrap();
+    assert_eq!(sm.refs(2), 1, "the copy keeps its reference");
+    sm.write(f, EIB / 2, 4096, 3).unwrap();
+    sm.run(size(4096)).unwrap();
+    assert_eq!(sm.refs(3), 0, "truncated away");
+    sm.run(size(EIB)).unwrap();
+    for name in ["huge", "copy"] {
+        let r = sm.run(MetaCommand::Unlink {
+            parent: ROOT_INO,
+            name: name.into(),
+        });
+        let Ok(Reply::Removed { removed: Some(ino) }) = r else {
+            panic!("{r:?}")
+        };
+        sm.run(MetaCommand::Purge { ino }).unwrap();
+    }
+    assert_eq!((sm.refs(1), sm.refs(2)), (0, 0));
+    assert_eq!(sm.tree.scan_prefix([keys::CHUNK]).count(), 0);
+}
+
+#[test]
+fn a_tree_ten_thousand_levels_deep_is_cloned_and_purged_with_its_volume() {
+    // Run on a small stack, as the Raft apply does: recursion would overflow it.
+    std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn(|| {
+            let mut sm = Sm::new();
+            let root = root_of(&mut sm, "deep", VolumeOptions::default());
+            let mut dir = root;
+            for _ in 0..10_000 {
+                dir = sm.mk(dir, "d", FileKind::Dir);
+            }
+            let leaf = sm.mk(dir, "f", FileKind::File);
+            sm.write(leaf, 0, 10, 1).unwrap();
+            let cloned = VolumeOptions {
+                from: Some("deep".into()),
+                ..VolumeOptions::default()
+            };
+            let copy = root_of(&mut sm, "copy", cloned);
+            assert_eq!(
+                sm.view().volume_usage(copy).unwrap().unwrap().inodes,
+                10_002
+            );
+            assert_eq!(sm.refs(1), 2);
+            for name in ["deep", "copy"] {
+                sm.run(MetaCommand::TrashVolume { name: name.into() })
+                    .unwrap();
+                sm.run(MetaCommand::PurgeVolume {
+                    name: name.into(),
+                    id: None,
+                    trashed: None,
+                })
+                .unwrap();
+            }
+            assert!(sm.view().inode(leaf).unwrap().is_none());
+            assert_eq!(sm.refs(1), 0);
+            assert_eq!(
+                sm.tree.scan_prefix([keys::DENTRY]).count(),
+                2,
+                "/volumes and /.trash"
+            );
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }
 
 fn volume_with(sm: &mut Sm, name: &str, options: VolumeOptions) -> CommandResult {

@@ -1,0 +1,263 @@
+//! Several hosts acting on one volume at the same moment: the same Create from every node,
+//! an unlink on one node while another reads, an atomic replace under a reader, a holder that
+//! dies, proposals whose answers are lost and retried, and a sparse exabyte file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::time::{Duration, Instant};
+
+use crate::cluster::{
+    LocalCluster, eventually, eventually_within, plugin, plugin_err, read, status,
+};
+
+fn inodes(c: &LocalCluster, k: u32) -> u64 {
+    status(c, k).and_then(|s| s["inodes"].as_u64()).unwrap_or(0)
+}
+
+fn referenced_blocks(c: &LocalCluster, k: u32) -> u64 {
+    let out = c.shoal_at(k, &["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    s["referenced_blocks"].as_u64().unwrap_or(0)
+}
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Thirty Creates of one volume at once, spread over the three nodes' plugin sockets, as when
+/// the tasks of one service start on every host together: every one succeeds, one volume
+/// exists, with the options of the first; a Create asking other options is refused, naming
+/// each difference.
+#[test]
+fn the_same_create_from_every_host_at_once_makes_one_volume() {
+    use serde_json::json;
+    let c = LocalCluster::up(3);
+    let answers: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let c = &c;
+        let calls: Vec<_> = (0..30u32)
+            .map(|i| {
+                s.spawn(move || {
+                    let body = json!({"Name": "shared", "Opts": {"replicas": "3"}});
+                    plugin(c, 1 + i % 3, "VolumeDriver.Create", body)
+                })
+            })
+            .collect();
+        calls.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for a in &answers {
+        assert_eq!(plugin_err(a), "", "{a}");
+    }
+    let ls = c.shoal_at(2, &["volume", "ls", "--json"]);
+    let ls: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+    assert_eq!(ls[0]["replicas"], 3, "{ls}");
+    // Docker's Create with no options (a host that only mounts it) succeeds too.
+    let r = plugin(&c, 3, "VolumeDriver.Create", json!({"Name": "shared"}));
+    assert_eq!(plugin_err(&r), "", "{r}");
+    let r = plugin(
+        &c,
+        2,
+        "VolumeDriver.Create",
+        json!({"Name": "shared", "Opts": {"replicas": "2", "size": "1GiB"}}),
+    );
+    let e = plugin_err(&r);
+    assert!(
+        e.contains("volume shared exists with replicas=3, size=(not set); this Create asks replicas=2, size=1.0 GiB"),
+        "{r}"
+    );
+}
+
+/// POSIX keeps an unlinked file alive while a descriptor holds it, and shoal is one
+/// filesystem across hosts: a file open on node 2 survives `rm` and an atomic replace on
+/// node 1, its reader gets every byte, and it is deleted once the last holder lets go, or
+/// when the holder's node dies and its lease runs out.
+#[test]
+fn a_file_open_on_one_node_outlives_its_unlink_on_another() {
+    let c = LocalCluster::up(3);
+    let body = noise(1, 3 << 20);
+    fs::write(c.mnt(1).join("f"), &body).unwrap();
+    let before = inodes(&c, 1);
+
+    // rm on node 1 while node 2 reads and writes through its descriptor.
+    let mut held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(c.mnt(2).join("f"))
+        .unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    held.read_exact(&mut first).unwrap();
+    fs::remove_file(c.mnt(1).join("f")).unwrap();
+    eventually("node 3 sees the unlink", || {
+        fs::metadata(c.mnt(3).join("f")).is_err()
+    });
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).unwrap();
+    first.extend(rest);
+    assert!(
+        first == body,
+        "the reader on node 2 got other bytes after the unlink"
+    );
+    held.write_all_at(b"after the unlink", 0).unwrap();
+    held.sync_all().unwrap();
+    let mut again = vec![0u8; 16];
+    held.read_exact_at(&mut again, 0).unwrap();
+    assert_eq!(&again, b"after the unlink");
+    assert_eq!(held.metadata().unwrap().nlink(), 0);
+    // Still there for node 2's sake, on every node.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(inodes(&c, 3), before, "deleted while node 2 holds it open");
+    drop(held);
+    eventually("the last close deletes it", || inodes(&c, 1) == before - 1);
+
+    // The atomic replace every config deployer does, under a reader on node 2.
+    let v1 = noise(2, 2 << 20);
+    let v2 = noise(3, 1 << 20);
+    fs::write(c.mnt(1).join("cfg"), &v1).unwrap();
+    let mut reader = File::open(c.mnt(2).join("cfg")).unwrap();
+    let mut got = vec![0u8; 4096];
+    reader.read_exact(&mut got).unwrap();
+    fs::write(c.mnt(1).join("cfg.tmp"), &v2).unwrap();
+    fs::rename(c.mnt(1).join("cfg.tmp"), c.mnt(1).join("cfg")).unwrap();
+    eventually("node 2 sees the new cfg", || {
+        fs::metadata(c.mnt(2).join("cfg")).is_ok_and(|m| m.len() == v2.len() as u64)
+    });
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    got.extend(rest);
+    assert!(got == v1, "the reader of the replaced cfg got other bytes");
+    assert!(
+        read(&c.mnt(2).join("cfg")).unwrap() == v2,
+        "a new open sees v2"
+    );
+    drop(reader);
+
+    // A holder whose node dies: the file goes when the dead node's lease runs out.
+    fs::write(c.mnt(1).join("g"), noise(4, 1 << 20)).unwrap();
+    let with_g = inodes(&c, 1);
+    let blocks_with_g = referenced_blocks(&c, 1);
+    let held = File::open(c.mnt(3).join("g")).unwrap();
+    fs::remove_file(c.mnt(1).join("g")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(inodes(&c, 1), with_g, "node 3 holds it");
+    c.kill9(3);
+    std::mem::forget(held);
+    eventually_within(
+        "the dead holder's lease ends and the file with it",
+        Duration::from_secs(30),
+        || inodes(&c, 1) == with_g - 1,
+    );
+    assert!(
+        referenced_blocks(&c, 1) < blocks_with_g,
+        "its blocks are no longer referenced (garbage, collected after the grace period)"
+    );
+
+    // Nothing holds it: deleted at once.
+    fs::write(c.mnt(2).join("h"), b"short-lived").unwrap();
+    let with_h = inodes(&c, 1);
+    fs::remove_file(c.mnt(2).join("h")).unwrap();
+    eventually("an unlinked file nobody holds is deleted", || {
+        inodes(&c, 1) == with_h - 1
+    });
+}
+
+/// A proposal whose answer the leader loses (the fault knob drops it after applying) is sent
+/// again by its node; it applies once and reports success: a create that is not EEXIST, an
+/// exchange that is not undone, a truncate, an unlink that is not ENOENT.
+#[test]
+fn a_proposal_retried_after_a_lost_answer_applies_once() {
+    let c = LocalCluster::up_with_env(3, &[("SHOAL_FAULT_DROP_PROPOSE_REPLY", "1")]);
+    let leader = c.leader(1).expect("a leader");
+    let k = (1..=3).find(|k| u64::from(*k) != leader).unwrap();
+    let m = c.mnt(k);
+    let started = Instant::now();
+    File::create_new(m.join("a"))
+        .unwrap()
+        .write_all(b"A")
+        .unwrap();
+    fs::write(m.join("b"), b"B").unwrap();
+    let exchanged = rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        m.join("a"),
+        rustix::fs::CWD,
+        m.join("b"),
+        rustix::fs::RenameFlags::EXCHANGE,
+    );
+    assert!(exchanged.is_ok(), "{exchanged:?}");
+    assert_eq!(
+        read(&m.join("a")).unwrap(),
+        b"B",
+        "exchanged once, not twice"
+    );
+    assert_eq!(read(&m.join("b")).unwrap(), b"A");
+    let f = OpenOptions::new().write(true).open(m.join("a")).unwrap();
+    f.set_len(10_000).unwrap();
+    drop(f);
+    assert_eq!(fs::metadata(m.join("a")).unwrap().len(), 10_000);
+    let other = (1..=3).find(|j| *j != k).unwrap();
+    assert_eq!(fs::metadata(c.mnt(other).join("a")).unwrap().len(), 10_000);
+    fs::remove_file(m.join("b")).unwrap();
+    assert!(fs::metadata(m.join("b")).is_err());
+    eprintln!(
+        "create, write, exchange, truncate and unlink with every answer lost once: {:?}",
+        started.elapsed()
+    );
+    // The fault did fire: the leader lost its answers, so every one of these was a retry.
+    let log = fs::read_to_string(c.node(leader as u32).join("daemon.log")).unwrap_or_default();
+    let dropped = log.matches("fault: dropping the answer").count();
+    assert!(dropped >= 5, "the leader dropped {dropped} answers");
+}
+
+/// A sparse file of an exabyte costs what it stores: created, written at its end, read on
+/// another node, truncated and removed on a three-node cluster without stalling anyone.
+#[test]
+fn an_exabyte_sparse_file_does_not_stall_the_cluster() {
+    const EIB: u64 = 1 << 60;
+    let c = LocalCluster::up(3);
+    let path = c.mnt(1).join("huge");
+    let f = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut steps = Vec::new();
+    let mut step = |what: &str, t: Instant| steps.push(format!("{what} {:?}", t.elapsed()));
+    let t = Instant::now();
+    f.set_len(EIB).unwrap();
+    step("truncate -s 1E", t);
+    let t = Instant::now();
+    f.write_all_at(b"the end", EIB - 7).unwrap();
+    f.sync_all().unwrap();
+    step("write at the end + fsync", t);
+    let t = Instant::now();
+    let mut on2 = File::open(c.mnt(2).join("huge")).unwrap();
+    on2.seek(SeekFrom::Start(EIB - 7)).unwrap();
+    let mut end = Vec::new();
+    on2.read_to_end(&mut end).unwrap();
+    assert_eq!(end, b"the end");
+    step("read on node 2", t);
+    let t = Instant::now();
+    f.set_len(4096).unwrap();
+    f.set_len(EIB).unwrap();
+    step("truncate to 4 KiB and back", t);
+    let mut zero = [1u8; 7];
+    on2.read_exact_at(&mut zero, EIB - 7).unwrap();
+    assert_eq!(zero, [0; 7], "the truncated end reads as zeros");
+    drop((f, on2));
+    let t = Instant::now();
+    fs::remove_file(&path).unwrap();
+    step("rm", t);
+    // Meanwhile the cluster serves everyone.
+    fs::write(c.mnt(3).join("after"), b"fine").unwrap();
+    assert_eq!(read(&c.mnt(1).join("after")).unwrap(), b"fine");
+    eprintln!("1 EiB sparse file: {}", steps.join(", "));
+}
