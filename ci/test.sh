@@ -11,6 +11,7 @@ ci/pjdfstest.sh
 ci/fsx.sh 50000
 ci/fsx.sh 50000 "$RANDOM" 3
 ci/docker.sh
+ci/swarm.sh
 bench/install-peers.sh
 bench/run --quick --out "$(mktemp -d /tmp/shoal-bench-quick.XXXXXX)" \
   --require local,fuse-passthrough,shoal-r1,shoal-r3,juicefs,seaweedfs

@@ -285,6 +285,7 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
     node.run(cmd)
         .await
         .map_err(|e| crate::plugin::explain(&name, e, node))?;
+    node.forget_volume_entry(&name);
     Ok(AdminReply::Done)
 }
 
@@ -316,7 +317,10 @@ async fn restore(
         rename,
     };
     match node.run(cmd).await {
-        Ok(_) => Ok(AdminReply::Done),
+        Ok(_) => {
+            node.forget_volume_entry(&to);
+            Ok(AdminReply::Done)
+        }
         Err(OpError::Fs(FsError::Exists)) => Err(format!(
             "a live volume is named {to}: restore the removed one under another name with `shoal volume restore {name} --as NEW`"
         )),

@@ -466,11 +466,14 @@ impl Node {
     /// However often it is sent (a retry after a lost answer, a resend here after this node
     /// was elected), it applies once: it carries this node's session and a number of its own.
     pub async fn propose(&self, cmds: Vec<MetaCommand>) -> OpResult<Vec<Result<Reply, FsError>>> {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let acked = {
+        // Numbered and registered in one step: a number taken but not yet in flight would let
+        // a later proposal claim it answered (`acked`), and the state machine would then
+        // refuse it as a late copy.
+        let (seq, acked) = {
             let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
             in_flight.insert(seq);
-            *in_flight.first().expect("just inserted")
+            (seq, *in_flight.first().expect("just inserted"))
         };
         let req = MetaRequest {
             now: now_nanos(),
@@ -690,6 +693,29 @@ impl Node {
             return Err(OpError::Errno(libc::ENOSPC));
         }
         Ok(())
+    }
+
+    /// Drops `/volumes/NAME` from this node's kernel caches now, before the caller answers:
+    /// a volume command moved or made that directory in the state machine, without a FUSE
+    /// request that would have told the kernel (the apply hook does it too, a moment later).
+    pub(crate) fn forget_volume_entry(&self, name: &str) {
+        use std::os::unix::ffi::OsStrExt;
+        let Some(n) = self.notifier.get() else { return };
+        let Ok(Some(volumes)) = self
+            .view
+            .lookup(shoal_raft::ROOT_INO, shoal_raft::VOLUMES_DIR)
+        else {
+            return;
+        };
+        let r = n.inval_entry(
+            fuser::INodeNo(volumes.ino),
+            std::ffi::OsStr::from_bytes(name.as_bytes()),
+        );
+        if let Err(e) = r
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            debug!(volume = name, error = %e, "dropping a volume's cached entry failed");
+        }
     }
 
     /// This daemon run's current session.

@@ -180,6 +180,7 @@ pub async fn create_volume(
     };
     match (node.run(cmd).await, from) {
         (Ok(_), _) => {
+            node.forget_volume_entry(name);
             info!(volume = %name, "volume created (or there already, with these options)");
             Ok(())
         }
@@ -332,6 +333,7 @@ async fn remove(State(p): Shared, body: Bytes) -> axum::Json<Value> {
                 name: r.name.clone(),
             };
             p.run(&r.name, cmd).await?;
+            p.node.forget_volume_entry(&r.name);
             info!(volume = %r.name, "volume moved to the trash");
             Ok(json!({}))
         }

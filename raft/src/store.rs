@@ -18,12 +18,12 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::TypeConfig;
 use crate::apply::{Txn, apply_request, ensure_root};
 use crate::error::StoreError;
 use crate::keys;
 use crate::types::MetaResponse;
 use crate::view::{Kv, StateView, decode, encode};
+use crate::{MetaCommand, TypeConfig};
 
 type NodeId = u64;
 type SError = StorageError<NodeId>;
@@ -292,7 +292,11 @@ impl StateMachine {
                     ensure_root(&mut txn, req.now)?;
                     txn.take_touched();
                     responses.push(apply_request(&mut txn, &req)?);
-                    changes.push((req.session, txn.take_touched()));
+                    // The proposer's own kernel made the change and knows it, unless the
+                    // command acted on the tree itself (volumes move whole directories).
+                    let by_kernel = req.cmds.iter().all(MetaCommand::goes_through_kernel);
+                    let who = if by_kernel { req.session } else { 0 };
+                    changes.push((who, txn.take_touched()));
                 }
                 EntryPayload::Membership(m) => {
                     txn.put(

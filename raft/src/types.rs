@@ -339,6 +339,33 @@ pub enum MetaCommand {
     },
 }
 
+impl MetaCommand {
+    /// Whether the proposing node's kernel made this change itself (a FUSE request), so its
+    /// caches already hold the outcome. Commands that act on the tree by themselves (volume
+    /// commands move and make whole directories; purges, sessions and reports have no FUSE
+    /// request behind them) must drop the proposer's caches too.
+    pub fn goes_through_kernel(&self) -> bool {
+        use MetaCommand::*;
+        matches!(
+            self,
+            Create { .. }
+                | Link { .. }
+                | Unlink { .. }
+                | Rmdir { .. }
+                | Rename { .. }
+                | SetAttr { .. }
+                | Write { .. }
+                | Fallocate { .. }
+                | CopyRange { .. }
+                | SetXattr { .. }
+                | RemoveXattr { .. }
+                | SetLock { .. }
+                | ReleaseLocks { .. }
+                | Purge { .. }
+        )
+    }
+}
+
 /// A Docker volume: a directory tree with its own policy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Volume {

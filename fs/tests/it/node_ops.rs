@@ -220,3 +220,28 @@ async fn rename_copy_range_and_locks_through_the_node() {
     node.release(b.ino, None).await.unwrap();
     stop(node).await;
 }
+
+/// Many proposals of one node in flight at once: each is numbered and applied once, and none
+/// is mistaken for a late copy of an answered one (a number taken before it was registered
+/// as in flight used to be claimed answered by a later proposal, and the state machine then
+/// refused it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_proposals_of_one_node_all_apply_once() {
+    let dd = DataDir::new().await;
+    let node = dd.start().await;
+    let mut tasks = Vec::new();
+    for i in 0..400u32 {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            node.create(ROOT_INO, format!("f{i}").as_bytes(), file())
+                .await
+                .map(|_| ())
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        assert!(r.is_ok(), "create f{i}: {r:?}");
+    }
+    assert_eq!(node.view.readdir(ROOT_INO).unwrap().len(), 400);
+    stop(node).await;
+}
