@@ -261,3 +261,53 @@ fn an_exabyte_sparse_file_does_not_stall_the_cluster() {
     assert_eq!(read(&c.mnt(1).join("after")).unwrap(), b"fine");
     eprintln!("1 EiB sparse file: {}", steps.join(", "));
 }
+
+/// A volume holding a directory tree 10,000 levels deep (made through the mount, one level
+/// at a time relative to the last) is removed and purged on a three-node cluster: every
+/// node applies the purge, whose walk is a loop, not a recursion that would overflow the
+/// apply task's stack.
+#[test]
+fn a_volume_ten_thousand_directories_deep_is_purged_on_every_node() {
+    use rustix::fs::{Mode, OFlags};
+    let c = LocalCluster::up(3);
+    let ok = |k: u32, args: &[&str]| {
+        let out = c.shoal_at(k, args);
+        assert!(out.status.success(), "shoal {args:?}: {out:?}");
+    };
+    ok(1, &["volume", "create", "deep"]);
+    let mut dir = rustix::fs::open(
+        c.mnt(2).join("volumes/deep"),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .unwrap();
+    for _ in 0..10_000 {
+        rustix::fs::mkdirat(&dir, "d", Mode::from_raw_mode(0o755)).unwrap();
+        dir = rustix::fs::openat(&dir, "d", OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())
+            .unwrap();
+    }
+    let f = rustix::fs::openat(
+        &dir,
+        "leaf",
+        OFlags::CREATE | OFlags::WRONLY,
+        Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    rustix::io::write(&f, b"at the bottom").unwrap();
+    drop((f, dir));
+    let before = inodes(&c, 3);
+    ok(3, &["volume", "rm", "deep"]);
+    ok(3, &["volume", "purge", "deep"]);
+    for k in 1..=3 {
+        eventually_within(
+            "every node applied the purge",
+            Duration::from_secs(30),
+            || inodes(&c, k) <= before - 10_001,
+        );
+    }
+    // Every node is alive and serving after applying it.
+    fs::write(c.mnt(1).join("after"), b"fine").unwrap();
+    for k in 2..=3 {
+        assert_eq!(read(&c.mnt(k).join("after")).unwrap(), b"fine");
+    }
+}
