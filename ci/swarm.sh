@@ -68,6 +68,16 @@ wait_for() {
   "$@"
 }
 
+# SIGTERM to every pid given, then up to 15 s for each to exit, then SIGKILL.
+stop_pids() {
+  local pid
+  for pid in "$@"; do kill -TERM "$pid" 2>/dev/null; done
+  for pid in "$@"; do
+    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+  done
+}
+
 stop_all() {
   local rc=$?
   set +e
@@ -80,24 +90,8 @@ stop_all() {
     d "$k" ps -aq 2>/dev/null | xargs -r timeout 60 docker -H "unix://$W/h$k/docker.sock" rm -f >/dev/null 2>&1
     d "$k" swarm leave --force >/dev/null 2>&1
   done
-  for k in "${HOSTS[@]}"; do
-    [ -n "${DOCKERD_PID[$k]:-}" ] && kill -TERM "${DOCKERD_PID[$k]}" 2>/dev/null
-  done
-  for k in "${HOSTS[@]}"; do
-    local pid=${DOCKERD_PID[$k]:-}
-    [ -n "$pid" ] || continue
-    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-  done
-  for k in "${HOSTS[@]}"; do
-    [ -n "${SHOAL_PID[$k]:-}" ] && kill -TERM "${SHOAL_PID[$k]}" 2>/dev/null
-  done
-  for k in "${HOSTS[@]}"; do
-    local pid=${SHOAL_PID[$k]:-}
-    [ -n "$pid" ] || continue
-    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-  done
+  stop_pids "${DOCKERD_PID[@]}"
+  stop_pids "${SHOAL_PID[@]}"
   if [ "$rc" != 0 ]; then
     for k in "${HOSTS[@]}"; do
       [ -f "$W/h$k/dockerd.log" ] && { echo "--- dockerd sw$k (tail)"; tail -n 15 "$W/h$k/dockerd.log"; }

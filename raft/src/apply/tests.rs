@@ -38,13 +38,18 @@ impl Sm {
     }
 
     fn run(&mut self, cmd: MetaCommand) -> CommandResult {
+        self.run_as(SESSION, 0, 0, cmd)
+    }
+
+    /// Applies `cmd` as request `seq` of `session`, which has every answer below `acked`.
+    fn run_as(&mut self, session: u64, seq: u64, acked: u64, cmd: MetaCommand) -> CommandResult {
         self.now += 1;
         let mut txn = Txn::new(&self.tree);
         let req = MetaRequest {
             now: self.now,
-            session: SESSION,
-            seq: 0,
-            acked: 0,
+            session,
+            seq,
+            acked,
             cmds: vec![cmd],
         };
         let mut resp = apply_request(&mut txn, &req).unwrap();
@@ -1035,20 +1040,7 @@ fn a_repeated_request_applies_once_and_gets_the_first_answer() {
     let mut sm = Sm::new();
     let a = sm.mk(ROOT_INO, "a", FileKind::File);
     let b = sm.mk(ROOT_INO, "b", FileKind::File);
-    let apply = |sm: &mut Sm, seq: u64, acked: u64, cmd: MetaCommand| {
-        sm.now += 1;
-        let mut txn = Txn::new(&sm.tree);
-        let req = MetaRequest {
-            now: sm.now,
-            session: SESSION,
-            seq,
-            acked,
-            cmds: vec![cmd],
-        };
-        let mut resp = apply_request(&mut txn, &req).unwrap();
-        sm.tree.apply_batch(txn.into_batch()).unwrap();
-        resp.results.pop().unwrap()
-    };
+    let apply = |sm: &mut Sm, seq, acked, cmd| sm.run_as(SESSION, seq, acked, cmd);
     let exchange = MetaCommand::Rename {
         parent: ROOT_INO,
         name: "a".into(),
@@ -1130,19 +1122,7 @@ fn an_unlinked_file_lives_until_every_session_that_may_hold_it_lets_go() {
     assert_eq!(sm.inode(f).nlink, 0);
     assert_eq!(sm.refs(1), 1);
     // Node 2 lets go; node 3's session ends (it died): the last holder gone, it is deleted.
-    let release = |session: u64| {
-        let mut txn = Txn::new(&sm.tree);
-        let req = MetaRequest {
-            now: 100,
-            session,
-            seq: 0,
-            acked: 0,
-            cmds: vec![MetaCommand::Purge { ino: f }],
-        };
-        apply_request(&mut txn, &req).unwrap();
-        sm.tree.apply_batch(txn.into_batch()).unwrap();
-    };
-    release(20);
+    sm.run_as(20, 0, 0, MetaCommand::Purge { ino: f }).unwrap();
     assert_eq!(sm.view().orphan(f).unwrap(), Some(vec![30]));
     assert!(sm.view().inode(f).unwrap().is_some());
     sm.now += SESSION_LEASE;
