@@ -21,7 +21,8 @@ fi
 mkdir -p "$mnt/fsx"
 echo "fsx: $ops operations on $nodes node(s), seed $seed"
 if ! fsx -f ci/fsx.toml -N "$ops" -S "$seed" -P "$logs" "$mnt/fsx/testfile" >"$logs/fsx.log" 2>&1; then
-  tail -40 "$logs/fsx.log" >&2
+  grep -v "^\[ERROR fsx\] *[0-9]" "$logs/fsx.log" | tail -40 >&2
+  tail -20 "$logs/fsx.log" >&2
   echo "fsx failed (seed $seed); daemon log:" >&2
   tail -20 "$daemon_log" >&2
   exit 1
