@@ -7,70 +7,134 @@
 //! through this kernel, which already knows them.
 //!
 //! The notifier writes to /dev/fuse and may wait for the kernel to lock the inode, so it runs
-//! on its own thread, never on a FUSE request thread (that could deadlock).
+//! on its own thread, never on a FUSE request thread (that could deadlock). Each handed-over
+//! batch is numbered; `Invalidator::caught_up` waits until the thread has delivered every batch
+//! handed over so far. A lock grant waits for that: the holder must find in its kernel what the
+//! previous holder left (an O_APPEND write takes its offset from the kernel's cached size).
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use fuser::{INodeNo, Notifier};
-use shoal_raft::{ApplyHook, Change};
+use shoal_raft::{ApplyHook, Change, Ino};
 use tracing::debug;
 
-/// Starts the invalidation thread and returns the hook the state machine calls after applying.
-/// Changes proposed by this node's session are skipped; lock changes wake `locks_changed`, so
-/// a blocked lock request retries as soon as another node releases; unlinked inodes go to the
-/// purge worker (`purge`), which lets go of those this node holds and has no handle on.
-pub fn start(
-    notifier: Arc<OnceLock<Notifier>>,
-    own_session: Arc<AtomicU64>,
-    locks_changed: Arc<Notify>,
-    purge: tokio::sync::mpsc::UnboundedSender<shoal_raft::Ino>,
-) -> ApplyHook {
-    let (tx, rx) = mpsc::channel::<(u64, Vec<Change>)>();
-    std::thread::Builder::new()
-        .name("invalidate".into())
-        .spawn(move || run(&notifier, &rx))
-        .expect("spawning the invalidation thread");
-    Arc::new(move |session, changes| {
-        if changes.iter().any(|c| matches!(c, Change::Locks(_))) {
-            locks_changed.notify_waiters();
-        }
-        for c in &changes {
-            if let Change::Orphan(ino) = c {
-                let _ = purge.send(*ino);
-            }
-        }
-        if session != own_session.load(Ordering::Acquire) {
-            let _ = tx.send((session, changes));
-        }
-    })
+/// The invalidation thread's queue: numbered batches in, the last delivered number out.
+pub(crate) struct Invalidator {
+    /// The number of the last batch handed over, and the queue; one lock keeps them in order.
+    queue: Mutex<(u64, mpsc::Sender<(u64, Vec<Change>)>)>,
+    delivered: watch::Receiver<u64>,
 }
 
-fn run(notifier: &OnceLock<Notifier>, rx: &mpsc::Receiver<(u64, Vec<Change>)>) {
+impl Invalidator {
+    /// Starts the invalidation thread.
+    pub(crate) fn start(notifier: Arc<OnceLock<Notifier>>) -> Arc<Invalidator> {
+        let (tx, rx) = mpsc::channel();
+        let (done_tx, delivered) = watch::channel(0);
+        std::thread::Builder::new()
+            .name("invalidate".into())
+            .spawn(move || run(&notifier, &rx, &done_tx))
+            .expect("spawning the invalidation thread");
+        Arc::new(Invalidator {
+            queue: Mutex::new((0, tx)),
+            delivered,
+        })
+    }
+
+    /// Hands changes to the thread, to be dropped from the kernel's caches.
+    pub(crate) fn send(&self, changes: Vec<Change>) {
+        let mut q = self.queue.lock().expect("invalidation queue lock");
+        q.0 += 1;
+        let n = q.0;
+        let _ = q.1.send((n, changes));
+    }
+
+    /// Drops an inode's attributes and pages from the kernel's caches, soon.
+    pub(crate) fn inode(&self, ino: Ino) {
+        self.send(vec![Change::Inode(ino)]);
+    }
+
+    /// Returns once everything handed over before this call reached the kernel.
+    pub(crate) async fn caught_up(&self) {
+        let target = self.queue.lock().expect("invalidation queue lock").0;
+        let mut delivered = self.delivered.clone();
+        // The thread lives as long as the process: an error here means it is gone.
+        let _ = delivered.wait_for(|d| *d >= target).await;
+    }
+
+    /// The hook the state machine calls after applying. Changes proposed by this node's session
+    /// are skipped; lock changes wake `locks_changed`, so a blocked lock request retries as soon
+    /// as another node releases; unlinked inodes go to the purge worker (`purge`), which lets go
+    /// of those this node holds and has no handle on.
+    pub(crate) fn hook(
+        self: &Arc<Self>,
+        own_session: Arc<AtomicU64>,
+        locks_changed: Arc<Notify>,
+        purge: tokio::sync::mpsc::UnboundedSender<Ino>,
+    ) -> ApplyHook {
+        let this = self.clone();
+        Arc::new(move |session, changes| {
+            if changes.iter().any(|c| matches!(c, Change::Locks(_))) {
+                locks_changed.notify_waiters();
+            }
+            for c in &changes {
+                if let Change::Orphan(ino) = c {
+                    let _ = purge.send(*ino);
+                }
+            }
+            if session != own_session.load(Ordering::Acquire) {
+                this.send(changes);
+            }
+        })
+    }
+}
+
+fn run(
+    notifier: &OnceLock<Notifier>,
+    rx: &mpsc::Receiver<(u64, Vec<Change>)>,
+    delivered: &watch::Sender<u64>,
+) {
+    let delay = slow_invalidation();
     while let Ok(first) = rx.recv() {
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let Some(n) = notifier.get() else { continue };
-        let changes: BTreeSet<Change> = batch.into_iter().flat_map(|(_, c)| c).collect();
-        for c in changes {
-            // ENOENT means the kernel has nothing cached for it: nothing to drop.
-            let r = match &c {
-                Change::Inode(ino) => n.inval_inode(INodeNo(*ino), 0, 0),
-                Change::Entry { parent, name } => {
-                    n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
-                }
-                Change::Locks(_) | Change::Orphan(_) => continue,
-            };
-            if let Err(e) = r
-                && e.raw_os_error() != Some(libc::ENOENT)
-            {
-                debug!(change = ?c, error = %e, "cache invalidation failed");
+        let last = batch.iter().map(|(n, _)| *n).max().unwrap_or(0);
+        if let Some(n) = notifier.get() {
+            let changes: BTreeSet<Change> = batch.into_iter().flat_map(|(_, c)| c).collect();
+            for c in changes {
+                deliver(n, &c);
             }
         }
+        delivered.send_replace(last);
+    }
+}
+
+/// Fault injection for tests: `SHOAL_FAULT_SLOW_INVALIDATION=MS` makes the thread wait MS
+/// milliseconds before each batch, as under load, widening the window in which the kernel
+/// still holds what another node changed. Unset in production.
+fn slow_invalidation() -> Option<std::time::Duration> {
+    let ms = std::env::var("SHOAL_FAULT_SLOW_INVALIDATION").ok()?;
+    Some(std::time::Duration::from_millis(ms.parse().ok()?))
+}
+
+fn deliver(n: &Notifier, c: &Change) {
+    // ENOENT means the kernel has nothing cached for it: nothing to drop.
+    let r = match c {
+        Change::Inode(ino) => n.inval_inode(INodeNo(*ino), 0, 0),
+        Change::Entry { parent, name } => n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
+        Change::Locks(_) | Change::Orphan(_) => return,
+    };
+    if let Err(e) = r
+        && e.raw_os_error() != Some(libc::ENOENT)
+    {
+        debug!(change = ?c, error = %e, "cache invalidation failed");
     }
 }

@@ -214,6 +214,8 @@ pub struct Node {
     pub(crate) locks_changed: Arc<Notify>,
     /// The kernel notifier of this node's mount, once mounted: see `invalidate`.
     pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// The thread that drops other nodes' changes from the kernel's caches.
+    pub(crate) invalidator: Arc<crate::invalidate::Invalidator>,
     /// The cluster network, for a node started with a listen address.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Held for the whole life of the node: the data directory's lock file.
@@ -392,12 +394,8 @@ impl Node {
         let notifier = Arc::new(std::sync::OnceLock::new());
         let locks_changed = Arc::new(Notify::new());
         let (purge_tx, purge_rx) = mpsc::unbounded_channel();
-        let hook = crate::invalidate::start(
-            notifier.clone(),
-            session.clone(),
-            locks_changed.clone(),
-            purge_tx.clone(),
-        );
+        let invalidator = crate::invalidate::Invalidator::start(notifier.clone());
+        let hook = invalidator.hook(session.clone(), locks_changed.clone(), purge_tx.clone());
         let (raft, view) = open_raft(config.node_id, data, cluster.as_deref(), Some(hook)).await?;
         let node = Arc::new(Node {
             id: config.node_id,
@@ -424,6 +422,7 @@ impl Node {
             locks_changed,
             cluster,
             notifier,
+            invalidator,
             _lock: lock,
             config,
         });

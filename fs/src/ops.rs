@@ -318,7 +318,15 @@ impl Node {
         committed
     }
 
-    pub fn write(&self, ino: Ino, off: u64, data: &[u8]) -> OpResult<WriteAck> {
+    /// Buffers a write at `off`, or at the end of the file as this node knows it when `append`
+    /// (a write through an O_APPEND descriptor, whose offset the kernel took from the size it
+    /// cached, which another node may have changed since).
+    pub fn write(&self, ino: Ino, off: u64, data: &[u8], append: bool) -> OpResult<WriteAck> {
+        let off = if append {
+            self.append_offset(ino, off)?
+        } else {
+            off
+        };
         if off
             .checked_add(data.len() as u64)
             .is_none_or(|e| e > i64::MAX as u64)
@@ -336,6 +344,24 @@ impl Node {
         } else {
             WriteAck::Buffered
         })
+    }
+
+    /// Where an O_APPEND write goes: at the end of the file. When the kernel's offset is not
+    /// that end, its cached size was stale (another node wrote or truncated the file and the
+    /// invalidation had not reached the kernel): the write goes to the real end, and the
+    /// kernel's cached size and pages (it copied the bytes at its own offset) are dropped.
+    fn append_offset(&self, ino: Ino, kernel_off: u64) -> OpResult<u64> {
+        let end = self.getattr(ino)?.size;
+        if end != kernel_off {
+            tracing::debug!(
+                ino,
+                kernel_off,
+                end,
+                "O_APPEND write placed at the end of the file, not at the kernel's stale size"
+            );
+            self.invalidator.inode(ino);
+        }
+        Ok(end)
     }
 
     /// Space of the disk under the data directory, and the inode count; inside a volume
@@ -561,10 +587,15 @@ impl Node {
             tokio::pin!(changed);
             changed.as_mut().enable();
             match self.run(MetaCommand::SetLock { ino, lock, unlock }).await {
+                Ok(_) if unlock => {
+                    self.locks_changed.notify_waiters();
+                    return Ok(());
+                }
                 Ok(_) => {
-                    if unlock {
-                        self.locks_changed.notify_waiters();
-                    }
+                    // The previous holder's changes were applied here before this grant; the
+                    // new holder must also find them in this kernel's caches (the size an
+                    // O_APPEND write starts from, the pages a read-modify-write reads).
+                    self.invalidator.caught_up().await;
                     return Ok(());
                 }
                 Err(OpError::Fs(FsError::WouldBlock)) if wait => {

@@ -440,13 +440,17 @@ impl Filesystem for ShoalFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        write_flags: WriteFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let len = data.len() as u32;
-        match self.node.write(ino.0, offset, data) {
+        // A write-back of mmap'ed pages (FUSE_WRITE_CACHE) goes where the pages are, whatever
+        // the flags of the descriptor the kernel picked for it.
+        let append =
+            flags.0 & libc::O_APPEND != 0 && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        match self.node.write(ino.0, offset, data, append) {
             Ok(WriteAck::Buffered) => reply.written(len),
             Ok(WriteAck::Commit(file)) => {
                 reply.written(len);
@@ -668,7 +672,7 @@ impl Filesystem for ShoalFs {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let name = name.as_bytes().to_vec();
@@ -694,6 +698,17 @@ impl Filesystem for ShoalFs {
                     FileHandle(fh),
                     keep_cache(keep),
                 ),
+                // open(O_CREAT) without O_EXCL opens the file if it exists: another node made
+                // the name after this node's lookup missed it. ESTALE makes the kernel redo the
+                // whole open with a fresh lookup (LOOKUP_REVAL), which finds that file and
+                // opens it with the kernel's own permission, O_TRUNC and symlink handling.
+                Err(OpError::Fs(FsError::Exists)) if flags & libc::O_EXCL == 0 => {
+                    debug!(
+                        parent = parent.0,
+                        "O_CREAT raced another node's create; reopening"
+                    );
+                    reply.error(Errno::ESTALE)
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });

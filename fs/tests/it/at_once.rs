@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::{Duration, Instant};
 
 use crate::cluster::{
-    LocalCluster, eventually, eventually_within, plugin, plugin_err, read, status,
+    LocalCluster, Lock, eventually, eventually_within, plugin, plugin_err, read, status,
 };
 
 fn inodes(c: &LocalCluster, k: u32) -> u64 {
@@ -310,4 +310,188 @@ fn a_volume_ten_thousand_directories_deep_is_purged_on_every_node() {
     for k in 2..=3 {
         assert_eq!(read(&c.mnt(k).join("after")).unwrap(), b"fine");
     }
+}
+
+/// What a lock protects is what the last holder left, on every node: three nodes (one of
+/// them lagging the leader) each append lines to one log with O_APPEND and increment one
+/// counter, both under a lock on a third file, at the same time, as the tasks of one service
+/// do. Every append is kept once and the counter counts every increment, for flock and
+/// fcntl locks. A holder must see the bytes and the size the previous holder left, even
+/// where this node's kernel cached the file a moment before and the invalidation is slow.
+#[test]
+fn appends_and_increments_under_a_lock_from_three_nodes_at_once_are_all_kept() {
+    use rustix::fs::{FlockOperation, Mode, OFlags};
+    const ROUNDS: usize = 40;
+    let c = LocalCluster::up_with_env(
+        3,
+        &[
+            ("SHOAL_FAULT_SLOW_APPEND", "3:20"),
+            ("SHOAL_FAULT_SLOW_INVALIDATION", "30"),
+        ],
+    );
+    fs::write(c.mnt(1).join("lock"), b"").unwrap();
+    fs::write(c.mnt(1).join("counter"), b"0").unwrap();
+    eventually("the files on every node", || {
+        (1..=3).all(|k| c.mnt(k).join("counter").exists())
+    });
+    for kind in [Lock::Flock, Lock::Fcntl] {
+        let log = format!("log-{kind:?}");
+        std::thread::scope(|s| {
+            for k in 1..=3u32 {
+                let (c, log) = (&c, &log);
+                s.spawn(move || {
+                    let m = c.mnt(k);
+                    let lock =
+                        rustix::fs::open(m.join("lock"), OFlags::RDWR, Mode::empty()).unwrap();
+                    for i in 0..ROUNDS {
+                        match kind {
+                            Lock::Flock => {
+                                rustix::fs::flock(&lock, FlockOperation::LockExclusive).unwrap()
+                            }
+                            Lock::Fcntl => {
+                                rustix::fs::fcntl_lock(&lock, FlockOperation::LockExclusive)
+                                    .unwrap()
+                            }
+                        }
+                        let mut f = OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(m.join(log))
+                            .unwrap();
+                        f.write_all(format!("node{k}-{i}\n").as_bytes()).unwrap();
+                        drop(f);
+                        let n: u64 = fs::read_to_string(m.join("counter"))
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        fs::write(m.join("counter"), (n + 1).to_string()).unwrap();
+                        match kind {
+                            Lock::Flock => {
+                                rustix::fs::flock(&lock, FlockOperation::Unlock).unwrap()
+                            }
+                            Lock::Fcntl => {
+                                rustix::fs::fcntl_lock(&lock, FlockOperation::Unlock).unwrap()
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        for k in 1..=3 {
+            let text = fs::read_to_string(c.mnt(k).join(&log)).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            let unique: std::collections::BTreeSet<&str> = lines.iter().copied().collect();
+            assert_eq!(
+                (lines.len(), unique.len()),
+                (3 * ROUNDS, 3 * ROUNDS),
+                "{kind:?}: node {k} reads {} lines, {} distinct, of {}",
+                lines.len(),
+                unique.len(),
+                3 * ROUNDS
+            );
+        }
+    }
+    for k in 1..=3 {
+        assert_eq!(
+            fs::read_to_string(c.mnt(k).join("counter")).unwrap(),
+            (2 * 3 * ROUNDS).to_string(),
+            "the counter on node {k} missed increments"
+        );
+    }
+}
+
+/// `open(O_CREAT)` without O_EXCL opens the file whoever made it: three nodes opening the
+/// same new names at the same moment (the first `flock /data/lock` or `echo >> /data/log` of
+/// tasks starting on several hosts) all succeed, on one file. O_EXCL still refuses, the
+/// loser of an O_TRUNC race still truncates, and a caller the file's mode does not allow is
+/// refused as by any open of an existing file.
+#[test]
+fn the_same_new_file_opened_with_o_creat_from_three_nodes_at_once_is_one_file() {
+    use std::os::unix::fs::OpenOptionsExt;
+    const NAMES: usize = 40;
+    let c = LocalCluster::up(3);
+    // Each racer opens every name and reports the inode it got, or the error.
+    let opened: Vec<Vec<Result<u64, String>>> = std::thread::scope(|s| {
+        let c = &c;
+        let racers: Vec<_> = (1..=3u32)
+            .flat_map(|k| (0..2).map(move |t| (k, t)))
+            .map(|(k, _)| {
+                s.spawn(move || {
+                    (0..NAMES)
+                        .map(|i| {
+                            OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(c.mnt(k).join(format!("new-{i}")))
+                                .and_then(|f| f.metadata())
+                                .map(|m| m.ino())
+                                .map_err(|e| format!("node {k} new-{i}: {e}"))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        racers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let errors: Vec<&String> = opened
+        .iter()
+        .flatten()
+        .filter_map(|r| r.as_ref().err())
+        .collect();
+    assert!(errors.is_empty(), "O_CREAT opens failed: {errors:?}");
+    for i in 0..NAMES {
+        let ino = fs::metadata(c.mnt(2).join(format!("new-{i}")))
+            .unwrap()
+            .ino();
+        for racer in &opened {
+            assert_eq!(racer[i], Ok(ino), "new-{i}: a racer opened another file");
+        }
+    }
+
+    // O_EXCL keeps its meaning.
+    let excl = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(c.mnt(3).join("new-0"));
+    assert_eq!(excl.unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
+
+    // O_CREAT|O_TRUNC from three nodes at once: every opener truncates, so the file ends up
+    // holding exactly one writer's line.
+    fs::write(c.mnt(1).join("trunc"), vec![b'x'; 100_000]).unwrap();
+    std::thread::scope(|s| {
+        for k in 1..=3u32 {
+            let c = &c;
+            s.spawn(move || {
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(true)
+                    .open(c.mnt(k).join("trunc"))
+                    .unwrap();
+                f.write_all(b"short\n").unwrap();
+            });
+        }
+    });
+    assert_eq!(read(&c.mnt(2).join("trunc")).unwrap(), b"short\n");
+
+    // The winner made the file 0600 as root: nobody else may open it for writing.
+    let made = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .mode(0o600)
+        .open(c.mnt(1).join("private"))
+        .unwrap();
+    drop(made);
+    let as_nobody = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["sh", "-c", "echo no >> \"$1\"", "sh"])
+        .arg(c.mnt(2).join("private"))
+        .output()
+        .unwrap();
+    assert!(
+        !as_nobody.status.success()
+            && String::from_utf8_lossy(&as_nobody.stderr).contains("Permission denied"),
+        "nobody opened a 0600 root file for writing: {as_nobody:?}"
+    );
+    assert_eq!(read(&c.mnt(3).join("private")).unwrap(), b"");
 }

@@ -424,8 +424,8 @@ fn the_leader_dies_under_fsync_load_and_comes_back_by_snapshot() {
 }
 
 /// Which lock call the python helpers use.
-#[derive(Clone, Copy)]
-enum Lock {
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Lock {
     /// fcntl(2) F_SETLK(W) through lockf(3).
     Fcntl,
     /// flock(2).
