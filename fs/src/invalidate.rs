@@ -24,10 +24,13 @@ use fuser::{INodeNo, Notifier};
 use shoal_raft::{ApplyHook, Change, Ino};
 use tracing::debug;
 
+/// A batch of changes and its number.
+type Batch = (u64, Vec<Change>);
+
 /// The invalidation thread's queue: numbered batches in, the last delivered number out.
 pub(crate) struct Invalidator {
     /// The number of the last batch handed over, and the queue; one lock keeps them in order.
-    queue: Mutex<(u64, mpsc::Sender<(u64, Vec<Change>)>)>,
+    queue: Mutex<(u64, mpsc::Sender<Batch>)>,
     delivered: watch::Receiver<u64>,
 }
 
@@ -94,11 +97,7 @@ impl Invalidator {
     }
 }
 
-fn run(
-    notifier: &OnceLock<Notifier>,
-    rx: &mpsc::Receiver<(u64, Vec<Change>)>,
-    delivered: &watch::Sender<u64>,
-) {
+fn run(notifier: &OnceLock<Notifier>, rx: &mpsc::Receiver<Batch>, delivered: &watch::Sender<u64>) {
     let delay = slow_invalidation();
     while let Ok(first) = rx.recv() {
         if let Some(d) = delay {

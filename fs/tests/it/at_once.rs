@@ -477,6 +477,7 @@ fn the_same_new_file_opened_with_o_creat_from_three_nodes_at_once_is_one_file() 
     // The winner made the file 0600 as root: nobody else may open it for writing.
     let made = OpenOptions::new()
         .create(true)
+        .truncate(false)
         .write(true)
         .mode(0o600)
         .open(c.mnt(1).join("private"))
