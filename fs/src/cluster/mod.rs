@@ -90,6 +90,9 @@ pub struct Cluster {
     pub listen: SocketAddr,
     /// The CA, on the nodes that hold its key (the one that ran `shoal init`).
     pub ca: Option<Ca>,
+    /// Block traffic's own circuit breaker: peers a commit stopped waiting for, with the time
+    /// until which block copies skip them (`replicate::SlowPeers`). Raft traffic ignores it.
+    pub slow: replicate::SlowPeers,
 }
 
 impl Cluster {
@@ -107,6 +110,7 @@ impl Cluster {
             peers: Arc::new(Peers::new(endpoint)),
             listen,
             ca,
+            slow: Default::default(),
         })
     }
 

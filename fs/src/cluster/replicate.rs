@@ -4,10 +4,12 @@
 //! whose labels match (`Policy`).
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shoal_raft::BlockId;
-use tracing::warn;
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
 
 use super::rpc::{Request, Response};
 use crate::blocks::BlockError;
@@ -16,7 +18,7 @@ use crate::node::{Node, OpError, OpResult};
 /// How many copies of each block the cluster keeps, at most.
 pub const REPLICAS: usize = 3;
 /// How long a block transfer may take before the peer counts as down.
-const BLOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const BLOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn score(id: &BlockId, node: u64) -> u64 {
     let mut h = blake3::Hasher::new();
@@ -104,40 +106,81 @@ pub fn candidates(node: &Node, id: &BlockId) -> Vec<(u64, SocketAddr)> {
     out
 }
 
+/// How long a commit waits for a copy that has not landed, at least, once the block is on
+/// two nodes: past it (or past four times the fastest copy, if longer), a slow or dead
+/// member's copy finishes in the background and repair places the block when it answers.
+const SLOW_COPY: Duration = Duration::from_millis(300);
+
+/// The other members `allows` admits, in the order to ask them about block `id`: the live
+/// ones (a session lease) that answered lately first, each group in rendezvous order. The
+/// second value says how many lead: asking the others means waiting on a node that is
+/// probably dead.
+fn by_health(
+    node: &Node,
+    id: &BlockId,
+    allows: impl Fn(u64) -> bool,
+) -> (Vec<(u64, SocketAddr)>, usize) {
+    let live = super::repair::live_nodes(node);
+    let cluster = node.cluster();
+    let healthy = |n: u64, addr: SocketAddr| {
+        live.contains(&n) && !cluster.is_some_and(|c| c.peers.is_down(addr) || c.slow.is_slow(n))
+    };
+    let (good, rest): (Vec<_>, Vec<_>) = candidates(node, id)
+        .into_iter()
+        .filter(|(n, _)| allows(*n))
+        .partition(|(n, addr)| healthy(*n, *addr));
+    let lead = good.len();
+    (good.into_iter().chain(rest).collect(), lead)
+}
+
+/// How long block copies skip a peer that a commit stopped waiting for, unless a copy to it
+/// lands meanwhile.
+const SLOW_FOR: Duration = Duration::from_secs(5);
+
+/// Peers that left a commit waiting past `SLOW_COPY`: for `SLOW_FOR`, or until a copy to them
+/// lands, block copies go to them only when no healthy node can take one, so a frozen or
+/// partitioned member costs one commit `SLOW_COPY`, not every commit until its lease ends.
+#[derive(Default)]
+pub struct SlowPeers(std::sync::Mutex<std::collections::HashMap<u64, Instant>>);
+
+impl SlowPeers {
+    fn is_slow(&self, n: u64) -> bool {
+        let m = self.0.lock().expect("slow peers lock");
+        m.get(&n).is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn mark(&self, n: u64) {
+        let mut m = self.0.lock().expect("slow peers lock");
+        m.insert(n, Instant::now() + SLOW_FOR);
+    }
+
+    fn clear(&self, n: u64) {
+        self.0.lock().expect("slow peers lock").remove(&n);
+    }
+}
+
 /// Copies blocks this node just stored to the other nodes the policy wants (R-1 of them, or R
 /// when this node is not one the policy allows), trying further candidates when one fails.
-/// Returns once each block is durable on as many nodes as could take it.
+/// Returns once each block is durable on as many nodes as could take it, except that a member
+/// that is down, has no live session or is slow (`SLOW_COPY`) is not waited for once the
+/// block is on two nodes: one dead node must not stall every fsync of the cluster.
 pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> OpResult<()> {
     let Some(cluster) = node.cluster() else {
         return Ok(());
     };
     let mut tasks = Vec::new();
     for (id, data) in blocks {
-        let order: Vec<(u64, SocketAddr)> = candidates(node, id)
-            .into_iter()
-            .filter(|(n, _)| policy.allows(*n))
-            .collect();
+        let (order, healthy) = by_health(node, id, |n| policy.allows(n));
         let here = usize::from(policy.allows(node.id));
         let want = policy.replicas.saturating_sub(here).min(order.len());
-        let peers = cluster.peers.clone();
-        let (id, data) = (*id, data.to_vec());
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0;
-            for (n, addr) in order {
-                if done == want {
-                    break;
-                }
-                let req = Request::PutBlock { id, data: data.clone() };
-                match peers.call_within::<_, Response>(addr, &req, BLOCK_TIMEOUT).await {
-                    Ok(Response::PutBlock(Ok(()))) => done += 1,
-                    Ok(other) => warn!(block = %id, node = n, response = ?other, "replica refused"),
-                    Err(e) => warn!(block = %id, node = n, error = %e, "replica unreachable"),
-                }
-            }
-            if done < want {
-                warn!(block = %id, copies = done + 1, wanted = want + 1, "block is under-replicated");
-            }
-        }));
+        // The writer keeps a copy whatever the policy, so one more makes two.
+        let need = want.min(1);
+        let copy = CopyJob {
+            cluster: cluster.clone(),
+            id: *id,
+            data: data.clone(),
+        };
+        tasks.push(tokio::spawn(copy.run(order, healthy, want, need)));
     }
     for t in tasks {
         t.await
@@ -146,12 +189,106 @@ pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> 
     Ok(())
 }
 
+struct CopyJob {
+    cluster: std::sync::Arc<super::Cluster>,
+    id: BlockId,
+    data: Bytes,
+}
+
+impl CopyJob {
+    /// Starts a copy to one node; it reports the node and whether the copy landed. A copy
+    /// that lands clears the node's slow mark, even after the commit stopped waiting for it.
+    fn start(&self, copies: &mut JoinSet<(u64, bool)>, (n, addr): (u64, SocketAddr)) {
+        let (cluster, id) = (self.cluster.clone(), self.id);
+        let req = Request::PutBlock {
+            id,
+            data: self.data.to_vec(),
+        };
+        copies.spawn(async move {
+            let answer = cluster
+                .peers
+                .call_within::<_, Response>(addr, &req, BLOCK_TIMEOUT)
+                .await;
+            let landed = match answer {
+                Ok(Response::PutBlock(Ok(()))) => true,
+                Ok(other) => {
+                    warn!(block = %id, node = n, response = ?other, "replica refused");
+                    false
+                }
+                Err(e) => {
+                    warn!(block = %id, node = n, error = %e, "replica unreachable");
+                    false
+                }
+            };
+            if landed {
+                cluster.slow.clear(n);
+            }
+            (n, landed)
+        });
+    }
+
+    /// Copies to the first `want` of `order` (of its `healthy` leaders, and of the others only
+    /// as far as needed to reach `need`), replacing each failure with the next candidate.
+    /// Waits for every copy while fewer than `need` landed, then only for `SLOW_COPY`; the
+    /// nodes it stops waiting for are marked slow.
+    async fn run(self, order: Vec<(u64, SocketAddr)>, healthy: usize, want: usize, need: usize) {
+        let started = Instant::now();
+        let mut next = order.into_iter();
+        let mut copies = JoinSet::new();
+        let mut running = Vec::new();
+        for c in next.by_ref().take(want.min(healthy.max(need))) {
+            running.push(c.0);
+            self.start(&mut copies, c);
+        }
+        let mut done = 0;
+        let mut patience = SLOW_COPY;
+        while done < want {
+            let joined = if done < need {
+                copies.join_next().await
+            } else {
+                let deadline = tokio::time::Instant::from_std(started + patience);
+                match tokio::time::timeout_at(deadline, copies.join_next()).await {
+                    Ok(joined) => joined,
+                    Err(_) => {
+                        // Enough copies: the slow ones finish (or fail) on their own.
+                        for n in &running {
+                            self.cluster.slow.mark(*n);
+                        }
+                        break;
+                    }
+                }
+            };
+            match joined {
+                None => break,
+                Some(Ok((n, landed))) => {
+                    running.retain(|r| *r != n);
+                    if landed {
+                        done += 1;
+                        patience = patience.max(started.elapsed() * 4);
+                    } else if let Some(c) = next.next() {
+                        running.push(c.0);
+                        self.start(&mut copies, c);
+                    }
+                }
+                Some(Err(e)) => warn!(block = %self.id, error = %e, "a block copy task failed"),
+            }
+        }
+        if done < need {
+            warn!(block = %self.id, copies = done + 1, wanted = want + 1, "block is under-replicated");
+        } else if done < want {
+            debug!(block = %self.id, copies = done + 1, wanted = want + 1, "slow copies left to finish in the background; repair places the rest");
+        }
+        copies.detach_all();
+    }
+}
+
 /// Fetches a block this node does not have from the nodes that should.
 pub async fn fetch(node: &Node, id: BlockId, len: Option<u32>) -> Result<Bytes, BlockError> {
     let Some(cluster) = node.cluster() else {
         return Err(BlockError::Missing(id));
     };
-    for (n, addr) in candidates(node, &id) {
+    let (order, _) = by_health(node, &id, |_| true);
+    for (n, addr) in order {
         let req = Request::GetBlock { id, len };
         match cluster
             .peers

@@ -651,6 +651,51 @@ fn blocks_of_a_dead_node_are_re_replicated_onto_the_others() {
     assert_eq!(read(&c.mnt(reader).join("f")).unwrap(), data);
 }
 
+/// A follower frozen in the middle (SIGSTOP: its connections stay open, nothing answers, as
+/// in a partition or a stalled host) while another node writes and fsyncs files one after
+/// the other, some read at once on the third node: every write lands and reads back, and
+/// once the frozen node resumes it reads every file and comes to hold every block again.
+#[test]
+fn writes_go_on_while_a_follower_is_frozen_and_it_catches_up_after() {
+    let c = LocalCluster::up(3);
+    let leader = c.leader(1).expect("a leader") as u32;
+    let victim = (2..=3).find(|k| *k != leader).unwrap();
+    let (writer, reader) = if victim == 2 { (1, 3) } else { (1, 2) };
+    let pid = rustix::process::Pid::from_raw(c.pid(victim)).unwrap();
+    let body = |i: u32| -> Vec<u8> { (0..300_000u32).map(|j| ((i * 7 + j) % 251) as u8).collect() };
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    let wrote = std::panic::catch_unwind(|| {
+        for i in 0..20u32 {
+            let path = c.mnt(writer).join(format!("w{i}"));
+            let mut f = fs::File::create(&path).unwrap();
+            std::io::Write::write_all(&mut f, &body(i)).unwrap();
+            f.sync_all().unwrap();
+            if i % 5 == 0 {
+                assert_eq!(
+                    read(&c.mnt(reader).join(format!("w{i}"))).unwrap(),
+                    body(i),
+                    "w{i} read on node {reader} while node {victim} is frozen"
+                );
+            }
+        }
+    });
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    wrote.unwrap();
+    let all = block_files(&c.data(writer));
+    for i in 0..20u32 {
+        assert_eq!(
+            read(&c.mnt(victim).join(format!("w{i}"))).unwrap(),
+            body(i),
+            "w{i} read on node {victim} after it resumed"
+        );
+    }
+    eventually_within(
+        "the resumed node holds every block",
+        Duration::from_secs(40),
+        || all.is_subset(&block_files(&c.data(victim))),
+    );
+}
+
 #[test]
 fn node_certificates_are_renewed_before_they_expire() {
     // Certificates valid 20 s, renewed after 10 s: by 25 s every first certificate has expired,
