@@ -7,7 +7,7 @@
 //! Commits run on fsync, on flush (close), when a file has `commit_bytes` buffered, and every
 //! `commit_interval`. Reads see committed data overlaid with the extents still buffered.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
@@ -48,8 +48,9 @@ pub struct OpenFile {
     commit_lock: tokio::sync::Mutex<()>,
     /// A background commit is queued and has not yet taken the buffers.
     commit_queued: AtomicBool,
-    /// The node's session epoch when the file was opened: see `Node::epoch`.
-    pub(crate) epoch: u64,
+    /// The node's session epoch its buffered writes belong to: see `Node::epoch`. A file
+    /// opened again after the session was renewed starts afresh (`renew_epoch`).
+    pub(crate) epoch: AtomicU64,
     /// The root of the volume the file is in (0 if none).
     pub(crate) volume: Ino,
     /// That volume's quota, which writes check (quotas are set once, at creation).
@@ -66,7 +67,7 @@ impl OpenFile {
             bufs: Mutex::new(Buffers::default()),
             commit_lock: tokio::sync::Mutex::new(()),
             commit_queued: AtomicBool::new(false),
-            epoch,
+            epoch: AtomicU64::new(epoch),
         }
     }
 
@@ -152,12 +153,7 @@ impl OpenFile {
         if let Err(e) = node.check_not_fenced(self) {
             // Written after this node's session expired: the data must not land, and keeping it
             // would keep the file open here and retried forever.
-            let mut b = self.bufs();
-            let dropped: usize = b.pending.iter().map(|e| e.data.len()).sum();
-            b.pending.clear();
-            b.pending_bytes = 0;
-            node.dirty_bytes
-                .fetch_sub(dropped as u64, Ordering::Relaxed);
+            self.drop_pending(node);
             return Err(e);
         }
         let batch = {
@@ -261,6 +257,28 @@ impl OpenFile {
         };
         node.unguard_blocks(&ids);
         result
+    }
+
+    /// Drops the writes not yet handed to a commit.
+    fn drop_pending(&self, node: &Node) {
+        let mut b = self.bufs();
+        let dropped: usize = b.pending.iter().map(|e| e.data.len()).sum();
+        b.pending.clear();
+        b.pending_bytes = 0;
+        node.dirty_bytes
+            .fetch_sub(dropped as u64, Ordering::Relaxed);
+    }
+
+    /// A new open after this node's session was renewed: what the fenced session buffered
+    /// here can never land, so it is dropped, and the file serves the new session from now
+    /// on. Handles opened before stay fenced by their own epoch (`Node::check_handle`).
+    pub(crate) fn renew_epoch(&self, node: &Node) {
+        let current = node.epoch.load(Ordering::Acquire);
+        if self.epoch.load(Ordering::Acquire) < current {
+            self.drop_pending(node);
+            self.bufs().error = None;
+            self.epoch.store(current, Ordering::Release);
+        }
     }
 
     /// Refuses a write of `[off, end)` that would take the file's volume past its quota, by
@@ -374,10 +392,21 @@ impl Node {
     /// Refuses I/O through a file opened before this node's session expired: the locks its
     /// users held are gone, so their writes must not land (fencing).
     pub(crate) fn check_not_fenced(&self, file: &OpenFile) -> OpResult<()> {
-        if file.epoch < self.epoch.load(Ordering::Acquire) {
+        self.check_handle(file.epoch.load(Ordering::Acquire))
+    }
+
+    /// Refuses I/O through a handle opened in session epoch `epoch` once the session was
+    /// renewed since (fencing).
+    pub fn check_handle(&self, epoch: u64) -> OpResult<()> {
+        if epoch < self.epoch() {
             return Err(OpError::Errno(libc::EIO));
         }
         Ok(())
+    }
+
+    /// This node's session epoch: bumped each time its session expired and was replaced.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     pub(crate) fn guard_blocks(&self, ids: &[BlockId]) {

@@ -263,6 +263,7 @@ impl Node {
                     quota,
                 ))
             });
+            f.renew_epoch(self);
             f.opens.fetch_add(1, Ordering::SeqCst);
         }
         let keep = match self.cluster() {

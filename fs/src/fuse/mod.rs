@@ -117,6 +117,14 @@ fn time_or_now(t: TimeOrNow) -> Nanos {
     }
 }
 
+/// A file handle carries the session epoch it was opened in above this bit, and a counter
+/// below it.
+const EPOCH_SHIFT: u32 = 40;
+
+fn file_handle(epoch: u64, seq: u64) -> FileHandle {
+    FileHandle((epoch << EPOCH_SHIFT) | (seq & ((1 << EPOCH_SHIFT) - 1)))
+}
+
 impl ShoalFs {
     pub fn new(node: Arc<Node>, rt: tokio::runtime::Handle) -> ShoalFs {
         ShoalFs {
@@ -129,6 +137,14 @@ impl ShoalFs {
 
     fn fh(&self) -> u64 {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// EIO for a file handle opened before this node's session expired and was replaced: its
+    /// locks are gone, so what it writes must not land (fencing). New opens of the same file
+    /// get handles of the new epoch.
+    fn fenced(&self, fh: FileHandle) -> Option<Errno> {
+        let epoch = fh.0 >> EPOCH_SHIFT;
+        self.node.check_handle(epoch).err().map(|e| errno(&e))
     }
 
     /// Runs `f` on tokio with a clone of the node.
@@ -404,11 +420,12 @@ impl Filesystem for ShoalFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let fh = self.fh();
+        let seq = self.fh();
         self.spawn(move |node| async move {
+            let epoch = node.epoch();
             match node.open(ino.0).await {
                 Ok((i, _)) if i.kind == FileKind::Dir => reply.error(Errno::EISDIR),
-                Ok((_, keep)) => reply.opened(FileHandle(fh), keep_cache(keep)),
+                Ok((_, keep)) => reply.opened(file_handle(epoch, seq), keep_cache(keep)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -437,7 +454,7 @@ impl Filesystem for ShoalFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
@@ -445,6 +462,10 @@ impl Filesystem for ShoalFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if let Some(e) = self.fenced(fh) {
+            reply.error(e);
+            return;
+        }
         let len = data.len() as u32;
         // A write-back of mmap'ed pages (FUSE_WRITE_CACHE) goes where the pages are, whatever
         // the flags of the descriptor the kernel picked for it.
@@ -470,12 +491,19 @@ impl Filesystem for ShoalFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        // A fenced handle's close still drops its process's locks (and commits what newer
+        // handles wrote), then reports the fencing.
+        let fenced = self.fenced(fh);
         self.reply_empty(reply, move |node| async move {
-            node.flush(ino.0, lock_owner.0).await
+            node.flush(ino.0, lock_owner.0).await?;
+            match fenced {
+                Some(_) => Err(OpError::Errno(libc::EIO)),
+                None => Ok(()),
+            }
         });
     }
 
@@ -499,10 +527,14 @@ impl Filesystem for ShoalFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if let Some(e) = self.fenced(fh) {
+            reply.error(e);
+            return;
+        }
         self.reply_empty(reply, move |node| async move { node.commit(ino.0).await });
     }
 
@@ -684,8 +716,9 @@ impl Filesystem for ShoalFs {
             rdev: 0,
             target: Vec::new(),
         };
-        let fh = self.fh();
+        let seq = self.fh();
         self.spawn(move |node| async move {
+            let epoch = node.epoch();
             let created = node
                 .create(parent.0, &name, e)
                 .await
@@ -695,7 +728,7 @@ impl Filesystem for ShoalFs {
                     &TTL,
                     &attr(&i),
                     Generation(i.generation),
-                    FileHandle(fh),
+                    file_handle(epoch, seq),
                     keep_cache(keep),
                 ),
                 // open(O_CREAT) without O_EXCL opens the file if it exists: another node made
@@ -748,7 +781,7 @@ impl Filesystem for ShoalFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -763,6 +796,10 @@ impl Filesystem for ShoalFs {
             reply.error(Errno::EINVAL);
             return;
         };
+        if !unlock && let Some(e) = self.fenced(fh) {
+            reply.error(e);
+            return;
+        }
         self.reply_empty(reply, move |node| async move {
             node.setlk(ino.0, lock, unlock, sleep).await
         });
@@ -772,12 +809,16 @@ impl Filesystem for ShoalFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        if let Some(e) = self.fenced(fh) {
+            reply.error(e);
+            return;
+        }
         self.reply_empty(reply, move |node| async move {
             node.fallocate(ino.0, offset, length, mode).await
         });
@@ -809,12 +850,16 @@ impl Filesystem for ShoalFs {
         _fh_in: FileHandle,
         offset_in: u64,
         ino_out: INodeNo,
-        _fh_out: FileHandle,
+        fh_out: FileHandle,
         offset_out: u64,
         len: u64,
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        if let Some(e) = self.fenced(fh_out) {
+            reply.error(e);
+            return;
+        }
         let len = len.min(1 << 30);
         self.spawn(move |node| async move {
             match node

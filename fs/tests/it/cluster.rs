@@ -696,6 +696,59 @@ fn writes_go_on_while_a_follower_is_frozen_and_it_catches_up_after() {
     );
 }
 
+/// A node frozen past its session lease is fenced: what its old handles write fails with EIO
+/// and never lands. Once it runs again, the same file opens and writes normally there, even
+/// while an old handle of it is still open, and a lock on it can be taken again.
+#[test]
+fn a_file_fenced_by_an_expired_session_serves_new_opens_afterwards() {
+    use std::os::unix::fs::FileExt;
+    let c = LocalCluster::up(3);
+    let leader = c.leader(1).expect("a leader") as u32;
+    let victim = (1..=3).find(|k| *k != leader).unwrap();
+    let other = (1..=3).find(|k| *k != leader && *k != victim).unwrap();
+    fs::write(c.mnt(victim).join("f"), b"before").unwrap();
+    let old = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(c.mnt(victim).join("f"))
+        .unwrap();
+    let pid = rustix::process::Pid::from_raw(c.pid(victim)).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    eventually_within(
+        "the resumed node finds its session expired and opens a new one",
+        Duration::from_secs(20),
+        || {
+            fs::read_to_string(c.node(victim).join("daemon.log"))
+                .is_ok_and(|l| l.contains("this node's session expired"))
+        },
+    );
+    // The old handle is fenced: its write never lands.
+    let fenced = old.write_all_at(b"FENCED", 0).and_then(|_| old.sync_all());
+    assert!(fenced.is_err(), "a write through a fenced handle succeeded");
+    // A new open of the same file on the same node works, with the old handle still open.
+    let new = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(c.mnt(victim).join("f"))
+        .unwrap();
+    new.write_all_at(b"after!", 0).unwrap();
+    new.sync_all().unwrap();
+    let mut got = [0u8; 6];
+    new.read_exact_at(&mut got, 0).unwrap();
+    assert_eq!(&got, b"after!");
+    assert_eq!(read(&c.mnt(other).join("f")).unwrap(), b"after!");
+    assert!(
+        try_lock(Lock::Flock, &c.mnt(victim).join("f")),
+        "a lock on the file can be taken on the resumed node"
+    );
+    drop((old, new));
+    // And again after the old handle is gone.
+    fs::write(c.mnt(victim).join("f"), b"again").unwrap();
+    assert_eq!(read(&c.mnt(other).join("f")).unwrap(), b"again");
+}
+
 #[test]
 fn node_certificates_are_renewed_before_they_expire() {
     // Certificates valid 20 s, renewed after 10 s: by 25 s every first certificate has expired,
