@@ -174,19 +174,37 @@ impl Node {
             .and_then(|(_, n)| n.addr.parse().ok())
     }
 
-    /// Sends a request to the leader and returns its response.
+    /// Sends a request to the leader and returns its response. Gives up as soon as this node
+    /// learns of another leader (or of none: an election), rather than waiting out the call's
+    /// timeout on a leader that died; the caller asks again, and a proposal asked twice
+    /// applies once.
     pub(crate) async fn to_leader(&self, req: &Request) -> Result<Response, OpError> {
         let cluster = self
             .cluster()
             .ok_or_else(|| OpError::Raft("this node is not part of a cluster".into()))?;
+        let mut metrics = self.raft.metrics();
+        let leader = metrics.borrow_and_update().current_leader;
         let addr = self.leader_addr().ok_or_else(|| {
             OpError::Raft("no leader is known; the cluster may have lost its quorum".into())
         })?;
-        cluster
-            .peers
-            .call(addr, req)
-            .await
-            .map_err(|e| OpError::Raft(format!("forwarding to the leader at {addr}: {e}")))
+        let replaced = async {
+            loop {
+                if metrics.changed().await.is_err() {
+                    // Raft stopped: only the call can end this.
+                    std::future::pending::<()>().await;
+                }
+                if metrics.borrow_and_update().current_leader != leader {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            answer = cluster.peers.call(addr, req) => answer
+                .map_err(|e| OpError::Raft(format!("forwarding to the leader at {addr}: {e}"))),
+            () = replaced => Err(OpError::Raft(format!(
+                "the leader at {addr} was replaced while a request to it was under way"
+            ))),
+        }
     }
 
     async fn handle_join(&self, req: JoinRequest) -> Result<JoinReply, String> {
