@@ -104,6 +104,12 @@ pub fn parse_options(
                 _ => return Err(format!("replicas={v:?} is not a number from 1 to 16")),
             },
             "size" => match v.parse::<bytesize::ByteSize>() {
+                // The parser saturates: a size past what a file can hold (8 EiB) is a typo.
+                Ok(s) if s.as_u64() > i64::MAX as u64 => {
+                    return Err(format!(
+                        "size={v:?} is larger than a volume can be (8 EiB); give a size such as 512MiB or 10GiB"
+                    ));
+                }
                 Ok(s) if s.as_u64() > 0 => out.size = Some(s.as_u64()),
                 _ => return Err(format!("size={v:?} is not a size such as 512MiB or 10GiB")),
             },

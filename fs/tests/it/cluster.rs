@@ -827,6 +827,10 @@ fn the_volume_plugin_serves_one_volume_cluster_wide_and_never_loses_it() {
         (json!({"frob": "1"}), "unknown option"),
         (json!({"replicas": "0"}), "replicas"),
         (json!({"size": "lots"}), "size"),
+        (
+            json!({"size": "99999999999999999999TiB"}),
+            "larger than a volume can be",
+        ),
         (json!({"placement": "ssd"}), "placement rule"),
     ] {
         let r = plugin(
