@@ -12,7 +12,7 @@ create+write+fsync+close:
   killed       the same follower killed with SIGKILL, before its session lease ends
   after lease  the same, once its lease has ended (more than 5 s later)
   leader killed  the leader killed; a follower's first write+fsync started right after
-Then stops the cluster. Each operation is bounded (60 s); the run takes about a minute.
+and how long the killed follower takes to serve again when restarted. Then stops the cluster. Each operation is bounded (60 s); the run takes about a minute.
 """
 import argparse, json, os, random, signal, statistics, subprocess, sys, tempfile, time
 
@@ -103,7 +103,10 @@ try:
     rows.append(phase("killed", a.ops))
     time.sleep(6)
     rows.append(phase("after lease", a.ops))
+    t = time.monotonic()
     up()
+    restart = (time.monotonic() - t) * 1000
+    print(f"restart      node {victim} killed, started again and serving after {restart:.0f} ms", flush=True)
     time.sleep(2)
     lead = leader()
     writer = next(k for k in (1, 2, 3) if k != lead)
@@ -117,6 +120,7 @@ try:
     print("|---|---|---|---|---|")
     for name, n, p50, p99, mx in rows:
         print(f"| {name} | {n} | {p50:.1f} ms | {p99:.1f} ms | {mx:.1f} ms |")
+    print(f"\nrestart of the killed follower (`shoal local up` until it serves): {restart:.0f} ms")
 finally:
     subprocess.run([shoal, "local", "down", "--dir", d], capture_output=True, timeout=120)
     subprocess.run(["rm", "-rf", d])

@@ -431,6 +431,8 @@ impl Node {
             // Before anything waits on the cluster: a restarted node may hold a certificate
             // that expires soon, and the others cannot reach it once it has.
             tokio::spawn(crate::cluster::renew_worker(Arc::downgrade(&node)));
+            let announcing = node.clone();
+            tokio::spawn(async move { crate::cluster::announce_restart(&announcing).await });
             crate::cluster::ensure_member(&node).await?;
         } else {
             wait_leader(&node.raft, node.id).await?;

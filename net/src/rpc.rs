@@ -158,6 +158,15 @@ impl Peers {
         self.call_within(addr, req, CALL_TIMEOUT).await
     }
 
+    /// Drops the connection to `addr` and its down mark: the peer there is a new process,
+    /// which knows nothing of the old connection. The next call connects again.
+    pub async fn forget(&self, addr: SocketAddr) {
+        if let Some(c) = self.conns.lock().await.remove(&addr) {
+            c.close(0u32.into(), b"peer restarted");
+        }
+        self.down.lock().expect("down lock").remove(&addr);
+    }
+
     /// Whether `addr` failed to answer within the last `DOWN_FOR`.
     pub fn is_down(&self, addr: SocketAddr) -> bool {
         let down = self.down.lock().expect("down lock");

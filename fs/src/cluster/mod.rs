@@ -161,6 +161,14 @@ impl Node {
         m.nodes().next().is_none() || m.nodes().any(|(n, _)| *n == id)
     }
 
+    /// A member's address, from the membership.
+    fn member_addr(&self, id: u64) -> Option<SocketAddr> {
+        self.members()
+            .into_iter()
+            .find(|(n, _)| *n == id)
+            .and_then(|(_, a)| a.parse().ok())
+    }
+
     /// The leader's address, if a leader is known and is another node.
     pub fn leader_addr(&self) -> Option<SocketAddr> {
         let m = self.raft.metrics().borrow().clone();
@@ -512,7 +520,43 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
         Request::HasBlocks { ids } => {
             Response::HasBlocks(ids.iter().map(|id| node.blocks.contains(id)).collect())
         }
+        Request::Restarted => {
+            if let (Some(c), Some(addr)) = (node.cluster(), node.member_addr(peer)) {
+                debug!(peer, %addr, "a peer restarted: dropping connections to its old process");
+                c.peers.forget(addr).await;
+            }
+            Response::Restarted
+        }
     }
+}
+
+/// Tells every other member that this node is a new process, so that they drop their
+/// connections to the old one at once instead of sending Raft traffic into them until QUIC's
+/// idle timeout (a restarted node then hears from the leader within a heartbeat, instead of
+/// seconds later and after an election of its own making). Best effort, at start.
+pub(crate) async fn announce_restart(node: &Node) {
+    let Some(c) = node.cluster() else { return };
+    let calls = node
+        .members()
+        .into_iter()
+        .filter(|(id, _)| *id != node.id)
+        .filter_map(|(id, addr)| Some((id, addr.parse::<SocketAddr>().ok()?)))
+        .map(|(id, addr)| {
+            let peers = c.peers.clone();
+            async move {
+                let r = peers
+                    .call_within::<_, Response>(addr, &Request::Restarted, Duration::from_secs(1))
+                    .await;
+                if let Err(e) = r {
+                    debug!(peer = id, error = %e, "could not announce this restart");
+                }
+            }
+        });
+    let mut set = tokio::task::JoinSet::new();
+    for call in calls {
+        set.spawn(call);
+    }
+    while set.join_next().await.is_some() {}
 }
 
 /// Renews this node's certificate when half its validity has passed: asks each member in turn

@@ -46,6 +46,9 @@ pub enum Request {
     HasBlocks {
         ids: Vec<BlockId>,
     },
+    /// The caller is a new process of its node: drop connections to its old one, which the
+    /// QUIC idle timeout would otherwise keep for seconds (answered `Restarted`).
+    Restarted,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -80,6 +83,7 @@ pub enum Response {
     PutBlock(Result<(), String>),
     GetBlock(Result<Vec<u8>, String>),
     HasBlocks(Vec<bool>),
+    Restarted,
     /// The request was refused: the caller is not allowed to make it.
     Denied(String),
 }
