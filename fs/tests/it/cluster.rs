@@ -781,12 +781,13 @@ pub(crate) fn plugin(
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(c.node(k).join("plugin.sock")).unwrap();
     let body = body.to_string();
-    write!(
-        s,
+    // One write: the server answers calls that take no body (Activate, List) as soon as it has
+    // the headers and closes, and a body sent in a second write would then meet EPIPE.
+    let request = format!(
         "POST /{call} HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/vnd.docker.plugins.v1.2+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    );
+    s.write_all(request.as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
