@@ -403,6 +403,9 @@ pub struct Status {
     pub cluster_id: String,
     pub raft_state: String,
     pub leader: Option<u64>,
+    /// On a leader: milliseconds since a quorum last acknowledged it. A leader cut off from
+    /// the others keeps its role until it hears of a newer term, but this grows.
+    pub quorum_ack_ms: Option<u64>,
     pub term: u64,
     pub last_log_index: Option<u64>,
     pub last_applied: Option<u64>,
@@ -424,8 +427,10 @@ pub struct Status {
     pub open_files: usize,
     /// Blocks this node should hold (its share of the replicas) and lacks.
     pub under_replicated: u64,
-    /// Blocks this node fetched to restore replicas since it started.
+    /// Blocks this node fetched to restore replicas or replace damaged copies since it started.
     pub repaired: u64,
+    /// Block reads since start that found no good copy on any node (each an EIO).
+    pub lost: u64,
 }
 
 pub fn socket_path(data: &Path) -> PathBuf {
@@ -449,6 +454,7 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         cluster_id: node.config.cluster_id.clone(),
         raft_state: format!("{:?}", m.state),
         leader: m.current_leader,
+        quorum_ack_ms: m.millis_since_quorum_ack,
         term: m.current_term,
         last_log_index: m.last_log_index,
         last_applied: m.last_applied.map(|l| l.index),
@@ -470,6 +476,7 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         repaired: node
             .repair_fetched
             .load(std::sync::atomic::Ordering::Relaxed),
+        lost: node.blocks_lost.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 

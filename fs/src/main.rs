@@ -621,7 +621,16 @@ fn print_status(s: &admin::Status) {
         "replicas      {} blocks this node should hold are missing here, {} repaired since start",
         s.under_replicated, s.repaired
     );
+    if s.lost > 0 {
+        println!(
+            "LOST          {} block reads since start found no good copy on any node (each failed with EIO): see the log for the blocks, and restore the files from a backup",
+            s.lost
+        );
+    }
 }
+
+/// A leader whose quorum has not answered for this long (several election timeouts) is cut off.
+const QUORUM_LOST_MS: u64 = 2_000;
 
 fn print_status_lines(s: &admin::Status) {
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
@@ -637,6 +646,14 @@ fn print_status_lines(s: &admin::Status) {
         opt(s.last_log_index),
         opt(s.last_applied)
     );
+    match s.quorum_ack_ms {
+        Some(ms) if ms >= QUORUM_LOST_MS => println!(
+            "quorum        LOST: no majority has answered this leader for {:.1} s; it cannot commit, and the others may have elected another (check the network to them)",
+            ms as f64 / 1000.0
+        ),
+        Some(ms) => println!("quorum        acknowledged {ms} ms ago"),
+        None => {}
+    }
     println!("mount         {}", s.mount.as_deref().unwrap_or("-"));
     println!("uptime        {}s", s.uptime_secs);
     println!("inodes        {}", s.inodes);

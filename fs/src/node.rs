@@ -197,8 +197,11 @@ pub struct Node {
     pub(crate) dirty_bytes: AtomicU64,
     /// Blocks this node should hold and lacks, as of the last repair round.
     pub(crate) repair_missing: AtomicU64,
-    /// Blocks this node has fetched to restore their replica count.
+    /// Blocks this node has fetched to restore their replica count, or to replace a damaged
+    /// copy a read found.
     pub(crate) repair_fetched: AtomicU64,
+    /// Reads that found a block on no node (missing or damaged everywhere): each was an EIO.
+    pub(crate) blocks_lost: AtomicU64,
     /// Each file's (mtime, size) when this node last opened it, to tell whether the kernel's
     /// cached pages are still good.
     pub(crate) seen: Mutex<HashMap<Ino, (shoal_raft::Nanos, u64)>>,
@@ -414,6 +417,7 @@ impl Node {
             dirty_bytes: AtomicU64::new(0),
             repair_missing: AtomicU64::new(0),
             repair_fetched: AtomicU64::new(0),
+            blocks_lost: AtomicU64::new(0),
             seen: Mutex::new(HashMap::new()),
             purge_tx,
             releasing: Mutex::new(Default::default()),

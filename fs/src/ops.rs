@@ -234,6 +234,10 @@ impl Node {
     /// inode and whether the kernel may keep its cached pages.
     pub async fn open(&self, ino: Ino) -> OpResult<(Inode, bool)> {
         self.read_barrier().await?;
+        // The barrier applied what other nodes changed; their changes must also have left this
+        // kernel's caches before the open answers, or a read would stop at a size the kernel
+        // cached before the last writer's close (the invalidation thread may lag under load).
+        self.invalidator.caught_up().await;
         self.open_applied(ino)
     }
 
@@ -470,7 +474,10 @@ impl Node {
                         }
                         let block = crate::cluster::replicate::fetch(self, s.block, Some(s.block_len))
                             .await
-                            .inspect_err(|e| error!(block = %s.block, error = %e, "no node has a good copy of the block"))?;
+                            .inspect_err(|e| {
+                                self.blocks_lost.fetch_add(1, Ordering::Relaxed);
+                                error!(block = %s.block, error = %e, "no node has a good copy of the block");
+                            })?;
                         self.cache.insert_block(s.block, &block);
                         if damaged {
                             // The damaged copy was quarantined; put a good one in its place.
@@ -479,6 +486,7 @@ impl Node {
                                 .await
                                 .map_err(|e| OpError::Raft(format!("repair task failed: {e}")))?
                                 .inspect_err(|e| error!(block = %s.block, error = %e, "repairing the local replica failed"))?;
+                            self.repair_fetched.fetch_add(1, Ordering::Relaxed);
                         }
                         block[s.block_off as usize..(s.block_off + s.len) as usize].to_vec()
                     }

@@ -550,10 +550,52 @@ fn a_corrupt_replica_is_read_around_and_repaired() {
         data,
         "reads return the right bytes"
     );
+    let repaired = damaged.len() as u64;
     for (path, bad) in damaged {
         let now = fs::read(&path).unwrap();
         assert_ne!(now, bad, "{} was repaired", path.display());
     }
+    let s = status(&c, 2).unwrap();
+    assert!(
+        s["repaired"].as_u64().unwrap() >= repaired,
+        "status counts the copies repaired on read: {s}"
+    );
+    assert_eq!(s["lost"], 0, "{s}");
+
+    // Damaged on every node: the read fails with EIO, never wrong bytes, and status says so.
+    let before: std::collections::BTreeSet<String> = block_files(&c.data(1));
+    fs::write(c.mnt(1).join("g"), vec![7u8; 100_000]).unwrap();
+    let new_block = block_files(&c.data(1))
+        .into_iter()
+        .find(|b| !before.contains(b))
+        .expect("g has a block");
+    eventually("g's block on every node", || {
+        (1..=3).all(|k| block_files(&c.data(k)).contains(&new_block))
+    });
+    for k in 1..=3 {
+        let path = c
+            .data(k)
+            .join("blocks")
+            .join(&new_block[..2])
+            .join(&new_block);
+        if let Ok(mut bytes) = fs::read(&path) {
+            bytes[10] ^= 0xff;
+            fs::write(&path, &bytes).unwrap();
+        }
+    }
+    // Cold caches: restart the node that reads.
+    let pid = rustix::process::Pid::from_raw(c.pid(2)).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    eventually("node 2 stops", || {
+        rustix::process::test_kill_process(pid).is_err()
+    });
+    c.local_up(3);
+    let err = fs::read(c.mnt(2).join("g")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let s = status(&c, 2).unwrap();
+    assert!(s["lost"].as_u64().unwrap() >= 1, "{s}");
+    let text = String::from_utf8_lossy(&c.shoal_at(2, &["status"]).stdout).into_owned();
+    assert!(text.contains("LOST"), "{text}");
 }
 
 #[test]
@@ -747,6 +789,72 @@ fn a_file_fenced_by_an_expired_session_serves_new_opens_afterwards() {
     // And again after the old handle is gone.
     fs::write(c.mnt(victim).join("f"), b"again").unwrap();
     assert_eq!(read(&c.mnt(other).join("f")).unwrap(), b"again");
+}
+
+/// A leader cut off from both followers (frozen with SIGSTOP) still calls itself leader,
+/// since nothing tells it of a newer term, but `shoal status` says it has lost its quorum;
+/// once they resume, a leader is acknowledged by a quorum again.
+#[test]
+fn a_leader_cut_off_from_its_quorum_says_so() {
+    let c = LocalCluster::up(3);
+    let leader = c.leader(1).expect("a leader") as u32;
+    let followers: Vec<u32> = (1..=3).filter(|k| *k != leader).collect();
+    let quorum_ack = |k: u32| status(&c, k).and_then(|s| s["quorum_ack_ms"].as_u64());
+    assert!(quorum_ack(leader).is_some_and(|ms| ms < 2_000));
+    let pids: Vec<_> = followers
+        .iter()
+        .map(|k| rustix::process::Pid::from_raw(c.pid(*k)).unwrap())
+        .collect();
+    for p in &pids {
+        rustix::process::kill_process(*p, rustix::process::Signal::STOP).unwrap();
+    }
+    let seen = std::panic::catch_unwind(|| {
+        eventually("the leader reports its quorum lost", || {
+            quorum_ack(leader).is_some_and(|ms| ms >= 2_000)
+        });
+        let text = c.shoal_at(leader, &["status"]);
+        String::from_utf8_lossy(&text.stdout).into_owned()
+    });
+    for p in &pids {
+        rustix::process::kill_process(*p, rustix::process::Signal::CONT).unwrap();
+    }
+    let text = seen.unwrap();
+    assert!(text.contains("quorum        LOST"), "{text}");
+    eventually_within(
+        "a leader acknowledged by a quorum again",
+        Duration::from_secs(20),
+        || {
+            (1..=3).any(|k| {
+                status(&c, k).is_some_and(|s| {
+                    s["leader"].as_u64() == Some(u64::from(k))
+                        && s["quorum_ack_ms"].as_u64().is_some_and(|ms| ms < 2_000)
+                })
+            })
+        },
+    );
+}
+
+/// Close-to-open holds while this node's kernel still caches what came before: node 2 has
+/// looked a file up (its kernel caches the size), node 1 then writes and closes it, and node
+/// 2's next open reads the new bytes, although the invalidation thread is slowed to 300 ms a
+/// batch, as under a flood of changes.
+#[test]
+fn an_open_sees_the_last_close_while_invalidations_lag() {
+    let c = LocalCluster::up_with_env(3, &[("SHOAL_FAULT_SLOW_INVALIDATION", "300")]);
+    for i in 0..5 {
+        let name = format!("c2o-{i}");
+        fs::write(c.mnt(1).join(&name), b"").unwrap();
+        eventually("node 2 sees the empty file", || {
+            fs::metadata(c.mnt(2).join(&name)).is_ok_and(|m| m.len() == 0)
+        });
+        let body = format!("written on node 1, round {i}");
+        fs::write(c.mnt(1).join(&name), &body).unwrap();
+        assert_eq!(
+            fs::read_to_string(c.mnt(2).join(&name)).unwrap(),
+            body,
+            "round {i}: node 2's open missed node 1's close"
+        );
+    }
 }
 
 #[test]
