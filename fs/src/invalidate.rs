@@ -50,16 +50,11 @@ impl Invalidator {
     }
 
     /// Hands changes to the thread, to be dropped from the kernel's caches.
-    pub(crate) fn send(&self, changes: Vec<Change>) {
+    fn send(&self, changes: Vec<Change>) {
         let mut q = self.queue.lock().expect("invalidation queue lock");
         q.0 += 1;
         let n = q.0;
         let _ = q.1.send((n, changes));
-    }
-
-    /// Drops an inode's attributes and pages from the kernel's caches, soon.
-    pub(crate) fn inode(&self, ino: Ino) {
-        self.send(vec![Change::Inode(ino)]);
     }
 
     /// Returns once everything handed over before this call reached the kernel.

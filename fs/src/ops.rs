@@ -323,15 +323,7 @@ impl Node {
         committed
     }
 
-    /// Buffers a write at `off`, or at the end of the file as this node knows it when `append`
-    /// (a write through an O_APPEND descriptor, whose offset the kernel took from the size it
-    /// cached, which another node may have changed since).
-    pub fn write(&self, ino: Ino, off: u64, data: &[u8], append: bool) -> OpResult<WriteAck> {
-        let off = if append {
-            self.append_offset(ino, off)?
-        } else {
-            off
-        };
+    pub fn write(&self, ino: Ino, off: u64, data: &[u8]) -> OpResult<WriteAck> {
         if off
             .checked_add(data.len() as u64)
             .is_none_or(|e| e > i64::MAX as u64)
@@ -349,24 +341,6 @@ impl Node {
         } else {
             WriteAck::Buffered
         })
-    }
-
-    /// Where an O_APPEND write goes: at the end of the file. When the kernel's offset is not
-    /// that end, its cached size was stale (another node wrote or truncated the file and the
-    /// invalidation had not reached the kernel): the write goes to the real end, and the
-    /// kernel's cached size and pages (it copied the bytes at its own offset) are dropped.
-    fn append_offset(&self, ino: Ino, kernel_off: u64) -> OpResult<u64> {
-        let end = self.getattr(ino)?.size;
-        if end != kernel_off {
-            tracing::debug!(
-                ino,
-                kernel_off,
-                end,
-                "O_APPEND write placed at the end of the file, not at the kernel's stale size"
-            );
-            self.invalidator.inode(ino);
-        }
-        Ok(end)
     }
 
     /// Space of the disk under the data directory, and the inode count; inside a volume

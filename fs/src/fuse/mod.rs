@@ -457,8 +457,8 @@ impl Filesystem for ShoalFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        write_flags: WriteFlags,
-        flags: OpenFlags,
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -467,11 +467,7 @@ impl Filesystem for ShoalFs {
             return;
         }
         let len = data.len() as u32;
-        // A write-back of mmap'ed pages (FUSE_WRITE_CACHE) goes where the pages are, whatever
-        // the flags of the descriptor the kernel picked for it.
-        let append =
-            flags.0 & libc::O_APPEND != 0 && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
-        match self.node.write(ino.0, offset, data, append) {
+        match self.node.write(ino.0, offset, data) {
             Ok(WriteAck::Buffered) => reply.written(len),
             Ok(WriteAck::Commit(file)) => {
                 reply.written(len);

@@ -25,7 +25,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn write(node: &shoal_fs::Node, ino: u64, off: u64, data: &[u8]) {
-    match node.write(ino, off, data, false).unwrap() {
+    match node.write(ino, off, data).unwrap() {
         WriteAck::Buffered | WriteAck::Commit(_) | WriteAck::CommitFirst(_) => {}
     }
 }
@@ -243,37 +243,5 @@ async fn concurrent_proposals_of_one_node_all_apply_once() {
         assert!(r.is_ok(), "create f{i}: {r:?}");
     }
     assert_eq!(node.view.readdir(ROOT_INO).unwrap().len(), 400);
-    stop(node).await;
-}
-
-/// A write through an O_APPEND descriptor goes to the end of the file as the node knows it,
-/// buffered bytes included, whatever offset the kernel computed from a size it cached.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_append_goes_to_the_end_of_the_file_not_to_a_stale_offset() {
-    let dd = DataDir::new().await;
-    let node = dd.start().await;
-    let f = node.create(ROOT_INO, b"log", file()).await.unwrap();
-    node.open(f.ino).await.unwrap();
-    let append = |off: u64, line: &[u8]| match node.write(f.ino, off, line, true).unwrap() {
-        WriteAck::Buffered | WriteAck::Commit(_) | WriteAck::CommitFirst(_) => {}
-    };
-    append(0, b"one\n");
-    node.commit(f.ino).await.unwrap();
-    // The kernel still thinks the file is empty: the line must not overwrite "one".
-    append(0, b"two\n");
-    // Buffered, not yet committed, and a kernel offset past the end.
-    append(100, b"three\n");
-    node.commit(f.ino).await.unwrap();
-    assert_eq!(
-        node.read(f.ino, 0, 100).await.unwrap(),
-        b"one\ntwo\nthree\n"
-    );
-    // A plain write still goes where it is asked to.
-    write(&node, f.ino, 0, b"ONE");
-    assert_eq!(
-        node.read(f.ino, 0, 100).await.unwrap(),
-        b"ONE\ntwo\nthree\n"
-    );
-    node.release(f.ino, None).await.unwrap();
     stop(node).await;
 }
