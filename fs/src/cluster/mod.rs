@@ -40,8 +40,24 @@ pub fn cert_validity() -> Duration {
 /// leader. Unset in production.
 fn slow_append(node: u64) -> Option<Duration> {
     static FAULT: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
-    let fault = FAULT.get_or_init(|| {
-        let v = std::env::var("SHOAL_FAULT_SLOW_APPEND").ok()?;
+    node_delay(&FAULT, "SHOAL_FAULT_SLOW_APPEND", node)
+}
+
+/// Fault injection for tests: `SHOAL_FAULT_SLOW_SNAPSHOT=ID:MS` makes node ID take MS
+/// milliseconds to accept each snapshot chunk, as over a slow link. Unset in production.
+fn slow_snapshot(node: u64) -> Option<Duration> {
+    static FAULT: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    node_delay(&FAULT, "SHOAL_FAULT_SLOW_SNAPSHOT", node)
+}
+
+/// The delay an `ID:MS` fault variable sets for `node`, read once into `cell`.
+fn node_delay(
+    cell: &'static std::sync::OnceLock<Option<(u64, u64)>>,
+    var: &str,
+    node: u64,
+) -> Option<Duration> {
+    let fault = cell.get_or_init(|| {
+        let v = std::env::var(var).ok()?;
         let (id, ms) = v.split_once(':')?;
         Some((id.parse().ok()?, ms.parse().ok()?))
     });
@@ -485,7 +501,12 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             Response::Append(node.raft.append_entries(r).await)
         }
         Request::Vote(r) => Response::Vote(node.raft.vote(r).await),
-        Request::Snapshot(r) => Response::Snapshot(node.raft.install_snapshot(r).await),
+        Request::Snapshot(r) => {
+            if let Some(delay) = slow_snapshot(node.id) {
+                tokio::time::sleep(delay).await;
+            }
+            Response::Snapshot(node.raft.install_snapshot(r).await)
+        }
         Request::Propose(mut r) => {
             // One clock for every time in the log: leases are renewed and expired against the
             // leader's, whatever the proposer's clock says.

@@ -47,15 +47,25 @@ fn io(msg: String) -> std::io::Error {
 }
 
 impl QuicPeer {
+    /// Sends one Raft RPC, given `option.hard_ttl()` to answer (a snapshot chunk gets the
+    /// 30 s `install_snapshot_timeout`), and never less than the usual call timeout: openraft
+    /// itself gives up on appends and votes after a heartbeat interval, and a peer marked down
+    /// for every slow heartbeat would lose its other traffic too.
     async fn send<E: std::error::Error>(
         &self,
         req: Request,
+        option: &RPCOption,
     ) -> Result<Response, RPCError<u64, BasicNode, E>> {
         let addr = self
             .addr
             .clone()
             .map_err(|e| RPCError::Network(NetworkError::new(&io(e))))?;
-        match self.peers.call::<_, Response>(addr, &req).await {
+        let timeout = option.hard_ttl().max(shoal_net::rpc::CALL_TIMEOUT);
+        match self
+            .peers
+            .call_within::<_, Response>(addr, &req, timeout)
+            .await
+        {
             Ok(Response::Denied(why)) => Err(RPCError::Network(NetworkError::new(&io(why)))),
             Ok(resp) => Ok(resp),
             Err(e) => Err(RPCError::Unreachable(Unreachable::new(&io(e.to_string())))),
@@ -73,9 +83,9 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        match self.send(Request::Append(rpc)).await? {
+        match self.send(Request::Append(rpc), &option).await? {
             Response::Append(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -86,12 +96,12 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<u64>,
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
-        match self.send(Request::Snapshot(rpc)).await? {
+        match self.send(Request::Snapshot(rpc), &option).await? {
             Response::Snapshot(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -102,9 +112,9 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
     async fn vote(
         &mut self,
         rpc: VoteRequest<u64>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        match self.send(Request::Vote(rpc)).await? {
+        match self.send(Request::Vote(rpc), &option).await? {
             Response::Vote(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }

@@ -857,6 +857,41 @@ fn an_open_sees_the_last_close_while_invalidations_lag() {
     }
 }
 
+/// A node far behind catches up by snapshot even over a link that takes 3 s per snapshot
+/// chunk (the fault knob): each chunk gets openraft's 30 s install timeout, not the 2 s of an
+/// ordinary call, after which it was sent again forever.
+#[test]
+fn a_lagging_node_catches_up_by_a_slow_snapshot() {
+    let c = LocalCluster::up_with_env(
+        3,
+        &[
+            ("SHOAL_SNAPSHOT_EVERY", "50"),
+            ("SHOAL_FAULT_SLOW_SNAPSHOT", "3:3000"),
+        ],
+    );
+    let leader = c.leader(1).expect("a leader") as u32;
+    let writer = (1..=2).find(|k| *k != 3).unwrap_or(leader);
+    c.kill9(3);
+    for i in 0..150u32 {
+        fs::write(c.mnt(writer).join(format!("s{i}")), i.to_le_bytes()).unwrap();
+    }
+    c.local_up(3);
+    eventually_within(
+        "node 3 reads every file written while it was down",
+        Duration::from_secs(90),
+        || {
+            (0..150u32).all(|i| {
+                read(&c.mnt(3).join(format!("s{i}"))).is_some_and(|b| b == i.to_le_bytes())
+            })
+        },
+    );
+    let log = fs::read_to_string(c.node(3).join("daemon.log")).unwrap_or_default();
+    assert!(
+        log.contains("installed a snapshot from the leader"),
+        "node 3 caught up without a snapshot: the test did not test what it says"
+    );
+}
+
 #[test]
 fn node_certificates_are_renewed_before_they_expire() {
     // Certificates valid 20 s, renewed after 10 s: by 25 s every first certificate has expired,
