@@ -6,7 +6,9 @@ Each round kills the current leader, measures until another node reports a new l
 restarts the killed node with `shoal local up`, and waits until it is back. Bounded: a round
 that takes longer than 30 s fails the run.
 """
-import json, os, signal, statistics, subprocess, sys, time
+import os, signal, statistics, subprocess, sys, time
+
+import localcluster
 
 shoal, d, base = sys.argv[1], sys.argv[2], sys.argv[3]
 rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 3
@@ -14,12 +16,7 @@ nodes = sorted(int(n.split("-")[1]) for n in os.listdir(d) if n.startswith("node
 
 
 def status(k):
-    try:
-        out = subprocess.run([shoal, "status", "--json", "--data", f"{d}/node-{k}/data"],
-                             capture_output=True, timeout=3).stdout
-        return json.loads(out)
-    except Exception:
-        return None
+    return localcluster.status(shoal, d, k)
 
 
 times = []

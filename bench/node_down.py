@@ -14,7 +14,9 @@ create+write+fsync+close:
   leader killed  the leader killed; a follower's first write+fsync started right after
 and how long the killed follower takes to serve again when restarted. Then stops the cluster. Each operation is bounded (60 s); the run takes about a minute.
 """
-import argparse, json, os, random, signal, statistics, subprocess, sys, tempfile, time
+import argparse, os, random, signal, statistics, subprocess, sys, tempfile, time
+
+import localcluster
 
 p = argparse.ArgumentParser()
 p.add_argument("--shoal", default="target/release/shoal")
@@ -32,12 +34,7 @@ def up():
 
 
 def status(k):
-    try:
-        out = subprocess.run([shoal, "status", "--json", "--data", f"{d}/node-{k}/data"],
-                             capture_output=True, timeout=3).stdout
-        return json.loads(out)
-    except Exception:
-        return None
+    return localcluster.status(shoal, d, k)
 
 
 def pid(k):
