@@ -9,8 +9,9 @@
 //! The notifier writes to /dev/fuse and may wait for the kernel to lock the inode, so it runs
 //! on its own thread, never on a FUSE request thread (that could deadlock). Each handed-over
 //! batch is numbered; `Invalidator::caught_up` waits until the thread has delivered every batch
-//! handed over so far. A lock grant waits for that: the holder must find in its kernel what the
-//! previous holder left (an O_APPEND write takes its offset from the kernel's cached size).
+//! handed over so far. An open (after its read barrier) and a lock grant wait for that: the
+//! opener or new holder must find in its kernel what the last writer or holder left, pages and
+//! size alike (a read stops at the kernel's cached size; an append starts there).
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
