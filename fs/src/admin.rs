@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use shoal_net::frame;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tracing::{debug, warn};
 
 use shoal_raft::FsError;
@@ -485,7 +485,8 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
     let path = socket_path(&node.data_dir);
     // The data directory is locked by this daemon, so a socket file left there is stale.
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
+    // Root only: the admin socket hands out join tokens and purges volumes.
+    let listener = crate::private::bind_socket(&path, 0o600, None)?;
     loop {
         let (mut conn, _) = listener.accept().await?;
         let node = node.clone();

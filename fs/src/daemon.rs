@@ -16,6 +16,8 @@ pub struct DaemonArgs<'a> {
     pub mount: &'a Path,
     pub options: NodeOptions,
     pub fuse_threads: usize,
+    /// Honour setuid bits and device nodes in the mount (off: `nosuid,nodev`).
+    pub allow_suid_dev: bool,
     /// Where to serve the Docker volume plugin, if anywhere.
     pub plugin_socket: Option<&'a Path>,
 }
@@ -29,6 +31,7 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         args.mount,
         tokio::runtime::Handle::current(),
         args.fuse_threads,
+        args.allow_suid_dev,
     )?;
     let admin = tokio::spawn(admin::serve(node.clone(), Some(handle.mountpoint.clone())));
     let plugin = args.plugin_socket.map(|socket| {

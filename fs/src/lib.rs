@@ -15,6 +15,7 @@ mod invalidate;
 pub mod node;
 pub mod ops;
 pub mod plugin;
+pub mod private;
 mod raft_net;
 
 pub use node::{Node, NodeOptions};

@@ -86,6 +86,10 @@ enum Command {
         /// Do not serve the Docker volume plugin
         #[arg(long)]
         no_plugin: bool,
+        /// Honour setuid bits and device nodes in volumes (by default the mount is nosuid,nodev:
+        /// root in a container could otherwise leave a setuid-root binary for every host)
+        #[arg(long)]
+        allow_suid_dev: bool,
     },
     /// Show the running node's state: Raft, mount, usage
     Status {
@@ -570,6 +574,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             log,
             plugin_socket,
             no_plugin,
+            allow_suid_dev,
         } => {
             init_tracing(&log);
             if !(1..=64).contains(&fuse_threads) {
@@ -584,6 +589,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mount: &mount,
                 options,
                 fuse_threads,
+                allow_suid_dev,
                 plugin_socket: (!no_plugin).then_some(plugin_socket.as_path()),
             }))
         }

@@ -105,6 +105,8 @@ pub enum NodeError {
     Locked(PathBuf),
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
+    #[error("refusing to run on an unsafe data directory: {0}")]
+    Unsafe(String),
     #[error("metadata store: {0}")]
     Store(#[from] shoal_raft::StoreError),
     #[error("block store: {0}")]
@@ -324,7 +326,7 @@ pub async fn init(
     block_size: u32,
     listen: Option<std::net::SocketAddr>,
 ) -> Result<ClusterConfig, NodeError> {
-    std::fs::create_dir_all(data).map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
+    crate::private::create_data_dir(data).map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
     if let Ok(existing) = ClusterConfig::load(data) {
         return Err(NodeError::AlreadyInitialized(
             data.to_path_buf(),
@@ -379,6 +381,7 @@ impl Node {
     /// session opened, orphans of the last run purged. Does not mount anything.
     pub async fn start(data: &Path, options: NodeOptions) -> Result<Arc<Node>, NodeError> {
         let config = ClusterConfig::load(data)?;
+        crate::private::check_data_dir(data).map_err(NodeError::Unsafe)?;
         let lock = lock_data_dir(data)?;
         let blocks = Arc::new(BlockStore::open(&data.join("blocks"))?);
         let cluster = match &config.listen {

@@ -41,8 +41,12 @@ pub async fn serve(node: Arc<Node>, mountpoint: PathBuf, socket: PathBuf) -> std
     }
     // The data directory is locked by this daemon, so a socket left at this path is stale.
     let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket)?;
-    info!(socket = %socket.display(), "serving the Docker volume plugin");
+    // Root and the docker group, who can run containers with any volume anyway; root only
+    // where there is no docker group.
+    let group = crate::private::docker_gid();
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    let listener = crate::private::bind_socket(&socket, mode, group)?;
+    info!(socket = %socket.display(), mode = format!("{mode:o}"), group = ?group, "serving the Docker volume plugin");
     let plugin = Arc::new(Plugin {
         node,
         mount: mountpoint,

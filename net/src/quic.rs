@@ -41,7 +41,13 @@ fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, QuicError> 
     Ok(Arc::new(roots))
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// How many bytes a member may have in flight to a node on one connection.
+pub const RECEIVE_WINDOW: u32 = 64 << 20;
+/// What anyone may have in flight before the node knows who it is: a join request is a few
+/// hundred bytes. `rpc::serve` raises it to `RECEIVE_WINDOW` for a member.
+pub const UNAUTHENTICATED_WINDOW: u32 = 64 << 10;
+
+fn transport(receive_window: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
         std::time::Duration::from_secs(10)
@@ -49,8 +55,9 @@ fn transport() -> Arc<quinn::TransportConfig> {
             .expect("valid idle timeout"),
     ));
     t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    // Per stream a member may send a whole block; the connection's window bounds the total.
     t.stream_receive_window((16u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
+    t.receive_window(receive_window.into());
     t.send_window(64 << 20);
     Arc::new(t)
 }
@@ -68,7 +75,7 @@ pub fn server_config(id: &Identity) -> Result<quinn::ServerConfig, QuicError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Verifier(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(transport(UNAUTHENTICATED_WINDOW));
     Ok(config)
 }
 
@@ -81,7 +88,7 @@ pub fn client_config(id: &Identity) -> Result<quinn::ClientConfig, QuicError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Verifier(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(transport(RECEIVE_WINDOW));
     Ok(config)
 }
 
@@ -100,7 +107,7 @@ pub fn join_client_config(ca_fingerprint: [u8; 32]) -> Result<quinn::ClientConfi
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Verifier(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(transport(RECEIVE_WINDOW));
     Ok(config)
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::frame::{self, FrameError};
 use crate::quic::{self, QuicError};
@@ -30,7 +30,20 @@ pub enum RpcError {
     Timeout(Duration),
     #[error("{0} did not answer recently; not trying again for a moment")]
     Down(SocketAddr),
+    #[error("the node turned the connection away: {0}")]
+    Busy(String),
 }
+
+impl RpcError {
+    /// Whether the peer turned the connection away for now (too many joins at once): worth
+    /// trying again in a second.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, RpcError::Busy(_))
+    }
+}
+
+/// The close code of a connection turned away by `Limits` for now.
+const BUSY: u32 = 3;
 
 /// How long a call may take unless the caller says otherwise.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -43,16 +56,100 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     conn: &quinn::Connection,
     req: &Req,
 ) -> Result<Resp, RpcError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    frame::write_bytes(&mut send, &postcard::to_stdvec(req)?).await?;
-    send.finish()?;
-    let bytes = frame::read_bytes(&mut recv).await?;
-    Ok(postcard::from_bytes(&bytes)?)
+    let attempt = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        frame::write_bytes(&mut send, &postcard::to_stdvec(req)?).await?;
+        send.finish()?;
+        let bytes = frame::read_bytes(&mut recv).await?;
+        Ok(postcard::from_bytes(&bytes)?)
+    };
+    attempt.await.map_err(|e| match conn.close_reason() {
+        // However the stream noticed, a connection turned away says why.
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == BUSY.into() => {
+            RpcError::Busy(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => e,
+    })
 }
+
+/// What a server accepts from its connections.
+pub struct Limits {
+    /// The largest request a peer may send, by whether it is authenticated and by the
+    /// request's kind (its postcard variant index; `None` when the frame is too short to say).
+    pub max_request: fn(authenticated: bool, kind: Option<u32>) -> usize,
+    /// Connections from peers without a certificate: how many a second from one address, and
+    /// how many at once in all.
+    pub unauthenticated_per_second: u32,
+    pub unauthenticated_at_once: usize,
+    /// How long a peer without a certificate may stay connected: long enough to join.
+    pub unauthenticated_lifetime: Duration,
+    gate: std::sync::Mutex<Gate>,
+}
+
+#[derive(Default)]
+struct Gate {
+    /// Per address: the start of its current second and the connections it made in it.
+    recent: HashMap<std::net::IpAddr, (Instant, u32)>,
+    live: usize,
+}
+
+impl Limits {
+    pub fn new(max_request: fn(bool, Option<u32>) -> usize) -> Limits {
+        Limits {
+            max_request,
+            unauthenticated_per_second: 4,
+            unauthenticated_at_once: 32,
+            unauthenticated_lifetime: Duration::from_secs(10),
+            gate: Default::default(),
+        }
+    }
+
+    /// Lets a connection without a certificate in, or says why not; it counts as live until
+    /// the pass is dropped.
+    fn admit(&self, ip: std::net::IpAddr) -> Result<Pass<'_>, &'static str> {
+        let mut g = self.gate.lock().expect("gate lock");
+        let now = Instant::now();
+        if g.recent.len() > 4096 {
+            g.recent
+                .retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(1));
+        }
+        if g.live >= self.unauthenticated_at_once {
+            return Err("too many nodes are joining at once; try again in a few seconds");
+        }
+        let (since, n) = g.recent.entry(ip).or_insert((now, 0));
+        if now.duration_since(*since) >= Duration::from_secs(1) {
+            (*since, *n) = (now, 0);
+        }
+        if *n >= self.unauthenticated_per_second {
+            return Err("too many join attempts from this address; try again in a second");
+        }
+        *n += 1;
+        g.live += 1;
+        Ok(Pass(self))
+    }
+}
+
+struct Pass<'a>(&'a Limits);
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.gate.lock().expect("gate lock");
+        g.live = g.live.saturating_sub(1);
+    }
+}
+
+/// Requests a peer without a certificate may have open at once.
+pub const UNAUTHENTICATED_STREAMS: u32 = 2;
 
 /// Answers the requests of one connection until it closes. `handler` gets the peer's node id
 /// (`None` for a peer without a certificate) and the request.
-pub async fn serve<Req, Resp, F, Fut>(conn: quinn::Connection, handler: F)
+///
+/// A peer without a certificate gets little: a small receive window, two streams at a time,
+/// requests no larger than `limits` allow it, and `limits.unauthenticated_lifetime` in all, so a
+/// stranger on the network cannot make a node buffer more than a few KiB or hold a task open.
+/// A member's requests are still checked against the limit for their kind before their body
+/// is read.
+pub async fn serve<Req, Resp, F, Fut>(conn: quinn::Connection, limits: Arc<Limits>, handler: F)
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
@@ -60,6 +157,43 @@ where
     Fut: Future<Output = Resp> + Send + 'static,
 {
     let peer = quic::peer_node_id(&conn);
+    if peer.is_some() {
+        conn.set_receive_window(quinn::VarInt::from_u32(quic::RECEIVE_WINDOW));
+        answer(conn, peer, limits, handler).await;
+        return;
+    }
+    let remote = conn.remote_address();
+    let _pass = match limits.admit(remote.ip()) {
+        Ok(pass) => pass,
+        Err(why) => {
+            debug!(%remote, why, "refused a connection without a certificate");
+            conn.close(BUSY.into(), why.as_bytes());
+            return;
+        }
+    };
+    conn.set_max_concurrent_bi_streams(UNAUTHENTICATED_STREAMS.into());
+    let served = answer(conn.clone(), peer, limits.clone(), handler);
+    if tokio::time::timeout(limits.unauthenticated_lifetime, served)
+        .await
+        .is_err()
+    {
+        debug!(%remote, "closing a connection without a certificate: its time is up");
+        conn.close(1u32.into(), b"time is up: join sooner");
+    }
+}
+
+async fn answer<Req, Resp, F, Fut>(
+    conn: quinn::Connection,
+    peer: Option<u64>,
+    limits: Arc<Limits>,
+    handler: F,
+) where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(Option<u64>, Req) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -68,15 +202,29 @@ where
                 return;
             }
         };
+        // Finished requests are reaped as new ones come; the set ends with the connection
+        // (an unauthenticated peer's pending requests go when its time is up).
+        while tasks.try_join_next().is_some() {}
         let handler = handler.clone();
-        tokio::spawn(async move {
-            let req: Req = match frame::read_bytes(&mut recv)
+        let conn = conn.clone();
+        let max_request = limits.max_request;
+        tasks.spawn(async move {
+            let limit = |head: &[u8]| {
+                let kind = postcard::take_from_bytes::<u32>(head).ok().map(|(k, _)| k);
+                max_request(peer.is_some(), kind)
+            };
+            let req: Req = match frame::read_bytes_within(&mut recv, limit)
                 .await
                 .map(|b| postcard::from_bytes(&b))
             {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     debug!(peer = ?peer, error = %e, "malformed request");
+                    return;
+                }
+                Err(e @ FrameError::TooLarge(..)) => {
+                    warn!(peer = ?peer, remote = %conn.remote_address(), error = %e, "closing a connection that sent an oversized request");
+                    conn.close(2u32.into(), b"request too large");
                     return;
                 }
                 Err(e) => {

@@ -28,7 +28,8 @@ pub async fn join(
             existing.cluster_id,
         ));
     }
-    std::fs::create_dir_all(tls_dir(data)).map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
+    crate::private::create_data_dir(&tls_dir(data))
+        .map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
     let pending = PendingIdentity::generate().map_err(|e| NodeError::Join(e.to_string()))?;
     let endpoint = shoal_net::quic::join_endpoint(token.ca_fingerprint)
         .map_err(|e| NodeError::Join(e.to_string()))?;
@@ -36,7 +37,18 @@ pub async fn join(
         secret: token.secret,
         csr: pending.csr_der.clone(),
     });
-    let reply = match Peers::new(endpoint).call::<_, Response>(peer, &req).await {
+    let peers = Peers::new(endpoint);
+    let mut answer = peers.call::<_, Response>(peer, &req).await;
+    for _ in 0..5 {
+        // The node turns away more than a few joins a second from one address.
+        if !answer.as_ref().is_err_and(|e| e.is_busy()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        peers.forget(peer).await;
+        answer = peers.call::<_, Response>(peer, &req).await;
+    }
+    let reply = match answer {
         Ok(Response::Join(Ok(reply))) => reply,
         Ok(Response::Join(Err(why))) | Ok(Response::Denied(why)) => {
             return Err(NodeError::Join(why));

@@ -133,9 +133,11 @@ impl Cluster {
     /// Accepts connections and serves requests for as long as the node lives.
     pub fn serve(&self, node: Weak<Node>) {
         let endpoint = self.peers.endpoint().clone();
+        let limits = Arc::new(shoal_net::rpc::Limits::new(Request::max_frame));
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let node = node.clone();
+                let limits = limits.clone();
                 tokio::spawn(async move {
                     let conn = match incoming.await {
                         Ok(c) => c,
@@ -144,7 +146,7 @@ impl Cluster {
                             return;
                         }
                     };
-                    shoal_net::rpc::serve(conn, move |peer, req| {
+                    shoal_net::rpc::serve(conn, limits, move |peer, req| {
                         let node = node.clone();
                         async move {
                             match node.upgrade() {
@@ -538,9 +540,7 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
         Request::GetBlock { id, len } => {
             Response::GetBlock(replicate::serve_get(&node, id, len).await)
         }
-        Request::HasBlocks { ids } => {
-            Response::HasBlocks(ids.iter().map(|id| node.blocks.contains(id)).collect())
-        }
+        Request::HasBlocks { ids } => Response::HasBlocks(replicate::verify_held(&node, ids).await),
         Request::Restarted => {
             if let (Some(c), Some(addr)) = (node.cluster(), node.member_addr(peer)) {
                 debug!(peer, %addr, "a peer restarted: dropping connections to its old process");

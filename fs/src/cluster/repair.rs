@@ -107,7 +107,9 @@ pub async fn round(node: &Node) -> (u64, u64) {
 }
 
 /// At most this many extra copies are checked per round.
-const TRIM_BATCH: usize = 1000;
+const TRIM_BATCH: usize = 100;
+/// How long a holder may take to read and verify a batch of blocks it is asked about.
+const VERIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Deletes the copies in `extra` that every node that should hold them confirms it has, so a
 /// block ends with the copies its policy asks for and only where its placement allows.
@@ -135,7 +137,11 @@ async fn trim(node: &Node, extra: Vec<(BlockId, Vec<u64>)>) -> usize {
             continue;
         };
         let req = Request::HasBlocks { ids: ids.clone() };
-        match cluster.peers.call::<_, Response>(*addr, &req).await {
+        match cluster
+            .peers
+            .call_within::<_, Response>(*addr, &req, VERIFY_TIMEOUT)
+            .await
+        {
             Ok(Response::HasBlocks(has)) if has.len() == ids.len() => {
                 for (id, yes) in ids.iter().zip(has) {
                     if yes {

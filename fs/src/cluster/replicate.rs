@@ -331,13 +331,33 @@ pub async fn accept(node: &Node, id: BlockId, data: Vec<u8>) -> Result<(), Strin
 pub async fn serve_get(node: &Node, id: BlockId, len: Option<u32>) -> Result<Vec<u8>, String> {
     let store = node.blocks.clone();
     tokio::task::spawn_blocking(move || {
-        let len = match len {
-            Some(len) => len,
-            None => store.len_of(&id)?,
-        };
-        store.get(&id, len).map(|b| b.to_vec())
+        // The length is the block file's own (its size, checked against its footer): a length
+        // from the network that disagrees is the caller's mistake, answered as one, and never
+        // reason to quarantine a good copy.
+        let held = store.len_of(&id).map_err(|e| e.to_string())?;
+        if let Some(asked) = len.filter(|l| *l != held) {
+            return Err(format!(
+                "block {id} is {held} bytes here, not the {asked} the request says"
+            ));
+        }
+        store
+            .get(&id, held)
+            .map(|b| b.to_vec())
+            .map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
+}
+
+/// Which of `ids` this node holds a good copy of: each is read and verified (a damaged one is
+/// quarantined), because another node deletes its own copy on the strength of the answer.
+pub async fn verify_held(node: &Node, ids: Vec<BlockId>) -> Vec<bool> {
+    let store = node.blocks.clone();
+    tokio::task::spawn_blocking(move || {
+        ids.iter()
+            .map(|id| store.len_of(id).and_then(|len| store.get(id, len)).is_ok())
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }

@@ -51,6 +51,30 @@ pub enum Request {
     Restarted,
 }
 
+/// What a request of each kind may weigh on the wire. Bulk kinds carry blocks, log entries
+/// and snapshot chunks; the rest are a few ids and a signing request.
+const BULK: usize = shoal_net::frame::MAX_FRAME;
+const SMALL: usize = 64 << 10;
+/// All a peer without a certificate may send: a join request (a secret and a CSR).
+const STRANGER: usize = 16 << 10;
+
+impl Request {
+    /// The largest request a peer may send (see `shoal_net::rpc::Limits`), by its kind: the
+    /// postcard variant index, which is the order of the variants above.
+    pub fn max_frame(authenticated: bool, kind: Option<u32>) -> usize {
+        if !authenticated {
+            return STRANGER;
+        }
+        match kind {
+            // Append, Snapshot, Propose, PutBlock.
+            Some(0 | 2 | 3 | 9) => BULK,
+            // HasBlocks: a batch of 32-byte ids.
+            Some(11) => 1 << 20,
+            _ => SMALL,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug)]
 pub struct JoinRequest {
     pub secret: [u8; 16],
@@ -86,4 +110,51 @@ pub enum Response {
     Restarted,
     /// The request was refused: the caller is not allowed to make it.
     Denied(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit_of(req: &Request) -> usize {
+        let bytes = postcard::to_stdvec(req).unwrap();
+        let kind = postcard::take_from_bytes::<u32>(&bytes)
+            .ok()
+            .map(|(k, _)| k);
+        Request::max_frame(true, kind)
+    }
+
+    #[test]
+    fn each_kind_of_request_has_the_limit_meant_for_it() {
+        let id = BlockId([7; 32]);
+        assert_eq!(
+            limit_of(&Request::PutBlock {
+                id,
+                data: vec![0; 10]
+            }),
+            BULK
+        );
+        assert_eq!(limit_of(&Request::GetBlock { id, len: None }), SMALL);
+        assert_eq!(limit_of(&Request::HasBlocks { ids: vec![id] }), 1 << 20);
+        assert_eq!(limit_of(&Request::ReadIndex), SMALL);
+        assert_eq!(limit_of(&Request::Restarted), SMALL);
+        assert_eq!(limit_of(&Request::RemoveMember { id: 3 }), SMALL);
+        assert_eq!(limit_of(&Request::RenewCert { csr: vec![1] }), SMALL);
+        let propose = MetaRequest {
+            now: 0,
+            session: 1,
+            seq: 1,
+            acked: 0,
+            cmds: vec![],
+        };
+        assert_eq!(limit_of(&Request::Propose(propose)), BULK);
+        assert_eq!(
+            limit_of(&Request::Join(JoinRequest {
+                secret: [0; 16],
+                csr: vec![]
+            })),
+            SMALL
+        );
+        assert_eq!(Request::max_frame(false, Some(9)), STRANGER);
+    }
 }

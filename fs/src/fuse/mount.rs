@@ -108,11 +108,17 @@ pub fn prepare(mountpoint: &Path) -> Result<PathBuf, MountError> {
 }
 
 /// Mounts the node's filesystem at `mountpoint` and serves it on `threads` FUSE threads.
+///
+/// The mount is `nosuid,nodev` unless `allow_suid_dev`: root in any container on any host can
+/// write to a volume, and a setuid-root binary or a device node it leaves there must not give
+/// unprivileged users on another host root or raw devices. The bits are still stored (a
+/// backup restores them); the kernel just does not honour them on this mount or its binds.
 pub fn mount(
     node: Arc<Node>,
     mountpoint: &Path,
     rt: tokio::runtime::Handle,
     threads: usize,
+    allow_suid_dev: bool,
 ) -> Result<MountHandle, MountError> {
     let mountpoint = prepare(mountpoint)?;
     let mut config = Config::default();
@@ -120,9 +126,19 @@ pub fn mount(
         MountOption::FSName(format!("shoal:{}", node.config.cluster_id)),
         MountOption::Subtype("shoal".into()),
         MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
     ];
+    if allow_suid_dev {
+        warn!(
+            "mounting with suid and dev (--allow-suid-dev): a container's root can leave setuid binaries and device nodes for every host"
+        );
+        config
+            .mount_options
+            .extend([MountOption::Dev, MountOption::Suid]);
+    } else {
+        config
+            .mount_options
+            .extend([MountOption::NoDev, MountOption::NoSuid]);
+    }
     config.acl = SessionACL::All;
     config.n_threads = Some(threads.max(1));
     config.clone_fd = threads > 1;

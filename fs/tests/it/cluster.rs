@@ -72,6 +72,11 @@ impl LocalCluster {
         self.node(k).join("data")
     }
 
+    /// Node `k`'s QUIC address.
+    pub(crate) fn addr(&self, k: u32) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.base_port + k as u16).into()
+    }
+
     pub(crate) fn pid(&self, k: u32) -> i32 {
         fs::read_to_string(self.node(k).join("daemon.pid"))
             .unwrap()

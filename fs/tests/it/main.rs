@@ -7,4 +7,5 @@ mod daemon;
 mod durability;
 mod mount;
 mod node_ops;
+mod security;
 mod testkit;

@@ -22,16 +22,30 @@ fn identity(ca: &Ca, node: u64) -> Identity {
     p.complete(cert, ca.cert.clone()).unwrap()
 }
 
+/// What the test servers allow: members 80 MiB, strangers 16 KiB.
+fn limits() -> rpc::Limits {
+    rpc::Limits::new(|member, _| if member { 80 << 20 } else { 16 << 10 })
+}
+
 /// A node that answers `Ping(n)` with `Pong { n + 1, peer }`.
 fn serve(id: &Identity) -> (quinn::Endpoint, SocketAddr) {
+    serve_with(id, limits())
+}
+
+fn serve_with(id: &Identity, limits: rpc::Limits) -> (quinn::Endpoint, SocketAddr) {
+    let limits = std::sync::Arc::new(limits);
     let ep = quic::endpoint(id, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = ep.local_addr().unwrap();
     let accept = ep.clone();
     tokio::spawn(async move {
         while let Some(incoming) = accept.accept().await {
+            let limits = limits.clone();
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
-                rpc::serve(conn, |peer, Ping(n)| async move { Pong { n: n + 1, peer } }).await;
+                rpc::serve(conn, limits.clone(), |peer, Ping(n)| async move {
+                    Pong { n: n + 1, peer }
+                })
+                .await;
             });
         }
     });
@@ -87,4 +101,94 @@ async fn a_joining_node_checks_the_ca_fingerprint_and_is_unauthenticated() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("fingerprint"), "{err}");
+}
+
+/// Writes raw bytes on a new stream of `conn`: a frame header claiming `len` bytes, then `body`,
+/// and reports how the write ended.
+async fn send_raw(conn: &quinn::Connection, len: u32, body: &[u8]) -> Result<(), String> {
+    let written = async {
+        let (mut send, _recv) = conn.open_bi().await?;
+        send.write_all(&len.to_be_bytes()).await?;
+        send.write_all(body).await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    };
+    written.await.map_err(|e| match conn.close_reason() {
+        Some(why) => why.to_string(),
+        None => e.to_string(),
+    })
+}
+
+#[tokio::test]
+async fn a_stranger_cannot_make_a_node_buffer_big_frames_and_members_go_on() {
+    let ca = Ca::generate("c1").unwrap();
+    let (_server, addr) = serve(&identity(&ca, 1));
+    let stranger = quic::join_endpoint(ca.fingerprint()).unwrap();
+    let conn = quic::connect(&stranger, addr).await.unwrap();
+    // An 80 MiB frame, then 8 MiB of it: the node reads the head, sees the size is not one a
+    // stranger may send, and closes the connection. The stranger can never have more than the
+    // 64 KiB window in flight, so the write stalls and then fails: it is never all taken.
+    let sent = tokio::time::timeout(
+        Duration::from_secs(10),
+        send_raw(&conn, 80 << 20, &vec![0u8; 8 << 20]),
+    )
+    .await
+    .expect("the node closed the connection instead of waiting for the rest");
+    let err = sent.unwrap_err();
+    assert!(err.contains("request too large"), "{err}");
+
+    // A member meanwhile, and after, is served, big requests included.
+    let member =
+        rpc::Peers::new(quic::endpoint(&identity(&ca, 2), "127.0.0.1:0".parse().unwrap()).unwrap());
+    let pong: Pong = member.call(addr, &Ping(1)).await.unwrap();
+    assert_eq!(pong.n, 2);
+    let member_conn = quic::connect(member.endpoint(), addr).await.unwrap();
+    // 8 MiB of garbage postcard from a member goes through the window (it is then malformed,
+    // which closes only that stream).
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        send_raw(&member_conn, 8 << 20, &vec![0xff; 8 << 20]),
+    )
+    .await
+    .expect("a member's big request is taken")
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_stranger_that_stalls_is_cut_off_and_one_that_floods_is_turned_away() {
+    let ca = Ca::generate("c1").unwrap();
+    let mut limits = limits();
+    limits.unauthenticated_lifetime = Duration::from_secs(1);
+    limits.unauthenticated_per_second = 3;
+    let (_server, addr) = serve_with(&identity(&ca, 1), limits);
+    let stranger = quic::join_endpoint(ca.fingerprint()).unwrap();
+
+    // Half a frame, then nothing: the connection is closed when its time is up.
+    let conn = quic::connect(&stranger, addr).await.unwrap();
+    send_raw(&conn, 1000, &[0u8; 10]).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("a stalled stranger is cut off within its lifetime");
+    assert!(closed.to_string().contains("time is up"), "{closed}");
+
+    // Connections without a certificate: a few a second from one address, the rest refused
+    // with a close that says to try again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut busy = 0;
+    let mut served = 0;
+    for _ in 0..8 {
+        let peers = rpc::Peers::new(quic::join_endpoint(ca.fingerprint()).unwrap());
+        match peers.call::<_, Pong>(addr, &Ping(0)).await {
+            Ok(p) => {
+                assert_eq!(p.peer, None);
+                served += 1;
+            }
+            Err(e) if e.is_busy() => busy += 1,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert!(served >= 3 && busy >= 1, "served {served}, busy {busy}");
+    // A second later, strangers get in again; members never were limited.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let peers = rpc::Peers::new(quic::join_endpoint(ca.fingerprint()).unwrap());
+    peers.call::<_, Pong>(addr, &Ping(0)).await.unwrap();
 }

@@ -1,0 +1,309 @@
+//! What a container, a local user or a stranger on the network can do to a node: setuid
+//! binaries and device nodes left in a volume, the daemon's sockets and data directory, and
+//! connections without a certificate that send too much or never finish.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::cluster::LocalCluster;
+use crate::testkit::{Daemon, shoal};
+
+/// Runs `argv` as user and group nobody (65534), with no supplementary groups.
+fn as_nobody(argv: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(argv)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).trim().to_string()
+}
+
+/// The options of the mount at `path`, from /proc/self/mountinfo.
+fn mount_options(path: &std::path::Path) -> String {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = path.to_str().unwrap();
+    info.lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(want))
+        .and_then(|l| l.split(' ').nth(5))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_setuid_binary_or_a_device_node_left_in_a_volume_gives_nothing_on_the_host() {
+    let d = Daemon::start();
+    // Let nobody reach the mount (the temp dir is root's alone).
+    fs::set_permissions(d.root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = d.mnt();
+    let opts = mount_options(&m);
+    assert!(
+        opts.contains("nosuid") && opts.contains("nodev"),
+        "mount options {opts}"
+    );
+
+    // What root in a container could do: a setuid-root copy of `id` in the volume.
+    fs::copy("/usr/bin/id", m.join("id")).unwrap();
+    fs::set_permissions(m.join("id"), fs::Permissions::from_mode(0o4755)).unwrap();
+    let meta = fs::metadata(m.join("id")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o7777),
+        (0, 0o4755),
+        "the bit is kept"
+    );
+    let out = as_nobody(&[m.join("id").to_str().unwrap(), "-u"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        text(&out.stdout),
+        "65534",
+        "the setuid bit raised privileges"
+    );
+
+    // The same binary with the bit on a filesystem that honours it does run as root: the
+    // check above can tell the difference.
+    let control = d.root.path().join("id");
+    fs::copy("/usr/bin/id", &control).unwrap();
+    fs::set_permissions(&control, fs::Permissions::from_mode(0o4755)).unwrap();
+    let nosuid = rustix::fs::StatVfsMountFlags::NOSUID;
+    if !rustix::fs::statvfs(&control)
+        .unwrap()
+        .f_flag
+        .contains(nosuid)
+    {
+        let out = as_nobody(&[control.to_str().unwrap(), "-u"]);
+        assert_eq!(text(&out.stdout), "0", "control: {out:?}");
+        eprintln!("control: the same setuid binary on the host's disk ran as uid 0");
+    }
+
+    // A device node (the kernel's /dev/null, 1:3, world-writable) can be made and listed, but
+    // not opened, not even by root.
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        m.join("null").as_path(),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        rustix::fs::makedev(1, 3),
+    )
+    .unwrap();
+    let meta = fs::metadata(m.join("null")).unwrap();
+    assert_eq!(meta.rdev(), rustix::fs::makedev(1, 3));
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("null"))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+}
+
+#[test]
+fn the_sockets_and_the_data_directory_are_the_daemons_alone() {
+    let mut d = Daemon::start();
+    fs::set_permissions(d.root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let data_mode = fs::metadata(d.data()).unwrap().mode() & 0o777;
+    assert_eq!(
+        data_mode, 0o700,
+        "shoal init makes the data directory root's"
+    );
+    let admin = d.data().join("admin.sock");
+    let plugin = d.plugin_socket();
+    assert_eq!(fs::metadata(&admin).unwrap().mode() & 0o777, 0o600);
+    let meta = fs::metadata(&plugin).unwrap();
+    match shoal_fs::private::docker_gid() {
+        Some(gid) => assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, gid)),
+        None => assert_eq!(meta.mode() & 0o777, 0o600),
+    }
+
+    // nobody cannot talk to the plugin (it can make and remove volumes), while it can talk to a
+    // socket that allows it in the same directory: the refusal is the socket's own mode.
+    let open = d.root.path().join("open.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o666)).unwrap();
+    let connect = |path: &std::path::Path| {
+        as_nobody(&[
+            "/usr/bin/python3",
+            "-c",
+            "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+            path.to_str().unwrap(),
+        ])
+    };
+    let out = connect(&open);
+    assert!(out.status.success(), "control: {out:?}");
+    let out = connect(&plugin);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+
+    // A data directory others may write to is refused, with what to do.
+    d.stop();
+    fs::set_permissions(d.data(), fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(shoal())
+        .arg("daemon")
+        .arg("--data")
+        .arg(d.data())
+        .arg("--mount")
+        .arg(d.mnt())
+        .arg("--no-plugin")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("can be written by other users") && err.contains("chmod go-w"),
+        "{err}"
+    );
+    fs::set_permissions(d.data(), fs::Permissions::from_mode(0o750)).unwrap();
+    d.restart();
+    assert!(fs::read_dir(d.mnt()).is_ok());
+}
+
+/// The resident memory of process `pid`, in bytes.
+fn rss(pid: i32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// One stranger: a QUIC client without a certificate from `source`, trusting the cluster's CA.
+fn stranger(source: &str, fingerprint: [u8; 32]) -> quinn::Endpoint {
+    let mut ep = quinn::Endpoint::client(source.parse().unwrap()).unwrap();
+    ep.set_default_client_config(shoal_net::quic::join_client_config(fingerprint).unwrap());
+    ep
+}
+
+/// Sends what a stranger might: an 80 MiB frame and 8 MiB of it on one stream, half a frame
+/// and silence on another. Returns how many bytes the node took before it closed the door.
+async fn attack(ep: &quinn::Endpoint, addr: std::net::SocketAddr) -> u64 {
+    let Ok(conn) = shoal_net::quic::connect(ep, addr).await else {
+        return 0;
+    };
+    let stall = async {
+        let (mut send, _recv) = conn.open_bi().await.ok()?;
+        send.write_all(&1000u32.to_be_bytes()).await.ok()?;
+        send.write_all(&[0u8; 10]).await.ok()?;
+        conn.closed().await;
+        Some(())
+    };
+    let flood = async {
+        let (mut send, _recv) = conn.open_bi().await.ok()?;
+        send.write_all(&(80u32 << 20).to_be_bytes()).await.ok()?;
+        let chunk = vec![0xAAu8; 1 << 20];
+        let mut taken = 0u64;
+        for _ in 0..8 {
+            match send.write(&chunk).await {
+                Ok(n) => taken += n as u64,
+                Err(_) => break,
+            }
+        }
+        Some(taken)
+    };
+    let (_, taken) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(15), stall),
+        tokio::time::timeout(Duration::from_secs(15), flood)
+    );
+    taken.ok().flatten().unwrap_or(0)
+}
+
+#[test]
+fn strangers_sending_huge_and_endless_frames_cost_a_node_nothing() {
+    let c = LocalCluster::up(3);
+    let token: shoal_net::token::JoinToken =
+        fs::read_to_string(c.data(1).join("tls").join("join-token"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let fingerprint = token.ca_fingerprint;
+    let leader_pid = c.pid(1);
+    let before = rss(leader_pid);
+
+    // Meanwhile the cluster serves its own: node 2 writes and fsyncs, node 3 reads it back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let worker = {
+        let (stop, done) = (stop.clone(), done.clone());
+        let (m2, m3) = (c.mnt(2), c.mnt(3));
+        std::thread::spawn(move || {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let body = format!("write {k}\n").repeat(1000);
+                let name = format!("w{}", k % 16);
+                {
+                    use std::io::Write;
+                    let mut f = fs::File::create(m2.join(&name)).unwrap();
+                    f.write_all(body.as_bytes()).unwrap();
+                    f.sync_all().unwrap();
+                }
+                assert_eq!(fs::read_to_string(m3.join(&name)).unwrap(), body);
+                k += 1;
+                done.store(k, Ordering::Relaxed);
+            }
+        })
+    };
+
+    // Strangers from four addresses, each connecting again and again for 8 s.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let started = Instant::now();
+    let taken: Vec<u64> = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for k in 2..6 {
+            let addr = c.addr(1);
+            set.spawn(async move {
+                let ep = stranger(&format!("127.0.0.{k}:0"), fingerprint);
+                let mut most = 0;
+                while started.elapsed() < Duration::from_secs(8) {
+                    let mut round = tokio::task::JoinSet::new();
+                    for _ in 0..4 {
+                        let ep = ep.clone();
+                        round.spawn(async move { attack(&ep, addr).await });
+                    }
+                    most = most.max(round.join_all().await.into_iter().max().unwrap_or(0));
+                }
+                most
+            });
+        }
+        set.join_all().await
+    });
+    stop.store(true, Ordering::Relaxed);
+    worker
+        .join()
+        .expect("the cluster kept serving its own writes and reads");
+    assert!(done.load(Ordering::Relaxed) > 0);
+
+    // No stranger got more than the window a node gives before it knows who is calling.
+    let most = taken.iter().copied().max().unwrap();
+    assert!(
+        most <= shoal_net::quic::UNAUTHENTICATED_WINDOW as u64,
+        "a stranger had {most} bytes taken"
+    );
+    let grown = rss(leader_pid).saturating_sub(before);
+    eprintln!(
+        "strangers: at most {most} bytes taken from one; node 1 grew by {} KiB; {} writes and reads served meanwhile",
+        grown >> 10,
+        done.load(Ordering::Relaxed)
+    );
+    assert!(
+        grown < 64 << 20,
+        "the node grew by {} MiB under attack",
+        grown >> 20
+    );
+    // A real join still works.
+    let joined = Command::new(shoal())
+        .args(["join", "--token", &token.to_string(), "--peer"])
+        .arg(c.addr(1).to_string())
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(tempfile::tempdir().unwrap().path().join("data"))
+        .output()
+        .unwrap();
+    assert!(joined.status.success(), "{joined:?}");
+}
