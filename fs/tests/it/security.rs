@@ -307,3 +307,98 @@ fn strangers_sending_huge_and_endless_frames_cost_a_node_nothing() {
         .unwrap();
     assert!(joined.status.success(), "{joined:?}");
 }
+
+/// Calls node `to` of `c` as member `as_node`, with that node's own certificate.
+fn call_as(
+    c: &LocalCluster,
+    as_node: u32,
+    to: u32,
+    req: shoal_fs::cluster::rpc::Request,
+) -> shoal_fs::cluster::rpc::Response {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let id =
+            shoal_net::pki::Identity::load(&shoal_fs::cluster::tls_dir(&c.data(as_node))).unwrap();
+        let ep = shoal_net::quic::endpoint(&id, "127.0.0.1:0".parse().unwrap()).unwrap();
+        shoal_net::rpc::Peers::new(ep)
+            .call_within(c.addr(to), &req, Duration::from_secs(30))
+            .await
+            .unwrap()
+    })
+}
+
+/// Every block file under a node's data directory: (id, path).
+fn block_files(data: &std::path::Path) -> Vec<(shoal_raft::BlockId, std::path::PathBuf)> {
+    let mut out = Vec::new();
+    for dir in fs::read_dir(data.join("blocks")).unwrap() {
+        let dir = dir.unwrap().path();
+        let name = dir.file_name().unwrap().to_str().unwrap().to_string();
+        if name.len() != 2 {
+            continue;
+        }
+        for f in fs::read_dir(&dir).unwrap() {
+            let p = f.unwrap().path();
+            let hex = p.file_name().unwrap().to_str().unwrap();
+            let bytes: [u8; 32] = hex::decode(hex).unwrap().try_into().unwrap();
+            out.push((shoal_raft::BlockId(bytes), p));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_members_word_about_blocks_is_checked_not_trusted() {
+    use shoal_fs::cluster::rpc::{Request, Response};
+    let c = LocalCluster::up(3);
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(c.mnt(1).join("f")).unwrap();
+        f.write_all(&body).unwrap();
+        f.sync_all().unwrap();
+    }
+    let (id, path) = block_files(&c.data(1))
+        .into_iter()
+        .next()
+        .expect("node 1 holds the file's block");
+    let quarantine = c.data(1).join("blocks").join("quarantine");
+
+    // A wrong length is the caller's mistake: an error, and the good copy stays where it is.
+    for wrong in [0, 1, 2_999_999, 4 << 20, u32::MAX] {
+        match call_as(
+            &c,
+            2,
+            1,
+            Request::GetBlock {
+                id,
+                len: Some(wrong),
+            },
+        ) {
+            Response::GetBlock(Err(e)) => assert!(e.contains("bytes here"), "{e}"),
+            other => panic!("GetBlock with len {wrong}: {other:?}"),
+        }
+    }
+    assert!(path.exists(), "a wrong length moved a good block away");
+    assert_eq!(fs::read_dir(&quarantine).unwrap().count(), 0);
+    match call_as(&c, 2, 1, Request::GetBlock { id, len: None }) {
+        Response::GetBlock(Ok(data)) => assert_eq!(shoal_raft::BlockId::of(&data), id),
+        other => panic!("{other:?}"),
+    }
+
+    // A copy damaged on disk is not "held": another node must not drop its own on that word.
+    match call_as(&c, 3, 1, Request::HasBlocks { ids: vec![id] }) {
+        Response::HasBlocks(has) => assert_eq!(has, vec![true]),
+        other => panic!("{other:?}"),
+    }
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[1000] ^= 0x40;
+    fs::write(&path, &bytes).unwrap();
+    match call_as(&c, 3, 1, Request::HasBlocks { ids: vec![id] }) {
+        Response::HasBlocks(has) => assert_eq!(has, vec![false], "a damaged copy was vouched for"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!path.exists(), "the damaged copy is quarantined");
+    // The file still reads back whole from the other copies.
+    crate::testkit::Daemon::drop_caches();
+    assert_eq!(fs::read(c.mnt(1).join("f")).unwrap(), body);
+}
