@@ -409,6 +409,10 @@ impl Ctx<'_, '_> {
                 mount,
             } => self.mount_volume(name, *node, id, *mount),
             MetaCommand::ClearMounts { node } => self.clear_mounts(*node),
+            MetaCommand::RevokeNode { node } => {
+                self.txn.put(&keys::revoked(*node), &true);
+                Ok(Ok(Reply::Done))
+            }
             MetaCommand::SetTrashRetention { nanos } => {
                 if *nanos < 0 {
                     fail!(FsError::Invalid);

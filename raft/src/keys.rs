@@ -16,6 +16,7 @@ pub const ORPHAN: u8 = b'o';
 pub const SESSION: u8 = b'n';
 pub const LEASE: u8 = b'e';
 pub const NODE_INFO: u8 = b'N';
+pub const REVOKED: u8 = b'R';
 pub const VOLUME: u8 = b'v';
 pub const VOLUME_USAGE: u8 = b'u';
 pub const TRASH: u8 = b't';
@@ -123,6 +124,10 @@ pub fn volume_usage(root: Ino) -> [u8; 9] {
 
 pub fn node_info(node: u64) -> [u8; 9] {
     with_u64(NODE_INFO, node)
+}
+
+pub fn revoked(node: u64) -> [u8; 9] {
+    with_u64(REVOKED, node)
 }
 
 pub fn lease(session: u64) -> [u8; 9] {

@@ -337,6 +337,11 @@ pub enum MetaCommand {
         id: String,
         mount: bool,
     },
+    /// Revokes `node`'s certificate: the node was removed, and every member refuses it from
+    /// now on, even when it asks to be added again. Node ids are never reused.
+    RevokeNode {
+        node: u64,
+    },
 }
 
 impl MetaCommand {

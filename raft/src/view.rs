@@ -183,6 +183,13 @@ impl StateView {
         self.get("join secret", keys::META_JOIN_SECRET)
     }
 
+    /// Whether `node` was removed and its certificate revoked.
+    pub fn is_revoked(&self, node: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .get::<bool>("revocation", &keys::revoked(node))?
+            .unwrap_or(false))
+    }
+
     pub fn volume(&self, name: &str) -> Result<Option<Volume>, StoreError> {
         self.get("volume", &keys::volume(name))
     }

@@ -146,6 +146,16 @@ impl Cluster {
                             return;
                         }
                     };
+                    let peer = shoal_net::quic::peer_node_id(&conn);
+                    let revoked_peer = peer.filter(|id| {
+                        node.upgrade()
+                            .is_some_and(|n| n.view.is_revoked(*id).unwrap_or(true))
+                    });
+                    if let Some(id) = revoked_peer {
+                        debug!(peer = id, "closing the connection of a removed node");
+                        conn.close(4u32.into(), revoked(id).as_bytes());
+                        return;
+                    }
                     shoal_net::rpc::serve(conn, limits, move |peer, req| {
                         let node = node.clone();
                         async move {
@@ -420,10 +430,15 @@ impl Node {
             ));
         }
         let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+        if voters.contains(&id) && voters.len() <= 1 {
+            return Err(format!("node {id} is the last voter"));
+        }
+        // Revoked first: from this entry on every member refuses the node, so it cannot ask
+        // to be added again with the certificate it still holds.
+        self.run(MetaCommand::RevokeNode { node: id })
+            .await
+            .map_err(|e| format!("revoking node {id}'s certificate: {e}"))?;
         if voters.contains(&id) {
-            if voters.len() <= 1 {
-                return Err(format!("node {id} is the last voter"));
-            }
             self.raft
                 .change_membership(
                     openraft::ChangeMembers::RemoveVoters(BTreeSet::from([id])),
@@ -480,6 +495,13 @@ impl Node {
     }
 }
 
+/// What a removed node hears from every member.
+fn revoked(id: u64) -> String {
+    format!(
+        "node {id} was removed from this cluster and its certificate revoked: stop its daemon, delete its data directory, and join again with a new token"
+    )
+}
+
 async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
     let Some(peer) = peer else {
         return match req {
@@ -489,6 +511,10 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             ),
         };
     };
+    if node.view.is_revoked(peer).unwrap_or(true) {
+        warn!(peer, "refused a removed node");
+        return Response::Denied(revoked(peer));
+    }
     // A node the CA signed asks to be added: it is not a member yet, so it may ask only for itself.
     let joining_itself = matches!(&req, Request::AddMember { id, .. } if *id == peer);
     if !joining_itself && !node.is_member(peer) {

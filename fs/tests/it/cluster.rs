@@ -644,6 +644,31 @@ fn a_rotated_token_and_a_removed_node_are_refused() {
     );
     assert!(c.mnt(1).join("before").exists());
     assert!(!c.mnt(1).join("after").exists());
+    // Its certificate is revoked: asking every member at once to add it again, with the
+    // certificate it still holds, gets it nowhere.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answers: Vec<String> = rt.block_on(async {
+        let id = shoal_net::pki::Identity::load(&shoal_fs::cluster::tls_dir(&c.data(3))).unwrap();
+        let mut set = tokio::task::JoinSet::new();
+        for k in [1, 2, 1, 2] {
+            let ep = shoal_net::quic::endpoint(&id, "127.0.0.1:0".parse().unwrap()).unwrap();
+            let (to, me) = (c.addr(k), c.addr(3).to_string());
+            set.spawn(async move {
+                let req = shoal_fs::cluster::rpc::Request::AddMember { id: 3, addr: me };
+                let r = shoal_net::rpc::Peers::new(ep)
+                    .call::<_, shoal_fs::cluster::rpc::Response>(to, &req)
+                    .await;
+                format!("{r:?}")
+            });
+        }
+        set.join_all().await
+    });
+    for a in &answers {
+        assert!(a.contains("revoked"), "{a}");
+    }
+    let out = c.shoal_at(1, &["node", "ls"]);
+    let ls = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!ls.lines().any(|l| l.starts_with("3 ")), "{ls}");
     // The leader cannot be removed from under itself.
     let out = c.shoal_at(1, &["node", "rm", "1"]);
     assert!(!out.status.success());

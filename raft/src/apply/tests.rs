@@ -687,6 +687,12 @@ fn node_ids_and_join_secrets() {
     sm.run(MetaCommand::SetJoinSecret { hash: [9; 32] })
         .unwrap();
     assert_eq!(sm.view().join_secret().unwrap(), Some([9; 32]));
+    // A removed node's id is revoked for good, and never handed out again.
+    assert!(!sm.view().is_revoked(3).unwrap());
+    sm.run(MetaCommand::RevokeNode { node: 3 }).unwrap();
+    assert!(sm.view().is_revoked(3).unwrap());
+    assert!(!sm.view().is_revoked(2).unwrap());
+    assert_eq!(sm.run(MetaCommand::AllocNodeId), Ok(Reply::NodeId(4)));
 }
 
 #[test]
