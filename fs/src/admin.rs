@@ -14,6 +14,8 @@ use shoal_raft::FsError;
 use crate::node::{Node, OpError};
 
 pub const SOCKET: &str = "admin.sock";
+/// The largest admin request: a volume command with its options is a few hundred bytes.
+pub const MAX_REQUEST: usize = 1 << 20;
 
 #[derive(Serialize, Deserialize, Debug)]
 pub enum AdminRequest {
@@ -21,6 +23,10 @@ pub enum AdminRequest {
     Members,
     RemoveNode(u64),
     RotateToken,
+    /// Replaces the cluster CA (`shoal ca rotate`); answers the new join token.
+    RotateCa,
+    /// Stops accepting the CA a rotation replaced (`shoal ca retire`).
+    RetireCa,
     /// A volume command of `shoal volume`.
     Volume(VolumeRequest),
     /// Sets (`Some`) or removes (`None`) a node label.
@@ -492,7 +498,7 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
         let node = node.clone();
         let mount = mount.clone();
         tokio::spawn(async move {
-            let req: AdminRequest = match frame::read(&mut conn).await {
+            let req: AdminRequest = match frame::read_within(&mut conn, MAX_REQUEST).await {
                 Ok(r) => r,
                 Err(e) => {
                     debug!(error = %e, "bad admin request");
@@ -525,6 +531,14 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                 },
                 AdminRequest::RotateToken => match node.rotate_token().await {
                     Ok(t) => AdminReply::Token(t.to_string()),
+                    Err(e) => AdminReply::Error(e),
+                },
+                AdminRequest::RotateCa => match node.rotate_ca().await {
+                    Ok(t) => AdminReply::Token(t.to_string()),
+                    Err(e) => AdminReply::Error(e),
+                },
+                AdminRequest::RetireCa => match node.retire_ca().await {
+                    Ok(()) => AdminReply::Done,
                     Err(e) => AdminReply::Error(e),
                 },
                 AdminRequest::Status => {

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod daemon;
 mod file;
 pub mod fuse;
+pub mod fuzz;
 mod invalidate;
 pub mod node;
 pub mod ops;

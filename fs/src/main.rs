@@ -59,6 +59,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The cluster CA: rotate it, then retire the old one
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Cluster membership
     Node {
         #[command(subcommand)]
@@ -120,6 +125,22 @@ enum TokenCommand {
     },
     /// Make a new join token; every older token stops working (needs that node's daemon)
     Rotate {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make a new CA; members accept the old and the new until `retire`, and get certificates
+    /// from the new one within seconds. Prints the new join token (older tokens stop working).
+    /// Run on the node that ran `shoal init`
+    Rotate {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+    },
+    /// Stop accepting the old CA, once every member holds a certificate from the new one
+    Retire {
         #[arg(long, default_value = "/var/lib/shoal")]
         data: PathBuf,
     },
@@ -476,6 +497,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => match runtime()?.block_on(admin::request(&data, AdminRequest::RotateToken))? {
             AdminReply::Token(t) => {
                 println!("{t}");
+                Ok(())
+            }
+            other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+        },
+        Command::Ca {
+            command: CaCommand::Rotate { data },
+        } => match runtime()?.block_on(admin::request(&data, AdminRequest::RotateCa))? {
+            AdminReply::Token(t) => {
+                eprintln!(
+                    "rotated the cluster CA; nodes move to it within seconds. The new join token:"
+                );
+                println!("{t}");
+                eprintln!(
+                    "when `shoal node ls` shows every node up, run `shoal ca retire` to stop accepting the old CA"
+                );
+                Ok(())
+            }
+            other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+        },
+        Command::Ca {
+            command: CaCommand::Retire { data },
+        } => match runtime()?.block_on(admin::request(&data, AdminRequest::RetireCa))? {
+            AdminReply::Done => {
+                println!("retired the old CA: only certificates from the current one are accepted");
                 Ok(())
             }
             other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),

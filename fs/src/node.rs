@@ -778,14 +778,21 @@ async fn purge_worker(node: std::sync::Weak<Node>, mut rx: mpsc::UnboundedReceiv
 async fn session_worker(node: std::sync::Weak<Node>) {
     let renew_every = Duration::from_nanos(shoal_raft::SESSION_LEASE as u64 / 5);
     let mut tick = tokio::time::interval(renew_every);
+    let mut reported_issuer = None;
     for round in 0u64.. {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
         let mut cmds = vec![MetaCommand::RenewSession];
-        // Every tenth renewal also reports the data disk, for `shoal node ls` and placement.
-        if round % 10 == 0
+        let issuer = node
+            .cluster()
+            .map(|c| c.identity.lock().expect("identity lock").issuer())
+            .unwrap_or_default();
+        // Every tenth renewal also reports the data disk, for `shoal node ls` and placement,
+        // and so does the first after a new certificate (`shoal ca retire` waits for it).
+        if (round % 10 == 0 || reported_issuer != Some(issuer))
             && let Ok(st) = rustix::fs::statvfs(&node.data_dir)
         {
+            reported_issuer = Some(issuer);
             cmds.push(MetaCommand::ReportNode {
                 node: node.id,
                 disk_total: st.f_blocks.saturating_mul(st.f_frsize),
@@ -794,6 +801,7 @@ async fn session_worker(node: std::sync::Weak<Node>) {
                     .nodename()
                     .to_string_lossy()
                     .into_owned(),
+                issuer,
             });
         }
         let renewed =

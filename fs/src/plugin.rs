@@ -67,15 +67,15 @@ pub async fn serve(node: Arc<Node>, mountpoint: PathBuf, socket: PathBuf) -> std
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase", default)]
-struct Req {
-    name: String,
+pub(crate) struct Req {
+    pub(crate) name: String,
     #[serde(rename = "ID")]
-    id: String,
-    opts: Option<std::collections::BTreeMap<String, String>>,
+    pub(crate) id: String,
+    pub(crate) opts: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Docker's request body; an empty body is an empty request.
-fn parse(body: &Bytes) -> Result<Req, String> {
+pub(crate) fn parse(body: &Bytes) -> Result<Req, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Req::default());
     }

@@ -11,7 +11,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+pub use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
 /// The name every node certificate carries and every client asks for.
@@ -60,6 +61,15 @@ fn pem_write(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
     f.sync_all().map_err(err)
 }
 
+fn remove(path: &Path) -> Result<(), PkiError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(PkiError::Io(path.display().to_string(), e))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn cert_from_pem(path: &Path) -> Result<CertificateDer<'static>, PkiError> {
     let text = pem_read(path)?;
     let p =
@@ -71,22 +81,49 @@ fn to_pem(tag: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(tag, der.to_vec()))
 }
 
+/// What a CA certificate says: its name, that it signs node certificates only, and when.
+fn ca_params(
+    name: String,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    // One level below: the new CA's cross-signed certificate sits between a node and the
+    // old CA during a rotation.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    Ok(params)
+}
+
 impl Ca {
     /// A new CA for a cluster, valid for ten years.
     pub fn generate(cluster_id: &str) -> Result<Ca, PkiError> {
+        Ca::generate_named(format!("shoal cluster {cluster_id} CA"))
+    }
+
+    /// The CA that replaces this one (`shoal ca rotate`): a new key and its own name, so a
+    /// certificate's issuer says which CA signed it.
+    pub fn successor(&self, cluster_id: &str) -> Result<Ca, PkiError> {
+        let stamp = OffsetDateTime::now_utc().unix_timestamp();
+        Ca::generate_named(format!("shoal cluster {cluster_id} CA {stamp}"))
+    }
+
+    fn generate_named(name: String) -> Result<Ca, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("shoal cluster {cluster_id} CA"));
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::from_secs(3600);
-        params.not_after = now + Duration::from_secs(10 * 365 * 86400);
+        let params = ca_params(
+            name,
+            now - Duration::from_secs(3600),
+            now + Duration::from_secs(10 * 365 * 86400),
+        )?;
         let cert = params.self_signed(&key)?;
         Ok(Ca {
             cert: cert.der().clone(),
@@ -107,6 +144,28 @@ impl Ca {
 
     pub fn fingerprint(&self) -> [u8; 32] {
         fingerprint(&self.cert)
+    }
+
+    /// `newer`'s name and key, signed by this CA: a node whose certificate `newer` signed
+    /// presents it after its own, so peers that trust only this CA still accept the node while
+    /// the news of `newer` reaches them.
+    pub fn cross_sign(&self, newer: &Ca) -> Result<CertificateDer<'static>, PkiError> {
+        let (_, x) = x509_parser::parse_x509_certificate(&newer.cert)
+            .map_err(|_| PkiError::NotANodeCertificate)?;
+        let name = x
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or(PkiError::NotANodeCertificate)?
+            .to_string();
+        let params = ca_params(
+            name,
+            x.validity().not_before.to_datetime(),
+            x.validity().not_after.to_datetime(),
+        )?;
+        let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)?;
+        Ok(params.signed_by(&newer.key, &issuer)?.der().clone())
     }
 
     /// Signs a node's certificate signing request for node `node_id`, valid for `valid`.
@@ -134,11 +193,17 @@ impl Ca {
     }
 }
 
-/// A node's key pair and the CA-signed certificate for it.
+/// A node's key pair, the CA-signed certificate for it, and the CAs it trusts.
 pub struct Identity {
     pub node_id: u64,
     pub cert: CertificateDer<'static>,
+    /// The CA that signed `cert`.
     pub ca: CertificateDer<'static>,
+    /// `ca` signed by the CA before it, while a rotation is under way (see `Ca::cross_sign`).
+    pub cross: Option<CertificateDer<'static>>,
+    /// The CAs whose nodes this node accepts: `ca` alone, or during a rotation the new CA and
+    /// the old one.
+    pub trust: Vec<CertificateDer<'static>>,
     key_der: Vec<u8>,
 }
 
@@ -147,12 +212,31 @@ impl Identity {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
 
-    /// The certificate chain a node presents: its certificate, then the CA's.
+    /// The certificate chain a node presents: its certificate, the cross-signed CA if any
+    /// (first, so a peer that trusts only the old CA finds its way there), then the CA's.
     pub fn chain(&self) -> Vec<CertificateDer<'static>> {
-        vec![self.cert.clone(), self.ca.clone()]
+        let mut chain = vec![self.cert.clone()];
+        chain.extend(self.cross.clone());
+        chain.push(self.ca.clone());
+        chain
+    }
+
+    /// The fingerprint of the CA that signed this node's certificate.
+    pub fn issuer(&self) -> [u8; 32] {
+        fingerprint(&self.ca)
     }
 
     pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
+        match &self.cross {
+            Some(c) => pem_write(&dir.join("cross.crt"), &to_pem("CERTIFICATE", c), false)?,
+            None => remove(&dir.join("cross.crt"))?,
+        }
+        let bundle: String = self
+            .trust
+            .iter()
+            .map(|c| to_pem("CERTIFICATE", c))
+            .collect();
+        pem_write(&dir.join("trust.pem"), &bundle, false)?;
         pem_write(
             &dir.join("node.crt"),
             &to_pem("CERTIFICATE", &self.cert),
@@ -169,6 +253,22 @@ impl Identity {
     pub fn load(dir: &Path) -> Result<Identity, PkiError> {
         let cert = cert_from_pem(&dir.join("node.crt"))?;
         let ca = cert_from_pem(&dir.join("ca.crt"))?;
+        let cross_path = dir.join("cross.crt");
+        let cross = cross_path
+            .exists()
+            .then(|| cert_from_pem(&cross_path))
+            .transpose()?;
+        let trust_path = dir.join("trust.pem");
+        let trust = if trust_path.exists() {
+            let text = pem_read(&trust_path)?;
+            pem::parse_many(&text)
+                .map_err(|e| PkiError::Pem(trust_path.display().to_string(), e.to_string()))?
+                .into_iter()
+                .map(|p| CertificateDer::from(p.into_contents()))
+                .collect()
+        } else {
+            vec![ca.clone()]
+        };
         let key_path = dir.join("node.key");
         let key = pem::parse(pem_read(&key_path)?)
             .map_err(|e| PkiError::Pem(key_path.display().to_string(), e.to_string()))?;
@@ -177,8 +277,22 @@ impl Identity {
             node_id,
             cert,
             ca,
+            cross,
+            trust,
             key_der: key.into_contents(),
         })
+    }
+
+    /// The same key and certificate, trusting `trust` instead.
+    pub fn with_trust(&self, trust: Vec<CertificateDer<'static>>) -> Identity {
+        Identity {
+            node_id: self.node_id,
+            cert: self.cert.clone(),
+            ca: self.ca.clone(),
+            cross: self.cross.clone(),
+            trust,
+            key_der: self.key_der.clone(),
+        }
     }
 
     /// When the certificate stops being valid, in seconds since the epoch.
@@ -217,7 +331,7 @@ impl PendingIdentity {
         })
     }
 
-    /// Completes the identity with the certificate the CA signed.
+    /// Completes the identity with the certificate the CA signed; it trusts that CA alone.
     pub fn complete(
         self,
         cert: CertificateDer<'static>,
@@ -227,7 +341,9 @@ impl PendingIdentity {
         Ok(Identity {
             node_id,
             cert,
+            trust: vec![ca.clone()],
             ca,
+            cross: None,
             key_der: self.key.serialize_der(),
         })
     }

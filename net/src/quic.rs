@@ -35,9 +35,13 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, QuicError> {
+fn roots<'a>(
+    cas: impl IntoIterator<Item = &'a CertificateDer<'static>>,
+) -> Result<Arc<RootCertStore>, QuicError> {
     let mut roots = RootCertStore::empty();
-    roots.add(ca.clone())?;
+    for ca in cas {
+        roots.add(ca.clone())?;
+    }
     Ok(Arc::new(roots))
 }
 
@@ -64,7 +68,7 @@ fn transport(receive_window: u32) -> Arc<quinn::TransportConfig> {
 
 /// The server side of a node: mutual TLS, with unauthenticated clients allowed in to join.
 pub fn server_config(id: &Identity) -> Result<quinn::ServerConfig, QuicError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&id.ca)?, provider())
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&id.trust)?, provider())
         .allow_unauthenticated()
         .build()
         .map_err(|e| QuicError::Verifier(e.to_string()))?;
@@ -83,7 +87,7 @@ pub fn server_config(id: &Identity) -> Result<quinn::ServerConfig, QuicError> {
 pub fn client_config(id: &Identity) -> Result<quinn::ClientConfig, QuicError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(&id.ca)?)
+        .with_root_certificates(roots(&id.trust)?)
         .with_client_auth_cert(id.chain(), id.key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Verifier(e.to_string()))?;
@@ -136,7 +140,7 @@ impl ServerCertVerifier for PinnedCa {
                 )
             })?;
         let roots =
-            roots(&ca.clone().into_owned()).map_err(|e| rustls::Error::General(e.to_string()))?;
+            roots([&ca.clone().into_owned()]).map_err(|e| rustls::Error::General(e.to_string()))?;
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
             roots,
             self.provider.clone(),

@@ -315,6 +315,14 @@ impl Peers {
         self.down.lock().expect("down lock").remove(&addr);
     }
 
+    /// Drops every connection (the trust changed: each is made again under the new one).
+    pub async fn forget_all(&self) {
+        for (_, c) in self.conns.lock().await.drain() {
+            c.close(0u32.into(), b"trust changed");
+        }
+        self.down.lock().expect("down lock").clear();
+    }
+
     /// Whether `addr` failed to answer within the last `DOWN_FOR`.
     pub fn is_down(&self, addr: SocketAddr) -> bool {
         let down = self.down.lock().expect("down lock");

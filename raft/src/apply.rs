@@ -385,6 +385,7 @@ impl Ctx<'_, '_> {
                 disk_total,
                 disk_free,
                 hostname,
+                issuer,
             } => {
                 let now = self.now;
                 self.update_node(*node, |info| {
@@ -392,6 +393,7 @@ impl Ctx<'_, '_> {
                     info.disk_free = *disk_free;
                     info.reported_at = now;
                     info.hostname.clone_from(hostname);
+                    info.issuer = *issuer;
                 })
             }
             MetaCommand::CreateVolume { name, options } => self.create_volume(name, options),
@@ -411,6 +413,13 @@ impl Ctx<'_, '_> {
             MetaCommand::ClearMounts { node } => self.clear_mounts(*node),
             MetaCommand::RevokeNode { node } => {
                 self.txn.put(&keys::revoked(*node), &true);
+                Ok(Ok(Reply::Done))
+            }
+            MetaCommand::SetTrust { cas } => {
+                if cas.is_empty() || cas.iter().any(Vec::is_empty) {
+                    fail!(FsError::Invalid);
+                }
+                self.txn.put(keys::META_TRUST, cas);
                 Ok(Ok(Reply::Done))
             }
             MetaCommand::SetTrashRetention { nanos } => {

@@ -30,6 +30,7 @@ pub const META_INODES: &[u8] = b"m/inodes";
 pub const META_JOIN_SECRET: &[u8] = b"m/join_secret";
 pub const META_NEXT_NODE: &[u8] = b"m/next_node";
 pub const META_SETTINGS: &[u8] = b"m/settings";
+pub const META_TRUST: &[u8] = b"m/trust";
 
 fn with_u64(tag: u8, n: u64) -> [u8; 9] {
     let mut k = [0u8; 9];

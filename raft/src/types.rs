@@ -283,6 +283,8 @@ pub enum MetaCommand {
         disk_free: u64,
         /// The host's name, so that messages can name hosts rather than node ids.
         hostname: String,
+        /// The fingerprint of the CA that signed the node's certificate (zeros without one).
+        issuer: [u8; 32],
     },
     /// Sets (`Some`) or removes (`None`) a label of a node; keys and values as
     /// [`check_label`] allows.
@@ -341,6 +343,11 @@ pub enum MetaCommand {
     /// now on, even when it asks to be added again. Node ids are never reused.
     RevokeNode {
         node: u64,
+    },
+    /// The CA certificates (DER) members accept, the one that signs first: two during a CA
+    /// rotation (new, old), one otherwise. Every node follows it (`shoal ca rotate|retire`).
+    SetTrust {
+        cas: Vec<Vec<u8>>,
     },
 }
 
@@ -535,6 +542,8 @@ pub struct NodeInfo {
     pub reported_at: Nanos,
     /// The host's name as the node last reported it (empty before its first report).
     pub hostname: String,
+    /// The fingerprint of the CA that signed the certificate the node last reported using.
+    pub issuer: [u8; 32],
 }
 
 /// Label keys are 1 to 63 and values 0 to 128 characters of `A-Z a-z 0-9 . _ - /`, so that a

@@ -183,6 +183,12 @@ impl StateView {
         self.get("join secret", keys::META_JOIN_SECRET)
     }
 
+    /// The CA certificates members accept, the signing one first; `None` until a rotation
+    /// (every node then trusts the CA it joined with).
+    pub fn trust(&self) -> Result<Option<Vec<Vec<u8>>>, StoreError> {
+        self.get("trust", keys::META_TRUST)
+    }
+
     /// Whether `node` was removed and its certificate revoked.
     pub fn is_revoked(&self, node: u64) -> Result<bool, StoreError> {
         Ok(self

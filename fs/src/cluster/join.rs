@@ -60,9 +60,11 @@ pub async fn join(
             )));
         }
     };
-    let identity = pending
+    let mut identity = pending
         .complete(reply.cert.into(), reply.ca.into())
-        .map_err(|e| NodeError::Join(e.to_string()))?;
+        .map_err(|e| NodeError::Join(e.to_string()))?
+        .with_trust(reply.trust.into_iter().map(Into::into).collect());
+    identity.cross = reply.cross.map(Into::into);
     identity
         .save(&tls_dir(data))
         .map_err(|e| NodeError::Join(e.to_string()))?;

@@ -9,6 +9,7 @@ pub mod network;
 pub mod repair;
 pub mod replicate;
 pub mod rpc;
+pub mod trust;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -104,8 +105,11 @@ pub struct Cluster {
     pub data: PathBuf,
     pub peers: Arc<Peers>,
     pub listen: SocketAddr,
-    /// The CA, on the nodes that hold its key (the one that ran `shoal init`).
-    pub ca: Option<Ca>,
+    /// The CA, on the node that holds its key (the one that ran `shoal init`); replaced by a
+    /// CA rotation (`trust`).
+    signer: std::sync::Mutex<Option<Arc<trust::Signer>>>,
+    /// Connections peers made to this node, closed when a CA is retired.
+    incoming: std::sync::Mutex<Vec<quinn::Connection>>,
     /// Block traffic's own circuit breaker: peers a commit stopped waiting for, with the time
     /// until which block copies skip them (`replicate::SlowPeers`). Raft traffic ignores it.
     pub slow: replicate::SlowPeers,
@@ -117,7 +121,7 @@ impl Cluster {
         let dir = tls_dir(data);
         let identity = Identity::load(&dir)
             .map_err(|e| NodeError::Raft(format!("loading this node's certificate: {e}")))?;
-        let ca = Ca::load(&dir.join("ca.crt"), &dir.join("ca.key")).ok();
+        let signer = trust::Signer::load(data).map(Arc::new);
         let endpoint = shoal_net::quic::endpoint(&identity, listen)
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         Ok(Cluster {
@@ -125,19 +129,50 @@ impl Cluster {
             data: data.to_path_buf(),
             peers: Arc::new(Peers::new(endpoint)),
             listen,
-            ca,
+            signer: std::sync::Mutex::new(signer),
+            incoming: Default::default(),
             slow: Default::default(),
         })
     }
 
+    /// The CA this node signs with, if it holds one.
+    pub fn signer(&self) -> Option<Arc<trust::Signer>> {
+        self.signer.lock().expect("signer lock").clone()
+    }
+
+    /// Saves `identity` and uses it from now on: for new connections either way, and for the
+    /// trust of every handshake.
+    fn install(&self, identity: Identity) -> Result<(), String> {
+        identity
+            .save(&tls_dir(&self.data))
+            .map_err(|e| e.to_string())?;
+        let server = shoal_net::quic::server_config(&identity).map_err(|e| e.to_string())?;
+        let client = shoal_net::quic::client_config(&identity).map_err(|e| e.to_string())?;
+        self.peers.endpoint().set_server_config(Some(server));
+        self.peers.set_client_config(client);
+        *self.identity.lock().expect("identity lock") = identity;
+        Ok(())
+    }
+
+    /// Closes every connection, both ways; each is made again under the current trust.
+    async fn close_all(&self) {
+        let incoming = std::mem::take(&mut *self.incoming.lock().expect("incoming lock"));
+        for conn in incoming {
+            conn.close(0u32.into(), b"trust changed");
+        }
+        self.peers.forget_all().await;
+    }
+
     /// Accepts connections and serves requests for as long as the node lives.
-    pub fn serve(&self, node: Weak<Node>) {
+    pub fn serve(self: &Arc<Self>, node: Weak<Node>) {
         let endpoint = self.peers.endpoint().clone();
+        let cluster = Arc::downgrade(self);
         let limits = Arc::new(shoal_net::rpc::Limits::new(Request::max_frame));
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let node = node.clone();
                 let limits = limits.clone();
+                let cluster = cluster.clone();
                 tokio::spawn(async move {
                     let conn = match incoming.await {
                         Ok(c) => c,
@@ -155,6 +190,11 @@ impl Cluster {
                         debug!(peer = id, "closing the connection of a removed node");
                         conn.close(4u32.into(), revoked(id).as_bytes());
                         return;
+                    }
+                    if let Some(c) = cluster.upgrade() {
+                        let mut incoming = c.incoming.lock().expect("incoming lock");
+                        incoming.retain(|c| c.close_reason().is_none());
+                        incoming.push(conn.clone());
                     }
                     shoal_net::rpc::serve(conn, limits, move |peer, req| {
                         let node = node.clone();
@@ -245,7 +285,7 @@ impl Node {
 
     async fn handle_join(&self, req: JoinRequest) -> Result<JoinReply, String> {
         let cluster = self.cluster().ok_or("this node is not part of a cluster")?;
-        let ca = cluster.ca.as_ref().ok_or(
+        let signer = cluster.signer().ok_or(
             "this node does not hold the cluster CA: join through the node that ran `shoal init`",
         )?;
         let expected = self.view.join_secret().map_err(|e| e.to_string())?;
@@ -260,14 +300,21 @@ impl Node {
             Reply::NodeId(id) => id,
             other => return Err(format!("unexpected reply {other:?}")),
         };
-        let cert = ca
+        let cert = signer
+            .ca
             .sign(&req.csr, node_id, cert_validity())
             .map_err(|e| e.to_string())?;
         info!(node = node_id, "signed the certificate of a joining node");
+        let trust = match self.view.trust().map_err(|e| e.to_string())? {
+            Some(cas) => cas,
+            None => vec![signer.ca.cert.to_vec()],
+        };
         Ok(JoinReply {
             node_id,
             cert: cert.to_vec(),
-            ca: ca.cert.to_vec(),
+            ca: signer.ca.cert.to_vec(),
+            cross: signer.cross.as_ref().map(|c| c.to_vec()),
+            trust,
             cluster_id: self.config.cluster_id.clone(),
             block_size: self.config.block_size,
         })
@@ -466,25 +513,30 @@ impl Node {
 
     /// Signs a member's renewal request. The certificate names the node the connection was
     /// authenticated as, whatever the request says.
-    fn sign_renewal(&self, peer: u64, csr: &[u8]) -> Result<Vec<u8>, String> {
-        let ca = self
+    fn sign_renewal(&self, peer: u64, csr: &[u8]) -> Result<rpc::Renewed, String> {
+        let signer = self
             .cluster()
-            .and_then(|c| c.ca.as_ref())
+            .and_then(|c| c.signer())
             .ok_or("this node does not hold the cluster CA")?;
-        let cert = ca
+        let cert = signer
+            .ca
             .sign(csr, peer, cert_validity())
             .map_err(|e| e.to_string())?;
         info!(node = peer, "renewed a node certificate");
-        Ok(cert.to_vec())
+        Ok(rpc::Renewed {
+            cert: cert.to_vec(),
+            ca: signer.ca.cert.to_vec(),
+            cross: signer.cross.as_ref().map(|c| c.to_vec()),
+        })
     }
 
     /// Makes a new join token; tokens made before stop working. Only on the CA's node.
     pub async fn rotate_token(&self) -> Result<JoinToken, String> {
-        let ca = self
+        let signer = self
             .cluster()
-            .and_then(|c| c.ca.as_ref())
+            .and_then(|c| c.signer())
             .ok_or("only the node that ran `shoal init --listen` holds the CA and makes tokens")?;
-        let token = JoinToken::new(ca.fingerprint());
+        let token = JoinToken::new(signer.ca.fingerprint());
         self.run(MetaCommand::SetJoinSecret {
             hash: token.secret_hash(),
         })
@@ -613,6 +665,10 @@ pub async fn renew_worker(node: Weak<Node>) {
         let wait = {
             let Some(node) = node.upgrade() else { return };
             let Some(c) = node.cluster() else { return };
+            // A CA rotation or retirement in the state machine is followed within seconds.
+            if let Err(e) = trust::follow(&node).await {
+                warn!(error = %e, "following the cluster's CA set failed; trying again");
+            }
             let not_after = c
                 .identity
                 .lock()
@@ -622,7 +678,7 @@ pub async fn renew_worker(node: Weak<Node>) {
             let now = crate::node::now_nanos() / 1_000_000_000;
             let half = (cert_validity().as_secs() / 2) as i64;
             if not_after - now > half {
-                Duration::from_secs((not_after - now - half).clamp(1, 3600) as u64)
+                Duration::from_secs((not_after - now - half).clamp(1, FOLLOW_EVERY) as u64)
             } else {
                 match renew(&node, c).await {
                     Ok(()) => Duration::from_secs(1),
@@ -636,6 +692,9 @@ pub async fn renew_worker(node: Weak<Node>) {
         tokio::time::sleep(wait).await;
     }
 }
+
+/// How often, in seconds, a node looks at the CA set in the state machine.
+const FOLLOW_EVERY: i64 = 2;
 
 async fn renew(node: &Node, c: &Cluster) -> Result<(), String> {
     let pending = {
@@ -659,23 +718,20 @@ async fn renew(node: &Node, c: &Cluster) -> Result<(), String> {
                 Err(e) => Err(e.to_string()),
             }
         };
-        let cert = match reply {
-            Ok(cert) => cert,
+        let got = match reply {
+            Ok(got) => got,
             Err(e) => {
                 last = e;
                 continue;
             }
         };
-        let ca = c.identity.lock().expect("identity lock").ca.clone();
-        let renewed = pending
-            .complete(cert.into(), ca)
-            .map_err(|e| e.to_string())?;
-        renewed.save(&tls_dir(&c.data)).map_err(|e| e.to_string())?;
-        let server = shoal_net::quic::server_config(&renewed).map_err(|e| e.to_string())?;
-        let client = shoal_net::quic::client_config(&renewed).map_err(|e| e.to_string())?;
-        c.peers.endpoint().set_server_config(Some(server));
-        c.peers.set_client_config(client);
-        *c.identity.lock().expect("identity lock") = renewed;
+        let trust = c.identity.lock().expect("identity lock").trust.clone();
+        let mut renewed = pending
+            .complete(got.cert.into(), got.ca.into())
+            .map_err(|e| e.to_string())?
+            .with_trust(trust);
+        renewed.cross = got.cross.map(Into::into);
+        c.install(renewed)?;
         info!("renewed this node's certificate");
         return Ok(());
     }

@@ -87,8 +87,21 @@ pub struct JoinReply {
     pub node_id: u64,
     pub cert: Vec<u8>,
     pub ca: Vec<u8>,
+    /// `ca` signed by the CA before it, during a CA rotation.
+    pub cross: Option<Vec<u8>>,
+    /// The CAs members accept (see `cluster::trust`).
+    pub trust: Vec<Vec<u8>>,
     pub cluster_id: String,
     pub block_size: u32,
+}
+
+/// A renewed certificate, with the CA that signed it and, during a rotation, that CA
+/// cross-signed by the one before.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Renewed {
+    pub cert: Vec<u8>,
+    pub ca: Vec<u8>,
+    pub cross: Option<Vec<u8>>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -102,8 +115,7 @@ pub enum Response {
     Join(Result<JoinReply, String>),
     AddMember(Result<(), String>),
     RemoveMember(Result<(), String>),
-    /// The renewed certificate.
-    RenewCert(Result<Vec<u8>, String>),
+    RenewCert(Result<Renewed, String>),
     PutBlock(Result<(), String>),
     GetBlock(Result<Vec<u8>, String>),
     HasBlocks(Vec<bool>),

@@ -130,6 +130,21 @@ impl Drop for LocalCluster {
                 let _ = shoal_fs::fuse::mount::detach(&self.mnt(k));
             }
         }
+        // A failed test keeps the daemons' logs, which say what the cluster was doing.
+        if std::thread::panicking() {
+            let keep = std::env::temp_dir().join(format!(
+                "shoal-failed-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            for k in 1..=8 {
+                let log = self.node(k).join("daemon.log");
+                if log.exists() && fs::create_dir_all(&keep).is_ok() {
+                    let _ = fs::copy(&log, keep.join(format!("node-{k}.log")));
+                }
+            }
+            eprintln!("daemon logs kept in {}", keep.display());
+        }
     }
 }
 

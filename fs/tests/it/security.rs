@@ -402,3 +402,148 @@ fn a_members_word_about_blocks_is_checked_not_trusted() {
     crate::testkit::Daemon::drop_caches();
     assert_eq!(fs::read(c.mnt(1).join("f")).unwrap(), body);
 }
+
+/// Writes and fsyncs files on node `k` and reads what the other writers wrote, until `stop`;
+/// returns how many rounds it did. Any error fails the test.
+fn writer(c: &LocalCluster, k: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let mnts: Vec<_> = (1..=3).map(|n| c.mnt(n)).collect();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mine = &mnts[k as usize - 1];
+        let mut round = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let name = format!("w{k}-{round}");
+            let body = format!("{name}\n").repeat(2000);
+            let mut f = fs::File::create(mine.join(&name))
+                .unwrap_or_else(|e| panic!("node {k} create {name}: {e}"));
+            f.write_all(body.as_bytes()).unwrap();
+            f.sync_all()
+                .unwrap_or_else(|e| panic!("node {k} fsync {name}: {e}"));
+            round += 1;
+        }
+        round
+    })
+}
+
+#[test]
+fn the_ca_is_rotated_under_load_with_a_node_down_and_the_old_one_retired() {
+    use shoal_net::pki::{CertificateDer, Identity};
+    let c = LocalCluster::up(3);
+    let tls = |k| shoal_fs::cluster::tls_dir(&c.data(k));
+    let old_token = fs::read_to_string(tls(1).join("join-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let old_identity = Identity::load(&tls(3)).unwrap();
+    let old_ca = old_identity.ca.clone();
+
+    // Writers on nodes 1 and 2 all along; node 3 is down when the rotation starts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = [writer(&c, 1, stop.clone()), writer(&c, 2, stop.clone())];
+    c.kill9(3);
+    let out = c.shoal_at(1, &["ca", "rotate"]);
+    assert!(out.status.success(), "{out:?}");
+    let new_token = text(&out.stdout);
+    assert_ne!(new_token, old_token);
+    assert!(text(&out.stderr).contains("shoal ca retire"), "{out:?}");
+    let again = c.shoal_at(1, &["ca", "rotate"]);
+    assert!(
+        !again.status.success() && text(&again.stderr).contains("already under way"),
+        "{again:?}"
+    );
+    let on_node_2 = c.shoal_at(2, &["ca", "rotate"]);
+    assert!(
+        !on_node_2.status.success() && text(&on_node_2.stderr).contains("holds the CA"),
+        "{on_node_2:?}"
+    );
+
+    // Nodes 1 and 2 move to the new CA within seconds; retiring the old one is refused while
+    // node 3, down, still has a certificate from it, and says which node holds it back.
+    let mut refusal = String::new();
+    crate::cluster::eventually_within(
+        "only node 3 holds the retirement back",
+        Duration::from_secs(30),
+        || {
+            let out = c.shoal_at(1, &["ca", "retire"]);
+            assert!(!out.status.success(), "retired with node 3 down: {out:?}");
+            refusal = text(&out.stderr);
+            refusal.contains("node 3") && !refusal.contains("node 2") && !refusal.contains("node 1")
+        },
+    );
+    assert!(refusal.contains("shoal node rm"), "{refusal}");
+    let node_2 = Identity::load(&tls(2)).unwrap();
+    assert_ne!(
+        node_2.ca, old_ca,
+        "node 2 has a certificate from the new CA"
+    );
+    assert!(node_2.cross.is_some() && node_2.trust.len() == 2);
+
+    // Node 3 comes back with its old certificate, is let in (the old CA is still trusted),
+    // catches up and moves to the new CA by itself; then the old CA is retired.
+    c.local_up(3);
+    crate::cluster::eventually_within("the old CA is retired", Duration::from_secs(30), || {
+        c.shoal_at(1, &["ca", "retire"]).status.success()
+    });
+    stop.store(true, Ordering::Relaxed);
+    let rounds: Vec<u64> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(rounds.iter().all(|r| *r > 0), "{rounds:?}");
+    eprintln!(
+        "rotation: writes+fsyncs on nodes 1 and 2 meanwhile: {rounds:?}; refusal while node 3 was down: {refusal}"
+    );
+    let new_ca: CertificateDer<'static> = Identity::load(&tls(3)).unwrap().ca;
+    assert_ne!(new_ca, old_ca);
+    crate::cluster::eventually("every node trusts the new CA alone", || {
+        (1..=3).all(|k| Identity::load(&tls(k)).is_ok_and(|id| id.trust == vec![new_ca.clone()]))
+    });
+
+    // Every fsynced file is on every node, whole.
+    for k in [1, 2] {
+        for r in 0..rounds[k as usize - 1] {
+            let name = format!("w{k}-{r}");
+            let want = format!("{name}\n").repeat(2000);
+            for n in 1..=3 {
+                assert_eq!(
+                    fs::read_to_string(c.mnt(n).join(&name)).unwrap(),
+                    want,
+                    "{name} on node {n}"
+                );
+            }
+        }
+    }
+
+    // The old certificate no longer gets in, even trusting both CAs itself.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stale = old_identity.with_trust(vec![old_ca.clone(), new_ca.clone()]);
+    let refused = rt.block_on(async {
+        let ep = shoal_net::quic::endpoint(&stale, "127.0.0.1:0".parse().unwrap()).unwrap();
+        shoal_net::rpc::Peers::new(ep)
+            .call::<_, shoal_fs::cluster::rpc::Response>(
+                c.addr(1),
+                &shoal_fs::cluster::rpc::Request::ReadIndex,
+            )
+            .await
+    });
+    assert!(refused.is_err(), "{refused:?}");
+    // The old token is refused; the new one joins.
+    let join = |token: &str| {
+        Command::new(shoal())
+            .args(["join", "--token", token, "--peer"])
+            .arg(c.addr(1).to_string())
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(tempfile::tempdir().unwrap().path().join("data"))
+            .output()
+            .unwrap()
+    };
+    let out = join(&old_token);
+    assert!(!out.status.success(), "{out:?}");
+    let out = join(&new_token);
+    assert!(out.status.success(), "{out:?}");
+
+    // A restarted node comes back under the new CA from its own files.
+    c.kill9(2);
+    c.local_up(3);
+    fs::write(c.mnt(2).join("after"), b"restarted").unwrap();
+    crate::cluster::eventually("node 1 reads node 2's write", || {
+        fs::read(c.mnt(1).join("after")).is_ok_and(|b| b == b"restarted")
+    });
+}

@@ -192,3 +192,60 @@ async fn a_stranger_that_stalls_is_cut_off_and_one_that_floods_is_turned_away() 
     let peers = rpc::Peers::new(quic::join_endpoint(ca.fingerprint()).unwrap());
     peers.call::<_, Pong>(addr, &Ping(0)).await.unwrap();
 }
+
+/// A node of `ca` that trusts `trust`, with `cross` after its certificate if given.
+fn identity_of(
+    ca: &Ca,
+    node: u64,
+    cross: Option<&quinn::rustls::pki_types::CertificateDer<'static>>,
+    trust: &[&Ca],
+) -> Identity {
+    let mut id = identity(ca, node);
+    id.cross = cross.cloned();
+    id.with_trust(trust.iter().map(|c| c.cert.clone()).collect())
+}
+
+#[tokio::test]
+async fn during_a_ca_rotation_old_and_new_certificates_meet_and_after_it_the_old_are_refused() {
+    let old = Ca::generate("c1").unwrap();
+    let new = old.successor("c1").unwrap();
+    let cross = old.cross_sign(&new).unwrap();
+    // Node 1 has not heard of the rotation: old certificate, trusts the old CA only.
+    let (_n1, a1) = serve(&identity_of(&old, 1, None, &[&old]));
+    // Node 2 is in the middle of it: a new certificate, trusts both.
+    let n2 = identity_of(&new, 2, Some(&cross), &[&new, &old]);
+    let (_n2, a2) = serve(&n2);
+    // Node 3 is past it: the old CA is retired.
+    let n3 = identity_of(&new, 3, Some(&cross), &[&new]);
+    let (_n3, a3) = serve(&n3);
+
+    let client = |id: &Identity| {
+        rpc::Peers::new(quic::endpoint(id, "127.0.0.1:0".parse().unwrap()).unwrap())
+    };
+    // A new certificate reaches a node that trusts only the old CA through the cross-signed CA.
+    let pong: Pong = client(&n2).call(a1, &Ping(1)).await.unwrap();
+    assert_eq!(pong.peer, Some(2));
+    // An old certificate is accepted where both CAs are trusted...
+    let pong: Pong = client(&identity_of(&old, 1, None, &[&old, &new]))
+        .call(a2, &Ping(1))
+        .await
+        .unwrap();
+    assert_eq!(pong.peer, Some(1));
+    // ...and refused once the old CA is retired, both ways.
+    // (A client certificate is checked after the client's side of the handshake is done: the
+    // refusal shows as a lost connection.)
+    let refused = client(&identity_of(&old, 1, None, &[&old, &new]))
+        .call::<_, Pong>(a3, &Ping(1))
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let err = client(&n3).call::<_, Pong>(a1, &Ping(1)).await.unwrap_err();
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    let pong: Pong = client(&n3).call(a2, &Ping(1)).await.unwrap();
+    assert_eq!(pong.peer, Some(3));
+    // A joining node with the new CA's fingerprint finds it in node 2's and node 3's chains.
+    for addr in [a2, a3] {
+        let joiner = rpc::Peers::new(quic::join_endpoint(new.fingerprint()).unwrap());
+        let pong: Pong = joiner.call(addr, &Ping(0)).await.unwrap();
+        assert_eq!(pong.peer, None);
+    }
+}

@@ -693,6 +693,12 @@ fn node_ids_and_join_secrets() {
     assert!(sm.view().is_revoked(3).unwrap());
     assert!(!sm.view().is_revoked(2).unwrap());
     assert_eq!(sm.run(MetaCommand::AllocNodeId), Ok(Reply::NodeId(4)));
+    // The CAs members accept: none recorded until a rotation; never an empty set.
+    assert_eq!(sm.view().trust().unwrap(), None);
+    let cas = vec![vec![1u8; 10], vec![2u8; 10]];
+    sm.run(MetaCommand::SetTrust { cas: cas.clone() }).unwrap();
+    assert_eq!(sm.view().trust().unwrap(), Some(cas));
+    assert!(sm.run(MetaCommand::SetTrust { cas: vec![] }).is_err());
 }
 
 #[test]
@@ -836,6 +842,7 @@ fn node_reports_and_labels() {
         disk_total: 100,
         disk_free: 40,
         hostname: "sw2".into(),
+        issuer: [3; 32],
     })
     .unwrap();
     let label = |key: &str, value: Option<&str>| MetaCommand::SetNodeLabel {
@@ -871,6 +878,7 @@ fn node_reports_and_labels() {
         disk_total: 100,
         disk_free: 30,
         hostname: "sw2".into(),
+        issuer: [3; 32],
     })
     .unwrap();
     assert_eq!(sm.view().nodes().unwrap()[&2].labels.len(), 1);

@@ -1,0 +1,219 @@
+//! The cluster CA and what every node trusts.
+//!
+//! A CA rotation (`shoal ca rotate`, on the node holding the CA) makes a new CA, signs the new
+//! CA's certificate with the old one (a cross-signed certificate), and records in the state
+//! machine that members accept both, the new one first (`MetaCommand::SetTrust`). Every node
+//! follows the trust set (`follow`): it trusts both, and asks for a certificate from the new
+//! CA, which it presents with the cross-signed certificate after it, so that a peer that has
+//! not heard of the rotation yet still accepts it. `shoal ca retire` then drops the old CA,
+//! once every member reports a certificate from the new one (`NodeInfo::issuer`): nodes close
+//! their connections and reconnect under the new CA alone, and a certificate of the old CA,
+//! like a join token naming it, no longer gets anyone in.
+//!
+//! The CA node keeps its signing CA in `DATA/tls/signer/` (`ca.crt`, `ca.key`, and
+//! `cross.crt` after a rotation), swapped whole with `renameat2(RENAME_EXCHANGE)`; a cluster
+//! that never rotated signs with `DATA/tls/ca.crt` and `ca.key` from `shoal init`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use shoal_net::pki::{self, Ca, CertificateDer};
+use shoal_net::token::JoinToken;
+use shoal_raft::MetaCommand;
+use tracing::info;
+
+use super::{Cluster, save_token, tls_dir};
+use crate::node::Node;
+
+/// The CA a node signs with, and its cross-signed certificate after a rotation.
+pub struct Signer {
+    pub ca: Ca,
+    pub cross: Option<CertificateDer<'static>>,
+}
+
+fn signer_dir(data: &Path) -> PathBuf {
+    tls_dir(data).join("signer")
+}
+
+impl Signer {
+    /// The node's signing CA, if it holds one.
+    pub fn load(data: &Path) -> Option<Signer> {
+        let dir = signer_dir(data);
+        if dir.exists() {
+            let ca = Ca::load(&dir.join("ca.crt"), &dir.join("ca.key")).ok()?;
+            let cross = std::fs::read_to_string(dir.join("cross.crt"))
+                .ok()
+                .and_then(|t| pem::parse(t).ok())
+                .map(|p| CertificateDer::from(p.into_contents()));
+            return Some(Signer { ca, cross });
+        }
+        let tls = tls_dir(data);
+        let ca = Ca::load(&tls.join("ca.crt"), &tls.join("ca.key")).ok()?;
+        Some(Signer { ca, cross: None })
+    }
+
+    /// Writes the signer into `dir` (made fresh), every file fsynced.
+    fn save(&self, dir: &Path) -> Result<(), String> {
+        let _ = std::fs::remove_dir_all(dir);
+        crate::private::create_data_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        self.ca
+            .save(&dir.join("ca.crt"), &dir.join("ca.key"))
+            .map_err(|e| e.to_string())?;
+        if let Some(cross) = &self.cross {
+            let text = pem::encode(&pem::Pem::new("CERTIFICATE", cross.to_vec()));
+            std::fs::write(dir.join("cross.crt"), text)
+                .and_then(|()| std::fs::File::open(dir.join("cross.crt"))?.sync_all())
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("{}: {e}", dir.display()))
+    }
+}
+
+/// The CAs members accept, the signing one first: the state machine's, or before any
+/// rotation the one this node joined with.
+fn trust_of(node: &Node, c: &Cluster) -> Vec<CertificateDer<'static>> {
+    match node.view.trust() {
+        Ok(Some(cas)) => cas.into_iter().map(CertificateDer::from).collect(),
+        _ => vec![c.identity.lock().expect("identity lock").ca.clone()],
+    }
+}
+
+/// Brings this node in line with the trust set: trusts what it says (and, when a CA left it,
+/// closes every connection so that each is made again under the new trust), and asks for a
+/// certificate from the signing CA if its own is from another. Run every few seconds and
+/// after each rotation step.
+pub async fn follow(node: &Node) -> Result<(), String> {
+    let Some(c) = node.cluster() else {
+        return Ok(());
+    };
+    let trust = trust_of(node, c);
+    let (current, issuer) = {
+        let id = c.identity.lock().expect("identity lock");
+        (id.trust.clone(), id.issuer())
+    };
+    if trust != current {
+        let shrunk = current.iter().any(|ca| !trust.contains(ca));
+        let updated = c
+            .identity
+            .lock()
+            .expect("identity lock")
+            .with_trust(trust.clone());
+        c.install(updated)?;
+        info!(
+            cas = trust.len(),
+            "now trusting the cluster's CA set from the state machine"
+        );
+        if shrunk {
+            info!(
+                "a CA was retired: closing every connection so each is made again under the new trust"
+            );
+            c.close_all().await;
+        }
+    }
+    if pki::fingerprint(&trust[0]) != issuer {
+        info!("this node's certificate is from a CA that no longer signs: asking for a new one");
+        super::renew(node, c).await?;
+    }
+    Ok(())
+}
+
+impl Node {
+    /// `shoal ca rotate`: a new CA, trusted beside the old one, and a new join token for it.
+    pub async fn rotate_ca(&self) -> Result<JoinToken, String> {
+        let c = self.cluster().ok_or("this node is not part of a cluster")?;
+        let old = c
+            .signer()
+            .ok_or("only the node that ran `shoal init --listen` holds the CA: run this there")?;
+        let trust = trust_of(self, c);
+        if trust.len() > 1 {
+            return Err(
+                "a CA rotation is already under way: finish it with `shoal ca retire` first".into(),
+            );
+        }
+        let new = old
+            .ca
+            .successor(&self.config.cluster_id)
+            .map_err(|e| e.to_string())?;
+        let cross = old.ca.cross_sign(&new).map_err(|e| e.to_string())?;
+        let next = Signer {
+            ca: new,
+            cross: Some(cross),
+        };
+        // On disk before the cluster hears of it, so a crash cannot leave the cluster trusting
+        // a CA whose key is lost; swapped into place once the cluster trusts it.
+        let dir = signer_dir(&self.data_dir);
+        let staged = dir.with_extension("next");
+        next.save(&staged)?;
+        self.run(MetaCommand::SetTrust {
+            cas: vec![next.ca.cert.to_vec(), old.ca.cert.to_vec()],
+        })
+        .await
+        .map_err(|e| format!("recording the new CA: {e}"))?;
+        if dir.exists() {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &staged,
+                rustix::fs::CWD,
+                &dir,
+                rustix::fs::RenameFlags::EXCHANGE,
+            )
+            .map_err(|e| format!("swapping in the new CA: {e}"))?;
+            let retired = dir.with_extension(format!("retired-{}", crate::node::now_nanos()));
+            std::fs::rename(&staged, retired).map_err(|e| e.to_string())?;
+        } else {
+            std::fs::rename(&staged, &dir).map_err(|e| e.to_string())?;
+        }
+        std::fs::File::open(tls_dir(&self.data_dir))
+            .and_then(|d| d.sync_all())
+            .map_err(|e| e.to_string())?;
+        let fingerprint = next.ca.fingerprint();
+        *c.signer.lock().expect("signer lock") = Some(Arc::new(next));
+        info!(
+            ca = hex::encode(&fingerprint[..6]),
+            "rotated the cluster CA: members now accept the old and the new"
+        );
+        // This node first: a node joining with the new token checks the new CA in its chain.
+        follow(self).await?;
+        let token = JoinToken::new(fingerprint);
+        self.run(MetaCommand::SetJoinSecret {
+            hash: token.secret_hash(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        save_token(&self.data_dir, &token).map_err(|e| e.to_string())?;
+        Ok(token)
+    }
+
+    /// `shoal ca retire`: members stop accepting the old CA, once each of them holds a
+    /// certificate from the new one.
+    pub async fn retire_ca(&self) -> Result<(), String> {
+        let c = self.cluster().ok_or("this node is not part of a cluster")?;
+        let trust = trust_of(self, c);
+        if trust.len() < 2 {
+            return Err("no CA rotation is under way: start one with `shoal ca rotate`".into());
+        }
+        let signing = pki::fingerprint(&trust[0]);
+        let infos = self.view.nodes().map_err(|e| e.to_string())?;
+        let behind: Vec<String> = self
+            .members()
+            .into_iter()
+            .filter(|(id, _)| infos.get(id).is_none_or(|i| i.issuer != signing))
+            .map(|(id, _)| crate::admin::node_name(self, id))
+            .collect();
+        if !behind.is_empty() {
+            return Err(format!(
+                "not every member has a certificate from the new CA yet: {}. Nodes renew within seconds of the rotation; a node that is down renews when it is back (or remove it with `shoal node rm`); then retire again",
+                behind.join(", ")
+            ));
+        }
+        self.run(MetaCommand::SetTrust {
+            cas: vec![trust[0].to_vec()],
+        })
+        .await
+        .map_err(|e| format!("retiring the old CA: {e}"))?;
+        info!("retired the old cluster CA");
+        follow(self).await
+    }
+}
