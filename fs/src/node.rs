@@ -577,9 +577,19 @@ impl Node {
         if self.cluster.is_none() {
             return Ok(());
         }
+        let deadline = Instant::now() + FORWARD_PATIENCE;
         let index = loop {
             match self.raft.get_read_log_id().await {
                 Ok((read, _)) => break read.map(|l| l.index),
+                // A quorum did not answer this round: a follower restarting, connections being
+                // made again (a CA retired), a moment of loss. An election settles it within
+                // the same patience as a forward.
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))
+                    if Instant::now() < deadline =>
+                {
+                    debug!(error = %e, "read index: no quorum answered yet; asking again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
                     let asked = self
                         .ask_leader(&Request::ReadIndex, |r| match r {
@@ -626,8 +636,12 @@ impl Node {
             }
             match self.to_leader(req).await.map(&answer) {
                 Ok(Some(Ok(v))) => return Ok(Some(v)),
-                Ok(Some(Err(e))) if Instant::now() < deadline && e.contains("forward") => {
-                    // The node we took for the leader no longer is one.
+                Ok(Some(Err(e)))
+                    if Instant::now() < deadline
+                        && (e.contains("forward") || e.contains("quorum")) =>
+                {
+                    // The node we took for the leader no longer is one, or no quorum answered
+                    // it this round.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Ok(Some(Err(e))) => return Err(OpError::Raft(format!("the leader refused: {e}"))),

@@ -511,6 +511,24 @@ impl Node {
         Ok(())
     }
 
+    /// The read index a follower asked for. A round in which no quorum answered is tried
+    /// again for a while (within the caller's call timeout) rather than failing its read.
+    async fn read_index_for_peer(&self) -> Result<Option<u64>, String> {
+        use openraft::error::{CheckIsLeaderError, RaftError};
+        let deadline = std::time::Instant::now() + shoal_net::rpc::CALL_TIMEOUT / 2;
+        loop {
+            match self.raft.get_read_log_id().await {
+                Ok((read, _)) => return Ok(read.map(|l| l.index)),
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
     /// Signs a member's renewal request. The certificate names the node the connection was
     /// authenticated as, whatever the request says.
     fn sign_renewal(&self, peer: u64, csr: &[u8]) -> Result<rpc::Renewed, String> {
@@ -601,13 +619,7 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             }
             Response::Propose(answer)
         }
-        Request::ReadIndex => Response::ReadIndex(
-            node.raft
-                .get_read_log_id()
-                .await
-                .map(|(read, _)| read.map(|l| l.index))
-                .map_err(|e| e.to_string()),
-        ),
+        Request::ReadIndex => Response::ReadIndex(node.read_index_for_peer().await),
         Request::Join(j) => Response::Join(node.handle_join(j).await),
         Request::AddMember { id, addr } => Response::AddMember(node.add_member(id, addr).await),
         Request::RemoveMember { id } => Response::RemoveMember(node.remove_member(id).await),
