@@ -47,6 +47,7 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
+    let mut fatal = None;
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
@@ -54,6 +55,15 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
             _ = poll.tick() => {
                 if handle.is_finished() {
                     warn!(mount = %handle.mountpoint.display(), "the mount went away (unmounted from outside); shutting down");
+                    break;
+                }
+                // A Raft core that stopped (its log's disk failed a write) never serves again:
+                // every metadata operation would answer EIO for as long as the process lives.
+                // Exit non-zero instead, so that systemd restarts the daemon, which replays
+                // its log and catches up from the others.
+                if let Err(e) = node.raft.metrics().borrow().running_state.clone() {
+                    tracing::error!(error = %e, "the Raft core stopped; shutting down so that the service manager restarts this daemon");
+                    fatal = Some(e);
                     break;
                 }
             }
@@ -68,5 +78,11 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(socket);
     }
     let _ = std::fs::remove_file(admin::socket_path(args.data));
-    Ok(())
+    match fatal {
+        Some(e) => Err(anyhow::anyhow!(
+            "the Raft core stopped ({e}): check the data disk ({}); starting the daemon again replays its log",
+            args.data.display()
+        )),
+        None => Ok(()),
+    }
 }

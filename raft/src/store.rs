@@ -62,6 +62,16 @@ pub fn open(dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreErro
 
 // ---- log ----
 
+/// Fault injection for tests: while the file `SHOAL_FAULT_LOG_WRITE_FAILS` names exists,
+/// appending to the log fails as a dying disk's writes would, which stops the Raft core for
+/// good. Unset in production.
+fn injected_write_failure() -> Option<std::io::Error> {
+    let path = std::env::var_os("SHOAL_FAULT_LOG_WRITE_FAILS")?;
+    std::path::Path::new(&path)
+        .exists()
+        .then(|| std::io::Error::other("fault injected: the log's disk failed a write"))
+}
+
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
@@ -178,6 +188,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        if let Some(e) = injected_write_failure() {
+            return Err(io_err(StorageIOError::write_logs, e));
+        }
         let mut batch = sled::Batch::default();
         for entry in entries {
             batch.insert(&entry.log_id.index.to_be_bytes(), encode(&entry));

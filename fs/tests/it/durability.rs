@@ -195,3 +195,60 @@ fn kill_9_repeatedly_at_different_points() {
         }
     }
 }
+
+/// A log whose disk fails a write stops the Raft core for good. The daemon must not stay
+/// mounted answering EIO: it exits non-zero (so systemd restarts it), and a restart on a
+/// disk that works again serves every file fsynced before the failure.
+#[test]
+fn a_log_disk_that_fails_a_write_stops_the_daemon_and_a_restart_keeps_every_fsynced_file() {
+    let root = tempfile::tempdir().unwrap();
+    let trigger = root.path().join("fail-log-writes");
+    let mut d =
+        Daemon::start_with_env(&[("SHOAL_FAULT_LOG_WRITE_FAILS", trigger.to_str().unwrap())]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut dirs = Vec::new();
+    let mut writers = Vec::new();
+    // Three writers at once, each in its own directory.
+    for k in 0..3 {
+        let dir = d.mnt().join(format!("w{k}"));
+        fs::create_dir(&dir).unwrap();
+        let done: Done = Arc::default();
+        let sizes = vec![1, 70_000, 1 << 20];
+        writers.push((
+            writer(dir.clone(), sizes, k == 1, stop.clone(), done.clone()),
+            done,
+        ));
+        dirs.push(dir);
+    }
+    fsync_dir(&d.mnt()).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    fs::write(&trigger, b"").unwrap();
+    let status = d
+        .wait_exit(Duration::from_secs(20))
+        .expect("the daemon kept running with a dead Raft core");
+    assert!(!status.success(), "it exited with {status}");
+    let log = d.log();
+    assert!(
+        log.contains("the Raft core stopped") && log.contains("check the data disk"),
+        "{log}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    let mut recorded = Vec::new();
+    for (w, done) in writers {
+        w.join().unwrap();
+        recorded.push(done);
+    }
+    fs::remove_file(&trigger).unwrap();
+    d.restart();
+    for (dir, done) in dirs.iter().zip(&recorded) {
+        total += verify(dir, done);
+    }
+    assert!(
+        total > 0,
+        "no file was fsynced before the failure; the test proved nothing"
+    );
+    // And it takes writes again.
+    fs::write(d.mnt().join("after"), b"ok").unwrap();
+    assert_eq!(fs::read(d.mnt().join("after")).unwrap(), b"ok");
+}

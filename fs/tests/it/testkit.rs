@@ -67,6 +67,8 @@ pub fn is_mounted(path: &Path) -> bool {
 pub struct Daemon {
     pub root: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra environment for the daemon (fault knobs).
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -80,6 +82,11 @@ impl Daemon {
 
     /// Initializes a data dir and starts a daemon on it.
     pub fn start() -> Daemon {
+        Daemon::start_with_env(&[])
+    }
+
+    /// `start`, with extra environment variables for the daemon.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
         let root = tempfile::tempdir().unwrap();
         let out = Command::new(shoal())
             .args(["init", "--block-size", "1MiB", "--data"])
@@ -91,7 +98,15 @@ impl Daemon {
             "init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut d = Daemon { root, child: None };
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut d = Daemon {
+            root,
+            child: None,
+            env,
+        };
         d.restart();
         d
     }
@@ -117,6 +132,7 @@ impl Daemon {
             .arg(self.mnt())
             .arg("--plugin-socket")
             .arg(self.plugin_socket())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -144,6 +160,19 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.root.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `limit` for the daemon to exit by itself; its exit status if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// SIGKILL: the daemon gets no chance to flush or unmount.
