@@ -26,6 +26,9 @@ const PROPOSE_PATIENCE: Duration = Duration::from_secs(30);
 /// Disk space kept free for metadata: data writes fail with ENOSPC before the disk is full.
 pub const SPACE_RESERVE: u64 = 128 << 20;
 
+/// At most one "disk is full" line per this long.
+const SPACE_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// The file in the data directory that says which cluster and node it belongs to.
 pub const CONFIG_FILE: &str = "shoal.json";
 
@@ -196,6 +199,10 @@ pub struct Node {
     pub(crate) files: Mutex<HashMap<Ino, Arc<OpenFile>>>,
     /// Blocks written but not yet referenced by a committed layout; the collector skips them.
     pub(crate) unreferenced_writes: Mutex<HashMap<BlockId, u32>>,
+    /// Woken when a write was refused for lack of space: the collector runs at once.
+    pub(crate) space_short: Notify,
+    /// When the last "disk is full" warning was logged (ns), and refusals since then.
+    space_warned: (std::sync::atomic::AtomicI64, AtomicU64),
     pub(crate) dirty_bytes: AtomicU64,
     /// Blocks this node should hold and lacks, as of the last repair round.
     pub(crate) repair_missing: AtomicU64,
@@ -421,6 +428,8 @@ impl Node {
             repair_missing: AtomicU64::new(0),
             repair_fetched: AtomicU64::new(0),
             blocks_lost: AtomicU64::new(0),
+            space_short: Notify::new(),
+            space_warned: Default::default(),
             seen: Mutex::new(HashMap::new()),
             purge_tx,
             releasing: Mutex::new(Default::default()),
@@ -708,13 +717,34 @@ impl Node {
             rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Errno(e.raw_os_error()))?;
         let free = st.f_bavail.saturating_mul(st.f_frsize);
         if free < SPACE_RESERVE.saturating_add(incoming) {
-            warn!(
-                free,
-                incoming, "data disk is full; refusing new data with ENOSPC"
-            );
+            // Deleted files' blocks are garbage waiting out their grace: collect them now.
+            self.space_short.notify_one();
+            self.warn_space(free, incoming);
             return Err(OpError::Errno(libc::ENOSPC));
         }
         Ok(())
+    }
+
+    /// Logs a full disk at most once every `SPACE_WARN_EVERY`, with the refusals since the last
+    /// line: a writer retrying in a loop must not flood the log.
+    fn warn_space(&self, free: u64, incoming: u64) {
+        let now = now_nanos();
+        let (last, since) = &self.space_warned;
+        let refused = since.fetch_add(1, Ordering::Relaxed) + 1;
+        let prev = last.load(Ordering::Relaxed);
+        if now - prev >= SPACE_WARN_EVERY.as_nanos() as i64
+            && last
+                .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            since.store(0, Ordering::Relaxed);
+            warn!(
+                free,
+                incoming,
+                refused,
+                "data disk is full; refusing new data with ENOSPC (delete files to make room: their blocks are collected at once)"
+            );
+        }
     }
 
     /// Drops `/volumes/NAME` from this node's kernel caches now, before the caller answers:

@@ -19,6 +19,10 @@ const SWEEP_EVERY: u32 = 20;
 /// Blocks on disk that nothing references are left alone for this long: a commit may be
 /// about to reference them.
 const SWEEP_AGE: Duration = Duration::from_secs(3600);
+/// The grace when a write was refused for lack of space: long enough for a commit that is
+/// pushing a block to propose the layout that names it, short enough that space freed by
+/// deleting files comes back before a writer gives up.
+const SHORT_GRACE: Duration = Duration::from_secs(2);
 
 /// Deletes garbage blocks older than `grace`. Returns how many were deleted.
 pub async fn collect(node: &Node, grace: Duration) -> OpResult<usize> {
@@ -86,15 +90,34 @@ pub fn sweep_unreferenced(
     Ok(n)
 }
 
+/// Collects every `PERIOD`, and at once (with a short grace) when a write was refused for
+/// lack of space, at most once a second.
 pub(crate) async fn worker(node: Weak<Node>) {
     let mut tick = tokio::time::interval(PERIOD);
     tick.tick().await;
     let mut rounds = 0u32;
     loop {
-        tick.tick().await;
+        let short = {
+            let Some(n) = node.upgrade() else { return };
+            tokio::select! {
+                _ = tick.tick() => false,
+                () = n.space_short.notified() => true,
+            }
+        };
         let Some(node) = node.upgrade() else { return };
-        if let Err(e) = collect(&node, node.options.gc_grace).await {
-            warn!(error = %e, "garbage collection failed; retrying next round");
+        let grace = if short {
+            SHORT_GRACE.min(node.options.gc_grace)
+        } else {
+            node.options.gc_grace
+        };
+        match collect(&node, grace).await {
+            Ok(n) if short => debug!(blocks = n, "collected garbage at once: the disk is short"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "garbage collection failed; retrying next round"),
+        }
+        if short {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
         }
         rounds += 1;
         if rounds.is_multiple_of(SWEEP_EVERY) {

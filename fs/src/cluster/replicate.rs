@@ -311,13 +311,26 @@ pub async fn fetch(node: &Node, id: BlockId, len: Option<u32>) -> Result<Bytes, 
     Err(BlockError::Missing(id))
 }
 
+/// How long a block another node pushed is kept from the collector: its writer proposes the
+/// layout that names it right after the push, but the block may be garbage here (a file
+/// deleted earlier had the same bytes), and deleting it would take the copy the writer counts.
+const RECEIVED_GUARD: Duration = Duration::from_secs(60);
+
 /// Stores a block another node sent, after checking it against its name.
-pub async fn accept(node: &Node, id: BlockId, data: Vec<u8>) -> Result<(), String> {
+pub async fn accept(node: &std::sync::Arc<Node>, id: BlockId, data: Vec<u8>) -> Result<(), String> {
     if BlockId::of(&data) != id {
         return Err(format!(
             "the bytes sent for block {id} do not hash to its name"
         ));
     }
+    node.guard_blocks(&[id]);
+    let weak = std::sync::Arc::downgrade(node);
+    tokio::spawn(async move {
+        tokio::time::sleep(RECEIVED_GUARD).await;
+        if let Some(node) = weak.upgrade() {
+            node.unguard_blocks(&[id]);
+        }
+    });
     let store = node.blocks.clone();
     tokio::task::spawn_blocking(move || {
         store.put(&id, &data)?;

@@ -252,3 +252,98 @@ fn a_log_disk_that_fails_a_write_stops_the_daemon_and_a_restart_keeps_every_fsyn
     fs::write(d.mnt().join("after"), b"ok").unwrap();
     assert_eq!(fs::read(d.mnt().join("after")).unwrap(), b"ok");
 }
+
+/// Writes `len`-byte files named `prefix.N` and fsyncs each, until the disk is full; returns the
+/// names and hashes of those whose fsync succeeded. Any error but ENOSPC fails the test.
+/// The seeds start at `seed`, so that two writers' files share no block.
+fn fill(
+    dir: PathBuf,
+    prefix: &'static str,
+    seed: u64,
+    len: usize,
+) -> std::thread::JoinHandle<Vec<(String, String)>> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for n in 0.. {
+            let name = format!("{prefix}.{n}");
+            let data = content(seed + n, len);
+            let written = (|| -> std::io::Result<()> {
+                let mut f = File::create(dir.join(&name))?;
+                f.write_all(&data)?;
+                f.sync_all()
+            })();
+            match written {
+                Ok(()) => kept.push((name, blake3::hash(&data).to_hex().to_string())),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return kept,
+                Err(e) => panic!("{name}: {e}"),
+            }
+        }
+        unreachable!()
+    })
+}
+
+#[test]
+fn space_freed_on_a_full_disk_comes_back_at_once_and_the_log_is_not_flooded() {
+    let mut d = Daemon::start_on_small_disk(400 << 20);
+    let m = d.mnt();
+    // Two writers fill the disk at the same time.
+    let a = fill(m.clone(), "a", 1, 8 << 20);
+    let b = fill(m.clone(), "b", 1 << 32, 8 << 20);
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "a {} b {}",
+        a.len(),
+        b.len()
+    );
+    // Writers that retry into a full disk.
+    for n in 0..200 {
+        let _ = fs::write(m.join(format!("retry.{n}")), [7u8; 4096]);
+    }
+    // Delete a's files; the space comes back within seconds, not after the minute of grace.
+    for (name, _) in &a {
+        fs::remove_file(m.join(name)).unwrap();
+    }
+    let t = std::time::Instant::now();
+    let data = content(1 << 40, 8 << 20);
+    loop {
+        let written = (|| -> std::io::Result<()> {
+            let mut f = File::create(m.join("again"))?;
+            f.write_all(&data)?;
+            f.sync_all()
+        })();
+        match written {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "deleting {} files freed nothing within 20 s",
+                    a.len()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    eprintln!(
+        "full disk: {} + {} files of 8 MiB, space back {} ms after deleting {}",
+        a.len(),
+        b.len(),
+        t.elapsed().as_millis(),
+        a.len()
+    );
+    let log = d.log();
+    let warnings = log.matches("data disk is full").count();
+    assert!(
+        (1..=6).contains(&warnings),
+        "{warnings} full-disk warnings for hundreds of refusals"
+    );
+    // Every file fsynced before the disk filled is intact, across a restart.
+    d.stop();
+    d.restart();
+    Daemon::drop_caches();
+    for (name, hash) in &b {
+        assert_eq!(&hash_file(&m.join(name)), hash, "{name}");
+    }
+    assert_eq!(fs::read(m.join("again")).unwrap(), data);
+}

@@ -69,6 +69,8 @@ pub struct Daemon {
     child: Option<Child>,
     /// Extra environment for the daemon (fault knobs).
     env: Vec<(String, String)>,
+    /// Whether the data directory is a filesystem of its own, unmounted on drop.
+    data_mount: bool,
 }
 
 impl Daemon {
@@ -87,10 +89,42 @@ impl Daemon {
 
     /// `start`, with extra environment variables for the daemon.
     pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        Daemon::init_and_start(tempfile::tempdir().unwrap(), env, false)
+    }
+
+    /// `start`, with the data directory on a filesystem of its own of `bytes` (a tmpfs), so
+    /// that a test can fill it.
+    pub fn start_on_small_disk(bytes: u64) -> Daemon {
         let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let options = std::ffi::CString::new(format!("size={bytes},mode=0700")).unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            &data,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            Some(options.as_c_str()),
+        )
+        .unwrap();
+        Daemon::init_and_start(root, &[], true)
+    }
+
+    fn init_and_start(root: tempfile::TempDir, env: &[(&str, &str)], data_mount: bool) -> Daemon {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // Made first, so that a failing init still unmounts what was mounted (on drop).
+        let mut d = Daemon {
+            root,
+            child: None,
+            env,
+            data_mount,
+        };
         let out = Command::new(shoal())
             .args(["init", "--block-size", "1MiB", "--data"])
-            .arg(root.path().join("data"))
+            .arg(d.data())
             .output()
             .unwrap();
         assert!(
@@ -98,15 +132,6 @@ impl Daemon {
             "init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let mut d = Daemon {
-            root,
-            child: None,
-            env,
-        };
         d.restart();
         d
     }
@@ -214,6 +239,9 @@ impl Drop for Daemon {
         }
         if is_mounted(&self.mnt()) {
             let _ = shoal_fs::fuse::mount::detach(&self.mnt());
+        }
+        if self.data_mount {
+            let _ = shoal_fs::fuse::mount::detach(&self.data());
         }
     }
 }
