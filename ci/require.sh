@@ -23,5 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   exit 1
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+command -v setpriv >/dev/null || { echo "setpriv is missing (apt-get install util-linux; the security tests run commands as nobody)" >&2; exit 1; }
 command -v pjdfstest >/dev/null || cargo install --locked pjdfstest@0.2.2
 command -v fsx >/dev/null || cargo install --locked fsx@0.3.2

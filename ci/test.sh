@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Every test shoal has: unit and integration tests (real FUSE mounts, kill -9 durability),
+# Every test shoal has: formatting and clippy (warnings are errors, so raft/clippy.toml's ban on
+# clocks and randomness in the state machine holds), unit and integration tests (real FUSE mounts, kill -9 durability),
 # pjdfstest against the mount, fsx, the Docker plugin against real dockerds, and the benchmark runner's quick mode against every peer
 # (a smoke test: no assertion on speed). Needs root; see ci/require.sh for what else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ci/require.sh
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --workspace --all-targets
 cargo test --release --workspace
 ci/pjdfstest.sh
