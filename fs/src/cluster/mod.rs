@@ -25,7 +25,7 @@ use shoal_raft::{MetaCommand, Reply};
 use tracing::{debug, info, warn};
 
 use crate::node::{Node, NodeError, OpError};
-use rpc::{JoinReply, JoinRequest, Request, Response};
+use rpc::{JoinReply, JoinRequest, RaftFailure, Request, Response};
 
 /// How long a node certificate is valid, unless `SHOAL_CERT_VALIDITY_SECS` says otherwise on
 /// the node holding the CA (tests use a short one to exercise renewal).
@@ -596,14 +596,19 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             if let Some(delay) = slow_append(node.id) {
                 tokio::time::sleep(delay).await;
             }
-            Response::Append(node.raft.append_entries(r).await)
+            Response::Append(node.raft.append_entries(r).await.map_err(RaftFailure::of))
         }
-        Request::Vote(r) => Response::Vote(node.raft.vote(r).await),
+        Request::Vote(r) => Response::Vote(node.raft.vote(r).await.map_err(RaftFailure::of)),
         Request::Snapshot(r) => {
             if let Some(delay) = slow_snapshot(node.id) {
                 tokio::time::sleep(delay).await;
             }
-            Response::Snapshot(node.raft.install_snapshot(r).await)
+            Response::Snapshot(
+                node.raft
+                    .install_snapshot(r)
+                    .await
+                    .map_err(RaftFailure::of_snapshot),
+            )
         }
         Request::Propose(mut r) => {
             // One clock for every time in the log: leases are renewed and expired against the

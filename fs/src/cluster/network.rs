@@ -15,7 +15,7 @@ use openraft::raft::{
 use shoal_net::rpc::Peers;
 use shoal_raft::TypeConfig;
 
-use super::rpc::{Request, Response};
+use super::rpc::{RaftFailure, Request, Response};
 
 pub struct QuicNetwork {
     pub peers: Arc<Peers>,
@@ -79,6 +79,20 @@ impl QuicPeer {
     }
 }
 
+impl QuicPeer {
+    /// A peer's Raft failure that openraft need not act on: a network error, retried.
+    fn failed<E: std::error::Error>(&self, e: RaftFailure) -> RPCError<u64, BasicNode, E> {
+        let why = match e {
+            RaftFailure::Fatal(why) => why,
+            RaftFailure::SnapshotMismatch(m) => m.to_string(),
+        };
+        RPCError::Network(NetworkError::new(&io(format!(
+            "node {}'s Raft failed: {why}",
+            self.target
+        ))))
+    }
+}
+
 impl RaftNetwork<TypeConfig> for QuicPeer {
     async fn append_entries(
         &mut self,
@@ -86,9 +100,7 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         match self.send(Request::Append(rpc), &option).await? {
-            Response::Append(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            Response::Append(r) => r.map_err(|e| self.failed(e)),
             other => Err(self.unexpected(other)),
         }
     }
@@ -102,9 +114,13 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
         match self.send(Request::Snapshot(rpc), &option).await? {
-            Response::Snapshot(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            Response::Snapshot(r) => r.map_err(|e| match e {
+                RaftFailure::SnapshotMismatch(m) => RPCError::RemoteError(RemoteError::new(
+                    self.target,
+                    RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m)),
+                )),
+                other => self.failed(other),
+            }),
             other => Err(self.unexpected(other)),
         }
     }
@@ -115,9 +131,7 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         match self.send(Request::Vote(rpc), &option).await? {
-            Response::Vote(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            Response::Vote(r) => r.map_err(|e| self.failed(e)),
             other => Err(self.unexpected(other)),
         }
     }

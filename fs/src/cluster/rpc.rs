@@ -1,6 +1,6 @@
 //! The requests nodes send each other, one enum for the whole protocol.
 
-use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::error::{InstallSnapshotError, RaftError, SnapshotMismatch};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -104,11 +104,38 @@ pub struct Renewed {
     pub cross: Option<Vec<u8>>,
 }
 
+/// A peer's Raft failed to take a request. openraft's own error types nest without bound
+/// (`AnyError`'s chain of sources), and decoding a chain a peer made deep enough overflows the
+/// stack (found by fuzzing), so on the wire a fatal error is its text, and the one API error
+/// the protocol acts on, a snapshot chunk out of order, is kept as it is.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum RaftFailure {
+    /// The peer's Raft stopped (its log's disk failed, or it is shutting down).
+    Fatal(String),
+    /// `InstallSnapshotError::SnapshotMismatch`: the leader starts the snapshot over.
+    SnapshotMismatch(SnapshotMismatch),
+}
+
+impl RaftFailure {
+    pub fn of<E: std::fmt::Display>(e: RaftError<u64, E>) -> RaftFailure {
+        RaftFailure::Fatal(e.to_string())
+    }
+
+    pub fn of_snapshot(e: RaftError<u64, InstallSnapshotError>) -> RaftFailure {
+        match e {
+            RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m)) => {
+                RaftFailure::SnapshotMismatch(m)
+            }
+            RaftError::Fatal(f) => RaftFailure::Fatal(f.to_string()),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug)]
 pub enum Response {
-    Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
-    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
-    Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    Append(Result<AppendEntriesResponse<u64>, RaftFailure>),
+    Vote(Result<VoteResponse<u64>, RaftFailure>),
+    Snapshot(Result<InstallSnapshotResponse<u64>, RaftFailure>),
     /// The log index the proposal was applied at, and its results.
     Propose(Result<(u64, MetaResponse), String>),
     ReadIndex(Result<Option<u64>, String>),
