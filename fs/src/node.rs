@@ -131,6 +131,9 @@ pub enum OpError {
     Raft(String),
     #[error("errno {0}")]
     Errno(i32),
+    /// A commit could not put its blocks on as many nodes as an fsync promises.
+    #[error("{0}")]
+    Replication(String),
 }
 
 impl OpError {
@@ -139,7 +142,7 @@ impl OpError {
         match self {
             OpError::Fs(e) => fs_errno(*e),
             OpError::Block(e) => e.errno(),
-            OpError::Raft(_) => libc::EIO,
+            OpError::Raft(_) | OpError::Replication(_) => libc::EIO,
             OpError::Errno(n) => *n,
         }
     }

@@ -164,6 +164,11 @@ impl SlowPeers {
 /// Returns once each block is durable on as many nodes as could take it, except that a member
 /// that is down, has no live session or is slow (`SLOW_COPY`) is not waited for once the
 /// block is on two nodes: one dead node must not stall every fsync of the cluster.
+///
+/// **The promise of an fsync:** each block is on min(R, 2) nodes, this one and at least one
+/// other, when the policy asks for more than one copy. If no other node took a copy (every
+/// candidate refused or did not answer), the commit fails with `OpError::Replication` (EIO):
+/// its data stays buffered and the next fsync or close tries again.
 pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> OpResult<()> {
     let Some(cluster) = node.cluster() else {
         return Ok(());
@@ -182,11 +187,22 @@ pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> 
         };
         tasks.push(tokio::spawn(copy.run(order, healthy, want, need)));
     }
+    let mut short = Vec::new();
     for t in tasks {
-        t.await
+        let (id, copies, need) = t
+            .await
             .map_err(|e| OpError::Raft(format!("replication task failed: {e}")))?;
+        if copies < need {
+            short.push(id);
+        }
     }
-    Ok(())
+    match short.first() {
+        None => Ok(()),
+        Some(id) => Err(OpError::Replication(format!(
+            "no other node took a copy of {} block(s) (first {id}): the data stays buffered here and the next fsync tries again; see `shoal node ls` for nodes down or full",
+            short.len()
+        ))),
+    }
 }
 
 struct CopyJob {
@@ -230,8 +246,15 @@ impl CopyJob {
     /// Copies to the first `want` of `order` (of its `healthy` leaders, and of the others only
     /// as far as needed to reach `need`), replacing each failure with the next candidate.
     /// Waits for every copy while fewer than `need` landed, then only for `SLOW_COPY`; the
-    /// nodes it stops waiting for are marked slow.
-    async fn run(self, order: Vec<(u64, SocketAddr)>, healthy: usize, want: usize, need: usize) {
+    /// nodes it stops waiting for are marked slow. Returns the block, the copies that landed
+    /// and `need`.
+    async fn run(
+        self,
+        order: Vec<(u64, SocketAddr)>,
+        healthy: usize,
+        want: usize,
+        need: usize,
+    ) -> (BlockId, usize, usize) {
         let started = Instant::now();
         let mut next = order.into_iter();
         let mut copies = JoinSet::new();
@@ -274,11 +297,12 @@ impl CopyJob {
             }
         }
         if done < need {
-            warn!(block = %self.id, copies = done + 1, wanted = want + 1, "block is under-replicated");
+            warn!(block = %self.id, copies = done + 1, wanted = want + 1, "no other node took a copy of the block; the commit fails");
         } else if done < want {
             debug!(block = %self.id, copies = done + 1, wanted = want + 1, "slow copies left to finish in the background; repair places the rest");
         }
         copies.detach_all();
+        (self.id, done, need)
     }
 }
 

@@ -1322,3 +1322,93 @@ fn volume_policies_quotas_clones_and_the_trash_retention() {
     );
     assert!(fs::metadata(c.mnt(1).join("volumes/fast/f")).is_ok());
 }
+
+/// An fsync promises each block on two nodes (when the policy asks for two or more): if no
+/// other node can take a copy, it fails and keeps the data, and succeeds once one can. Here
+/// the only node a volume's placement allows is down while the writer, which the placement
+/// excludes, fsyncs two files at once; Raft still has its quorum.
+#[test]
+fn an_fsync_fails_rather_than_promise_a_copy_no_other_node_took_and_keeps_the_data() {
+    use std::io::Write;
+    let c = LocalCluster::up(3);
+    let ok = |k: u32, args: &[&str]| {
+        let out = c.shoal_at(k, args);
+        assert!(out.status.success(), "shoal {args:?}: {out:?}");
+    };
+    ok(1, &["node", "label", "add", "2", "zone=a"]);
+    ok(
+        1,
+        &[
+            "volume",
+            "create",
+            "pinned",
+            "-o",
+            "placement=zone==a",
+            "-o",
+            "replicas=1",
+        ],
+    );
+    let leader = c.leader(1).expect("a leader");
+    assert_ne!(
+        leader, 2,
+        "node 2 leads; the test wants it to be a follower"
+    );
+    c.kill9(2);
+    let body = |k: u32| -> Vec<u8> {
+        (0..3_000_000u32)
+            .map(|j| ((j * 13 + k) % 241) as u8)
+            .collect()
+    };
+    let mut files: Vec<fs::File> = (0..2)
+        .map(|k| fs::File::create(c.mnt(1).join(format!("volumes/pinned/f{k}"))).unwrap())
+        .collect();
+    let results: Vec<std::io::Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .iter_mut()
+            .enumerate()
+            .map(|(k, f)| {
+                s.spawn(move || {
+                    f.write_all(&body(k as u32))?;
+                    f.sync_all()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        let e = r
+            .as_ref()
+            .expect_err("an fsync returned with its blocks on one node only");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    }
+    let log = fs::read_to_string(c.node(1).join("daemon.log")).unwrap();
+    assert!(
+        log.contains("no other node took a copy"),
+        "the log says why"
+    );
+
+    // Node 2 comes back. As on Linux, an fsync first reports a failure of the background
+    // commits since the last one (those went on while node 2 was down); the one after that
+    // succeeds with everything written.
+    c.local_up(3);
+    for f in &files {
+        if let Err(e) = f.sync_all() {
+            assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+            f.sync_all().unwrap();
+        }
+    }
+    drop(files);
+    for k in 0..2u32 {
+        assert_eq!(
+            read(&c.mnt(3).join(format!("volumes/pinned/f{k}"))).unwrap(),
+            body(k),
+            "f{k} read on node 3"
+        );
+    }
+    let on_2 = block_files(&c.data(2));
+    let of_files = block_files(&c.data(1));
+    assert!(
+        of_files.iter().filter(|b| on_2.contains(*b)).count() >= 2,
+        "node 2, the one the placement allows, holds the files' blocks"
+    );
+}
