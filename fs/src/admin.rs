@@ -27,6 +27,14 @@ pub enum AdminRequest {
     RotateCa,
     /// Stops accepting the CA a rotation replaced (`shoal ca retire`).
     RetireCa,
+    /// `shoal fsck`: checks the referenced blocks after `after` (at most `limit`), or `only`.
+    Fsck {
+        after: Option<shoal_raft::BlockId>,
+        limit: u32,
+        only: Vec<shoal_raft::BlockId>,
+    },
+    /// `shoal fsck --repair`: copies good copies to the nodes that lack them.
+    FsckRepair(Vec<shoal_raft::BlockId>),
     /// A volume command of `shoal volume`.
     Volume(VolumeRequest),
     /// Sets (`Some`) or removes (`None`) a node label.
@@ -109,6 +117,9 @@ pub enum AdminReply {
     Retention(u64),
     Done,
     Token(String),
+    Fsck(crate::cluster::fsck::FsckBatch),
+    /// Block copies made by `FsckRepair`.
+    Repaired(u64),
     Error(String),
 }
 
@@ -541,6 +552,18 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                     Ok(()) => AdminReply::Done,
                     Err(e) => AdminReply::Error(e),
                 },
+                AdminRequest::Fsck { after, limit, only } => {
+                    match crate::cluster::fsck::check(&node, after, limit as usize, only).await {
+                        Ok(b) => AdminReply::Fsck(b),
+                        Err(e) => AdminReply::Error(e),
+                    }
+                }
+                AdminRequest::FsckRepair(ids) => {
+                    match crate::cluster::fsck::repair(&node, ids).await {
+                        Ok(n) => AdminReply::Repaired(n),
+                        Err(e) => AdminReply::Error(e),
+                    }
+                }
                 AdminRequest::Status => {
                     let n = node.clone();
                     match tokio::task::spawn_blocking(move || status(&n, mount.as_deref())).await {

@@ -96,6 +96,15 @@ enum Command {
         #[arg(long)]
         allow_suid_dev: bool,
     },
+    /// Check every block a file references: read and verified on every node, and on the nodes
+    /// its policy places it on. Exits non-zero if a block is lost or short of copies
+    Fsck {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        /// Copy a good copy to each node that should hold one and lacks it, then check again
+        #[arg(long)]
+        repair: bool,
+    },
     /// Show the running node's state: Raft, mount, usage
     Status {
         #[arg(long, default_value = "/var/lib/shoal")]
@@ -639,6 +648,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }))
         }
         Command::Volume { command } => volume_command(command),
+        Command::Fsck { data, repair } => fsck(&data, repair),
         Command::Status { data, json } => {
             let reply = runtime()?.block_on(admin::request(&data, AdminRequest::Status))?;
             let AdminReply::Status(s) = reply else {
@@ -730,5 +740,137 @@ fn main() -> ExitCode {
             eprintln!("shoal: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Blocks checked per request to the daemon.
+const FSCK_BATCH: u32 = 64;
+
+/// `shoal fsck`: walks every referenced block through the daemon in batches, with a progress
+/// bar, lists what is wrong, and with `repair` fixes what can be fixed and checks it again.
+fn fsck(data: &std::path::Path, repair: bool) -> anyhow::Result<()> {
+    use shoal_fs::cluster::fsck::{BlockCheck, FsckBatch};
+    let rt = runtime()?;
+    let ask = |req: AdminRequest| -> anyhow::Result<FsckBatch> {
+        match rt.block_on(admin::request(data, req))? {
+            AdminReply::Fsck(b) => Ok(b),
+            other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+        }
+    };
+    let mut after = None;
+    let mut problems: Vec<BlockCheck> = Vec::new();
+    let mut unreachable = std::collections::BTreeSet::new();
+    let mut checked = 0u64;
+    let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template(
+        "{spinner} checking blocks {bar:40} {pos}/{len} ({eta} left)",
+    )?);
+    loop {
+        let batch = ask(AdminRequest::Fsck {
+            after,
+            limit: FSCK_BATCH,
+            only: Vec::new(),
+        })?;
+        bar.set_length(batch.total);
+        bar.inc(batch.checked.len() as u64);
+        checked += batch.checked.len() as u64;
+        unreachable.extend(batch.unreachable);
+        problems.extend(batch.checked.into_iter().filter(|b| !b.healthy()));
+        match batch.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    bar.finish_and_clear();
+    let describe = |b: &BlockCheck| -> String {
+        let nodes = |v: &[u64]| {
+            v.iter()
+                .map(|n| format!("node {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if b.lost() {
+            format!("block {}: LOST: no node has a good copy", b.id)
+        } else {
+            format!(
+                "block {}: missing or damaged on {} (good on {})",
+                b.id,
+                nodes(&b.lacking()),
+                nodes(&b.good)
+            )
+        }
+    };
+    if !unreachable.is_empty() {
+        println!(
+            "nodes that did not answer (their copies count as missing): {}",
+            unreachable
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    println!(
+        "{checked} referenced blocks checked: {} with every copy in place, {} short of copies, {} lost",
+        checked - problems.len() as u64,
+        problems.iter().filter(|b| !b.lost()).count(),
+        problems.iter().filter(|b| b.lost()).count()
+    );
+    for b in problems.iter().take(20) {
+        println!("  {}", describe(b));
+    }
+    if problems.len() > 20 {
+        println!("  … and {} more", problems.len() - 20);
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    if !repair {
+        anyhow::bail!(
+            "the cluster is short of copies: run `shoal fsck --repair` (repair also runs by itself every few seconds for nodes that lack a block)"
+        );
+    }
+    let ids: Vec<_> = problems
+        .iter()
+        .filter(|b| !b.lost())
+        .map(|b| b.id)
+        .collect();
+    let bar = indicatif::ProgressBar::new(ids.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{spinner} repairing {bar:40} {pos}/{len}")?,
+    );
+    let mut made = 0;
+    for chunk in ids.chunks(FSCK_BATCH as usize) {
+        match rt.block_on(admin::request(
+            data,
+            AdminRequest::FsckRepair(chunk.to_vec()),
+        ))? {
+            AdminReply::Repaired(n) => made += n,
+            other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let mut left = Vec::new();
+    for chunk in problems.chunks(FSCK_BATCH as usize) {
+        let batch = ask(AdminRequest::Fsck {
+            after: None,
+            limit: 0,
+            only: chunk.iter().map(|b| b.id).collect(),
+        })?;
+        left.extend(batch.checked.into_iter().filter(|b| !b.healthy()));
+    }
+    println!(
+        "repaired: {made} copies made; {} of {} blocks still short or lost",
+        left.len(),
+        problems.len()
+    );
+    for b in left.iter().take(20) {
+        println!("  {}", describe(b));
+    }
+    if left.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "some blocks could not be repaired (a lost block's bytes are gone: restore its files from a backup)"
+        )
     }
 }

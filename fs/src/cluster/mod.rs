@@ -4,6 +4,7 @@
 //! **Architecture invariant:** `shoal-net` moves bytes and knows nothing of Raft or blocks;
 //! this module is where the openraft network and the block protocol meet it.
 
+pub mod fsck;
 pub mod join;
 pub mod network;
 pub mod repair;

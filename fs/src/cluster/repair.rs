@@ -174,7 +174,7 @@ async fn trim(node: &Node, extra: Vec<(BlockId, Vec<u64>)>) -> usize {
 
 /// The policies of the blocks of volumes that set `replicas=` or `placement=`, found by
 /// walking those volumes' files. Every other block follows the default policy.
-fn volume_policies(node: &Node) -> HashMap<BlockId, Vec<Policy>> {
+pub(crate) fn volume_policies(node: &Node) -> HashMap<BlockId, Vec<Policy>> {
     let mut out: HashMap<BlockId, Vec<Policy>> = HashMap::new();
     // References found by the walk, to tell blocks also named by other files.
     let mut seen: HashMap<BlockId, u64> = HashMap::new();

@@ -1412,3 +1412,87 @@ fn an_fsync_fails_rather_than_promise_a_copy_no_other_node_took_and_keeps_the_da
         "node 2, the one the placement allows, holds the files' blocks"
     );
 }
+
+/// `shoal fsck` reads every referenced block on every node: it finds copies damaged on disk
+/// (which the background repair, looking only at which files exist, does not see) and lost
+/// blocks, while another node keeps writing; `--repair` puts good copies back.
+#[test]
+fn fsck_finds_damaged_copies_and_lost_blocks_and_repairs_what_it_can() {
+    use std::io::Write;
+    let c = LocalCluster::up(3);
+    let body = |k: u32| -> Vec<u8> {
+        (0..2_500_000u32)
+            .map(|j| ((j * 7 + k * 3) % 239) as u8)
+            .collect()
+    };
+    for k in 0..4u32 {
+        let mut f = fs::File::create(c.mnt(1).join(format!("f{k}"))).unwrap();
+        f.write_all(&body(k)).unwrap();
+        f.sync_all().unwrap();
+    }
+    let fsck = |args: &[&str]| {
+        let out = c.shoal_at(1, args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, said) = fsck(&["fsck"]);
+    assert!(
+        ok && said.contains("with every copy in place, 0 short of copies, 0 lost"),
+        "{said}"
+    );
+
+    // Flip a byte in two of node 2's block files, while node 3 keeps writing.
+    let victims: Vec<String> = block_files(&c.data(2)).into_iter().take(2).collect();
+    for name in &victims {
+        let path = c.data(2).join("blocks").join(&name[..2]).join(name);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[100] ^= 1;
+        fs::write(&path, bytes).unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, m3) = (stop.clone(), c.mnt(3));
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut f = fs::File::create(m3.join(format!("w{n}"))).unwrap();
+                f.write_all(&vec![n as u8; 300_000]).unwrap();
+                f.sync_all().unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let (ok, said) = fsck(&["fsck"]);
+    eprintln!("fsck with two copies damaged on node 2:\n{said}");
+    assert!(!ok, "{said}");
+    for name in &victims {
+        assert!(
+            said.contains(&format!("block {name}: missing or damaged on node 2")),
+            "{said}"
+        );
+    }
+    assert!(said.contains("fsck --repair"), "{said}");
+    let (ok, said) = fsck(&["fsck", "--repair"]);
+    assert!(ok, "{said}");
+    let (ok, said) = fsck(&["fsck"]);
+    assert!(ok && said.contains("0 short of copies, 0 lost"), "{said}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(writer.join().unwrap() > 0);
+
+    // A block damaged on every node is lost: fsck says so, and repair cannot help.
+    let lost = victims[0].clone();
+    for k in 1..=3 {
+        let path = c.data(k).join("blocks").join(&lost[..2]).join(&lost);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[200] ^= 1;
+        fs::write(&path, bytes).unwrap();
+    }
+    let (ok, said) = fsck(&["fsck", "--repair"]);
+    assert!(!ok, "{said}");
+    assert!(said.contains(&format!("block {lost}: LOST")), "{said}");
+    assert!(said.contains("restore its files from a backup"), "{said}");
+}
