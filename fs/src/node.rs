@@ -203,7 +203,7 @@ pub struct Node {
     /// Blocks written but not yet referenced by a committed layout; the collector skips them.
     pub(crate) unreferenced_writes: Mutex<HashMap<BlockId, u32>>,
     /// Woken when a write was refused for lack of space: the collector runs at once.
-    pub(crate) space_short: Notify,
+    pub(crate) space_short: Arc<Notify>,
     /// When the last "disk is full" warning was logged (ns), and refusals since then.
     space_warned: (std::sync::atomic::AtomicI64, AtomicU64),
     pub(crate) dirty_bytes: AtomicU64,
@@ -431,7 +431,7 @@ impl Node {
             repair_missing: AtomicU64::new(0),
             repair_fetched: AtomicU64::new(0),
             blocks_lost: AtomicU64::new(0),
-            space_short: Notify::new(),
+            space_short: Arc::new(Notify::new()),
             space_warned: Default::default(),
             seen: Mutex::new(HashMap::new()),
             purge_tx,

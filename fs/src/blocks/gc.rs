@@ -96,13 +96,14 @@ pub(crate) async fn worker(node: Weak<Node>) {
     let mut tick = tokio::time::interval(PERIOD);
     tick.tick().await;
     let mut rounds = 0u32;
+    // The worker holds the node only while it collects: a node that shuts down goes.
+    let Some(space_short) = node.upgrade().map(|n| n.space_short.clone()) else {
+        return;
+    };
     loop {
-        let short = {
-            let Some(n) = node.upgrade() else { return };
-            tokio::select! {
-                _ = tick.tick() => false,
-                () = n.space_short.notified() => true,
-            }
+        let short = tokio::select! {
+            _ = tick.tick() => false,
+            () = space_short.notified() => true,
         };
         let Some(node) = node.upgrade() else { return };
         let grace = if short {
