@@ -68,6 +68,11 @@ pub async fn round(node: &Node) -> (u64, u64) {
         if node.blocks.contains(&id) {
             continue;
         }
+        // A copy fetched here must not eat the space kept for the Raft log either.
+        if node.check_space(u64::from(node.config.block_size)).is_err() {
+            missing += 1;
+            continue;
+        }
         match replicate::fetch(node, id, None).await {
             Ok(data) => {
                 let store = node.blocks.clone();

@@ -347,6 +347,12 @@ pub async fn accept(node: &std::sync::Arc<Node>, id: BlockId, data: Vec<u8>) -> 
             "the bytes sent for block {id} do not hash to its name"
         ));
     }
+    // Another node's copy must not eat the space kept for this node's Raft log: the writer
+    // puts it on the next node instead.
+    if !node.blocks.contains(&id) {
+        node.check_space(data.len() as u64)
+            .map_err(|_| format!("node {}'s data disk is full", node.id))?;
+    }
     node.guard_blocks(&[id]);
     let weak = std::sync::Arc::downgrade(node);
     tokio::spawn(async move {

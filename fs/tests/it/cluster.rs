@@ -12,6 +12,8 @@ pub(crate) struct LocalCluster {
     dir: tempfile::TempDir,
     base_port: u16,
     env: Vec<(String, String)>,
+    /// A node whose data directory is a small filesystem of its own, unmounted on drop.
+    small_disk: Option<u32>,
 }
 
 impl LocalCluster {
@@ -32,7 +34,31 @@ impl LocalCluster {
             dir,
             base_port,
             env,
+            small_disk: None,
         };
+        c.local_up(nodes);
+        c
+    }
+
+    /// A cluster whose node `k` keeps its data on a tmpfs of `bytes`, so a test can fill it.
+    pub(crate) fn up_with_small_disk(nodes: u32, k: u32, bytes: u64) -> LocalCluster {
+        let mut c = LocalCluster {
+            dir: tempfile::tempdir().unwrap(),
+            base_port: 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10,
+            env: Vec::new(),
+            small_disk: None,
+        };
+        fs::create_dir_all(c.data(k)).unwrap();
+        let options = std::ffi::CString::new(format!("size={bytes},mode=0700")).unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            c.data(k),
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            Some(options.as_c_str()),
+        )
+        .unwrap();
+        c.small_disk = Some(k);
         c.local_up(nodes);
         c
     }
@@ -129,6 +155,9 @@ impl Drop for LocalCluster {
             if is_mounted(&self.mnt(k)) {
                 let _ = shoal_fs::fuse::mount::detach(&self.mnt(k));
             }
+        }
+        if let Some(k) = self.small_disk {
+            let _ = shoal_fs::fuse::mount::detach(&self.data(k));
         }
         // A failed test keeps the daemons' logs, which say what the cluster was doing.
         if std::thread::panicking() {
@@ -1495,4 +1524,48 @@ fn fsck_finds_damaged_copies_and_lost_blocks_and_repairs_what_it_can() {
     assert!(!ok, "{said}");
     assert!(said.contains(&format!("block {lost}: LOST")), "{said}");
     assert!(said.contains("restore its files from a backup"), "{said}");
+}
+
+/// A node whose data disk is short of space takes no more copies from the others (they go to
+/// the next node) and keeps the room its Raft log needs: it stays a working member while two
+/// other nodes write more than its disk holds.
+#[test]
+fn a_node_short_of_space_refuses_copies_and_keeps_room_for_its_log() {
+    use std::io::Write;
+    let c = LocalCluster::up_with_small_disk(3, 3, 300 << 20);
+    let body = |w: u32, i: u32| -> Vec<u8> {
+        (0..8_000_000u32)
+            .map(|j| ((j ^ (w << 8 | i)) % 251) as u8)
+            .collect()
+    };
+    std::thread::scope(|s| {
+        for w in 1..=2u32 {
+            let c = &c;
+            s.spawn(move || {
+                for i in 0..20u32 {
+                    let path = c.mnt(w).join(format!("w{w}-{i}"));
+                    let mut f = fs::File::create(&path).unwrap();
+                    f.write_all(&body(w, i)).unwrap();
+                    f.sync_all()
+                        .unwrap_or_else(|e| panic!("fsync of w{w}-{i} on node {w}: {e}"));
+                }
+            });
+        }
+    });
+    let st = rustix::fs::statvfs(&c.data(3)).unwrap();
+    let free = st.f_bavail * st.f_frsize;
+    eprintln!(
+        "node 3's 300 MiB disk after 320 MiB written elsewhere: {} MiB free",
+        free >> 20
+    );
+    assert!(free >= 100 << 20, "node 3 kept only {} MiB", free >> 20);
+    // Node 3 is still a member that works: it takes metadata and reads what the others wrote.
+    fs::create_dir(c.mnt(3).join("still-here")).unwrap();
+    assert!(c.mnt(1).join("still-here").is_dir());
+    assert_eq!(read(&c.mnt(3).join("w2-19")).unwrap(), body(2, 19));
+    let log = fs::read_to_string(c.node(3).join("daemon.log")).unwrap();
+    assert!(
+        log.contains("data disk is full"),
+        "node 3 said why it refused"
+    );
 }
