@@ -133,6 +133,11 @@ fn by_health(
     (good.into_iter().chain(rest).collect(), lead)
 }
 
+/// How long a commit keeps trying to get a block onto a second node before it fails, and the
+/// pause between rounds over the candidates.
+const NEED_PATIENCE: Duration = Duration::from_secs(10);
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 /// How long block copies skip a peer that a commit stopped waiting for, unless a copy to it
 /// lands meanwhile.
 const SLOW_FOR: Duration = Duration::from_secs(5);
@@ -256,9 +261,10 @@ impl CopyJob {
         need: usize,
     ) -> (BlockId, usize, usize) {
         let started = Instant::now();
-        let mut next = order.into_iter();
+        let mut next = order.clone().into_iter();
         let mut copies = JoinSet::new();
         let mut running = Vec::new();
+        let mut landed: Vec<u64> = Vec::new();
         for c in next.by_ref().take(want.min(healthy.max(need))) {
             running.push(c.0);
             self.start(&mut copies, c);
@@ -283,14 +289,27 @@ impl CopyJob {
             };
             match joined {
                 None => break,
-                Some(Ok((n, landed))) => {
+                Some(Ok((n, ok))) => {
                     running.retain(|r| *r != n);
-                    if landed {
+                    if ok {
                         done += 1;
+                        landed.push(n);
                         patience = patience.max(started.elapsed() * 4);
-                    } else if let Some(c) = next.next() {
+                    } else if let Some(c) = next.by_ref().find(|(n, _)| !landed.contains(n)) {
                         running.push(c.0);
                         self.start(&mut copies, c);
+                    } else if done < need && running.is_empty() && started.elapsed() < NEED_PATIENCE
+                    {
+                        // Every candidate failed, and the commit has no second copy yet. A
+                        // peer whose Raft heartbeat timed out under load is skipped at once
+                        // for a moment (`rpc::DOWN_FOR`): try them all again for a while
+                        // before failing the commit.
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        next = order.clone().into_iter();
+                        if let Some(c) = next.by_ref().find(|(n, _)| !landed.contains(n)) {
+                            running.push(c.0);
+                            self.start(&mut copies, c);
+                        }
                     }
                 }
                 Some(Err(e)) => warn!(block = %self.id, error = %e, "a block copy task failed"),

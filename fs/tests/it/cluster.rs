@@ -1552,7 +1552,7 @@ fn a_node_short_of_space_refuses_copies_and_keeps_room_for_its_log() {
             });
         }
     });
-    let st = rustix::fs::statvfs(&c.data(3)).unwrap();
+    let st = rustix::fs::statvfs(c.data(3)).unwrap();
     let free = st.f_bavail * st.f_frsize;
     eprintln!(
         "node 3's 300 MiB disk after 320 MiB written elsewhere: {} MiB free",
