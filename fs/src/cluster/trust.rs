@@ -22,7 +22,7 @@ use shoal_net::token::JoinToken;
 use shoal_raft::MetaCommand;
 use tracing::info;
 
-use super::{Cluster, save_token, tls_dir};
+use super::{Cluster, tls_dir};
 use crate::node::Node;
 
 /// The CA a node signs with, and its cross-signed certificate after a rotation.
@@ -176,14 +176,8 @@ impl Node {
         );
         // This node first: a node joining with the new token checks the new CA in its chain.
         follow(self).await?;
-        let token = JoinToken::new(fingerprint);
-        self.run(MetaCommand::SetJoinSecret {
-            hash: token.secret_hash(),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        save_token(&self.data_dir, &token).map_err(|e| e.to_string())?;
-        Ok(token)
+        // The token names the signing CA, now the new one.
+        self.rotate_token().await
     }
 
     /// `shoal ca retire`: members stop accepting the old CA, once each of them holds a
