@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use shoal_net::frame;
 use tokio::net::UnixStream;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use shoal_raft::FsError;
 
@@ -35,6 +35,11 @@ pub enum AdminRequest {
     },
     /// `shoal fsck --repair`: copies good copies to the nodes that lack them.
     FsckRepair(Vec<shoal_raft::BlockId>),
+    /// `shoal fsck`: every member's blocks on disk that no layout references; with `delete`
+    /// (`--repair`), deleted.
+    Unreferenced {
+        delete: bool,
+    },
     /// A volume command of `shoal volume`.
     Volume(VolumeRequest),
     /// Sets (`Some`) or removes (`None`) a node label.
@@ -42,6 +47,11 @@ pub enum AdminRequest {
         node: u64,
         key: String,
         value: Option<String>,
+    },
+    /// Arms a failpoint (`shoal debug failpoint`; only in a build with `--features failpoints`).
+    Failpoint {
+        name: String,
+        actions: String,
     },
 }
 
@@ -120,6 +130,8 @@ pub enum AdminReply {
     Fsck(crate::cluster::fsck::FsckBatch),
     /// Block copies made by `FsckRepair`.
     Repaired(u64),
+    /// Each member's unreferenced blocks, or why it did not answer.
+    Unreferenced(Vec<(u64, Result<crate::blocks::gc::Unreferenced, String>)>),
     Error(String),
 }
 
@@ -561,6 +573,18 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                 AdminRequest::FsckRepair(ids) => {
                     match crate::cluster::fsck::repair(&node, ids).await {
                         Ok(n) => AdminReply::Repaired(n),
+                        Err(e) => AdminReply::Error(e),
+                    }
+                }
+                AdminRequest::Unreferenced { delete } => AdminReply::Unreferenced(
+                    crate::cluster::fsck::unreferenced(&node, delete).await,
+                ),
+                AdminRequest::Failpoint { name, actions } => {
+                    match shoal_raft::failpoint::arm(&name, &actions) {
+                        Ok(()) => {
+                            info!(failpoint = name, actions, "failpoint armed");
+                            AdminReply::Done
+                        }
                         Err(e) => AdminReply::Error(e),
                     }
                 }

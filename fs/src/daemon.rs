@@ -23,8 +23,12 @@ pub struct DaemonArgs<'a> {
 }
 
 pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
+    // A predecessor stuck dying on its own mount would hang the checks below.
+    fuse::mount::release_stuck_predecessor(args.data, args.mount)
+        .context("clearing the previous daemon's mount")?;
     // Check the mount point before starting anything, so a bad --mount fails fast.
     fuse::mount::prepare(args.mount)?;
+    shoal_raft::failpoint::arm_from_env().map_err(anyhow::Error::msg)?;
     let node = Node::start(args.data, args.options).await?;
     let handle = fuse::mount(
         node.clone(),

@@ -240,6 +240,7 @@ impl OpenFile {
                     packed.iter().map(|(id, p)| (*id, p.data.clone())).collect();
                 let policy = crate::cluster::replicate::Policy::of_volume(node, self.volume);
                 crate::cluster::replicate::push(node, &copies, &policy).await?;
+                shoal_raft::failpoint::hit("commit-before-propose");
                 let slices = packed.into_iter().flat_map(|(_, p)| p.slices).collect();
                 node.run(MetaCommand::Write {
                     ino: self.ino,

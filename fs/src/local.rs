@@ -77,8 +77,7 @@ impl NodeDir {
 }
 
 fn alive(pid: i32) -> bool {
-    rustix::process::Pid::from_raw(pid)
-        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+    shoal_fs::fuse::mount::process_alive(pid)
 }
 
 /// Whether a node's daemon answers on its admin socket.

@@ -95,6 +95,10 @@ enum Command {
         /// root in a container could otherwise leave a setuid-root binary for every host)
         #[arg(long)]
         allow_suid_dev: bool,
+        /// How long a block no file names any more is kept before its file is deleted (the
+        /// collector runs this often, at most every 30 s): e.g. 60s, 10m
+        #[arg(long, env = "SHOAL_GC_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+        gc_grace: std::time::Duration,
     },
     /// Check every block a file references: read and verified on every node, and on the nodes
     /// its policy places it on. Exits non-zero if a block is lost or short of copies
@@ -122,6 +126,26 @@ enum Command {
     Local {
         #[command(subcommand)]
         command: local::LocalCommand,
+    },
+    /// Tools for shoal's own tests
+    #[command(hide = true)]
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// Arm a failpoint in the running daemon (a build with `--features failpoints`): ACTIONS
+    /// in the `fail` crate's syntax, where `return` stops the daemon with SIGKILL there
+    Failpoint {
+        #[arg(long, default_value = "/var/lib/shoal")]
+        data: PathBuf,
+        /// One of shoal_raft::failpoint::ALL, e.g. log-before-flush
+        name: String,
+        /// e.g. return, pause, off, sleep(500), 2*off->return
+        actions: String,
     },
 }
 
@@ -629,6 +653,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             plugin_socket,
             no_plugin,
             allow_suid_dev,
+            gc_grace,
         } => {
             init_tracing(&log);
             if !(1..=64).contains(&fuse_threads) {
@@ -636,6 +661,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let options = NodeOptions {
                 cache_bytes: cache_size.as_u64(),
+                gc_grace,
                 ..NodeOptions::default()
             };
             runtime()?.block_on(daemon::run(daemon::DaemonArgs {
@@ -662,6 +688,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Local { command } => local::run(command),
+        Command::Debug {
+            command:
+                DebugCommand::Failpoint {
+                    data,
+                    name,
+                    actions,
+                },
+        } => {
+            let req = AdminRequest::Failpoint { name, actions };
+            match runtime()?.block_on(admin::request(&data, req))? {
+                AdminReply::Done => Ok(()),
+                other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+            }
+        }
+    }
+}
+
+/// `shoal fsck`'s line on blocks no file names (not an error: space, not data).
+fn print_unreferenced(
+    answers: &[(u64, Result<shoal_fs::blocks::gc::Unreferenced, String>)],
+    deleted: bool,
+) {
+    let total: u64 = answers
+        .iter()
+        .filter_map(|(_, a)| a.as_ref().ok())
+        .map(|u| u.blocks)
+        .sum();
+    let each: Vec<String> = answers
+        .iter()
+        .map(|(n, a)| match a {
+            Ok(u) if u.blocks == 0 => format!("node {n}: 0"),
+            Ok(u) => format!("node {n}: {} ({})", u.blocks, ByteSize(u.bytes)),
+            Err(e) => format!("node {n}: unknown ({e})"),
+        })
+        .collect();
+    let verb = if deleted { "deleted" } else { "found" };
+    let recent: u64 = answers
+        .iter()
+        .filter_map(|(_, a)| a.as_ref().ok())
+        .map(|u| u.recent)
+        .sum();
+    println!(
+        "{total} unreferenced blocks {verb} (on disk, named by no file, older than a minute): {}",
+        each.join(", ")
+    );
+    if recent > 0 {
+        println!(
+            "  and {recent} younger than a minute, left alone: a commit may be about to name them"
+        );
+    }
+    if total > 0 && !deleted {
+        println!(
+            "  left by a crash between storing a block and committing it; each node's sweep deletes them within an hour, `shoal fsck --repair` now"
+        );
     }
 }
 
@@ -817,6 +897,11 @@ fn fsck(data: &std::path::Path, repair: bool) -> anyhow::Result<()> {
     );
     for b in problems.iter().take(20) {
         println!("  {}", describe(b));
+    }
+    let req = AdminRequest::Unreferenced { delete: repair };
+    match rt.block_on(admin::request(data, req))? {
+        AdminReply::Unreferenced(answers) => print_unreferenced(&answers, repair),
+        other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
     }
     if problems.len() > 20 {
         println!("  … and {} more", problems.len() - 20);

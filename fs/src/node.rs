@@ -462,9 +462,12 @@ impl Node {
         })
         .await
         .map_err(|e| NodeError::Raft(format!("opening this run's session: {e}")))?;
-        // Nothing is in flight yet, so every block no layout references is a leftover of a
-        // crash between writing a block and committing it.
-        match crate::blocks::gc::sweep_unreferenced(&node, Duration::ZERO) {
+        // This run's session is applied here, so the view holds every layout committed before
+        // it. A block no layout names is a leftover of a crash between writing a block and
+        // committing it, unless another node pushed it lately and has yet to propose the
+        // layout that names it: blocks younger than that guard wait for the hourly sweep.
+        let min_age = crate::cluster::replicate::RECEIVED_GUARD;
+        match crate::blocks::gc::sweep_unreferenced(&node, min_age) {
             Ok(0) => {}
             Ok(n) => info!(
                 blocks = n,

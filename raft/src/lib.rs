@@ -6,6 +6,7 @@
 
 mod apply;
 mod error;
+pub mod failpoint;
 pub mod fuzz;
 pub mod keys;
 pub mod layout;

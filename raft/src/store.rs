@@ -198,6 +198,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        crate::failpoint::hit("log-before-flush");
         // One flush for the whole batch: only then are the entries durable.
         let res = self
             .db
@@ -334,6 +335,7 @@ impl StateMachine {
                 }
             }
         }
+        crate::failpoint::hit("apply-before-reply");
         Ok(responses)
     }
 
@@ -380,6 +382,7 @@ impl StateMachine {
             meta: meta.clone(),
             data: data.clone(),
         };
+        crate::failpoint::hit("snapshot-build");
         self.snapshots.insert(SNAPSHOT, encode(&stored))?;
         Ok(Snapshot {
             meta,
@@ -427,6 +430,7 @@ impl StateMachine {
             changed_keys = entries,
             "installed a snapshot from the leader"
         );
+        crate::failpoint::hit("snapshot-install");
         self.snapshots.insert(
             SNAPSHOT,
             encode(&StoredSnapshot {

@@ -1,8 +1,9 @@
 //! Garbage collection of blocks no layout references.
 //!
 //! The state machine lists a block as garbage when its reference count falls to zero, with the
-//! time that happened. The collector deletes such blocks once they are older than the grace
-//! period, unless a commit on this node is about to reference them again, and then tells the
+//! time that happened. The collector of any node deletes such blocks once they are older than
+//! the grace period, unless a commit on this node is about to reference them again, has every
+//! other member delete its copies the same way (`Request::DropGarbage`), and then tells the
 //! state machine (`ForgetGarbage`), which keeps any block that was referenced again meanwhile.
 
 use std::sync::{Arc, Weak};
@@ -11,11 +12,11 @@ use std::time::Duration;
 use shoal_raft::{BlockId, Kv, MetaCommand};
 use tracing::{debug, warn};
 
-use crate::node::{Node, OpResult, now_nanos};
+use crate::node::{Node, OpError, OpResult, now_nanos};
 
-/// How often the collector runs, and how often it also sweeps the disk for leftovers.
+/// How often the collector runs (at most), and how often it also sweeps the disk for leftovers.
 const PERIOD: Duration = Duration::from_secs(30);
-const SWEEP_EVERY: u32 = 20;
+const SWEEP_PERIOD: Duration = Duration::from_secs(600);
 /// Blocks on disk that nothing references are left alone for this long: a commit may be
 /// about to reference them.
 const SWEEP_AGE: Duration = Duration::from_secs(3600);
@@ -24,41 +25,72 @@ const SWEEP_AGE: Duration = Duration::from_secs(3600);
 /// deleting files comes back before a writer gives up.
 const SHORT_GRACE: Duration = Duration::from_secs(2);
 
-/// Deletes garbage blocks older than `grace`. Returns how many were deleted.
+/// Deletes garbage blocks older than `grace`, here and on every other member, then has the
+/// state machine forget them. Returns how many were deleted here.
 pub async fn collect(node: &Node, grace: Duration) -> OpResult<usize> {
+    // Decide from a view at least as new as what the cluster has committed: a node whose
+    // apply lags would still see a block as garbage that a later write named again (a file
+    // with the same bytes), and delete a copy the writer counted. Writes committed after the
+    // barrier pushed their blocks here first, and a pushed block is guarded (`accept`).
+    node.read_barrier().await?;
     let cutoff = now_nanos() - grace.as_nanos() as i64;
-    let candidates = node
+    let old: Vec<BlockId> = node
         .view
         .garbage(10_000)
-        .map_err(|e| crate::node::OpError::Raft(e.to_string()))?;
-    let mut deleted: Vec<BlockId> = Vec::new();
-    {
-        let guard = node.unreferenced_writes.lock().expect("guard lock");
-        for (id, since) in candidates {
-            if since > cutoff || guard.contains_key(&id) {
-                continue;
-            }
-            if node
-                .view
-                .block_refs(&id)
-                .map_err(|e| crate::node::OpError::Raft(e.to_string()))?
-                > 0
-            {
-                continue;
-            }
-            match node.blocks.delete(&id) {
-                Ok(()) => deleted.push(id),
-                Err(e) => warn!(block = %id, error = %e, "could not delete a garbage block"),
-            }
+        .map_err(|e| OpError::Raft(e.to_string()))?
+        .into_iter()
+        .filter(|(_, since)| *since <= cutoff)
+        .map(|(id, _)| id)
+        .collect();
+    let deleted = delete_unreferenced(node, old)?;
+    let n = deleted.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    // The garbage list is what tells the other members to delete their copies: it forgets a
+    // block only once every member has (a member down keeps it listed until it is back).
+    if let Err(e) = crate::cluster::repair::drop_garbage_elsewhere(node, &deleted).await {
+        debug!(blocks = n, error = %e, "garbage deleted here, not yet on every member; kept on the list");
+        return Ok(n);
+    }
+    shoal_raft::failpoint::hit("gc-before-forget");
+    node.run(MetaCommand::ForgetGarbage { blocks: deleted })
+        .await?;
+    debug!(blocks = n, "garbage blocks deleted on every member");
+    Ok(n)
+}
+
+/// Another member collected `ids` (`Request::DropGarbage`): deletes this node's copies, by
+/// this node's own view once it has caught up.
+pub async fn drop_here(node: &Node, ids: Vec<BlockId>) -> OpResult<()> {
+    node.read_barrier().await?;
+    delete_unreferenced(node, ids).map(|_| ())
+}
+
+/// Deletes the blocks of `ids` that no layout references and that no commit here is about to
+/// name; the ones gone from this disk.
+fn delete_unreferenced(node: &Node, ids: Vec<BlockId>) -> OpResult<Vec<BlockId>> {
+    let mut deleted = Vec::new();
+    let guard = node.unreferenced_writes.lock().expect("guard lock");
+    for id in ids {
+        if guard.contains_key(&id) {
+            continue;
+        }
+        if node
+            .view
+            .block_refs(&id)
+            .map_err(|e| OpError::Raft(e.to_string()))?
+            > 0
+        {
+            continue;
+        }
+        shoal_raft::failpoint::hit("gc-before-delete");
+        match node.blocks.delete(&id) {
+            Ok(()) => deleted.push(id),
+            Err(e) => warn!(block = %id, error = %e, "could not delete a garbage block"),
         }
     }
-    let n = deleted.len();
-    if n > 0 {
-        node.run(MetaCommand::ForgetGarbage { blocks: deleted })
-            .await?;
-        debug!(blocks = n, "garbage blocks deleted");
-    }
-    Ok(n)
+    Ok(deleted)
 }
 
 /// Deletes blocks on disk that no layout references and no commit is writing, if their files
@@ -67,11 +99,28 @@ pub fn sweep_unreferenced(
     node: &Node,
     min_age: Duration,
 ) -> Result<usize, crate::blocks::BlockError> {
-    let mut n = 0;
-    for (id, _, age) in node.blocks.list()? {
-        if age < min_age.as_secs() {
-            continue;
-        }
+    scan_unreferenced(node, min_age, true).map(|u| u.blocks as usize)
+}
+
+/// Blocks on a node's disk that no layout references.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unreferenced {
+    /// Older than the scan's minimum age (deleted, when asked).
+    pub blocks: u64,
+    pub bytes: u64,
+    /// Younger: left alone, since a commit may be about to name them.
+    pub recent: u64,
+}
+
+/// Finds (and with `delete`, deletes) the blocks on disk that no layout references and no
+/// commit is writing, whose files are older than `min_age`.
+pub fn scan_unreferenced(
+    node: &Node,
+    min_age: Duration,
+    delete: bool,
+) -> Result<Unreferenced, crate::blocks::BlockError> {
+    let mut found = Unreferenced::default();
+    for (id, size, age) in node.blocks.list()? {
         let guard = node.unreferenced_writes.lock().expect("guard lock");
         if guard.contains_key(&id) {
             continue;
@@ -84,22 +133,35 @@ pub fn sweep_unreferenced(
                 break;
             }
         }
-        node.blocks.delete(&id)?;
-        n += 1;
+        if age < min_age.as_secs() {
+            found.recent += 1;
+            continue;
+        }
+        if delete {
+            node.blocks.delete(&id)?;
+        }
+        found.blocks += 1;
+        found.bytes += size;
     }
-    Ok(n)
+    Ok(found)
 }
 
 /// Collects every `PERIOD`, and at once (with a short grace) when a write was refused for
 /// lack of space, at most once a second.
 pub(crate) async fn worker(node: Weak<Node>) {
-    let mut tick = tokio::time::interval(PERIOD);
-    tick.tick().await;
-    let mut rounds = 0u32;
     // The worker holds the node only while it collects: a node that shuts down goes.
-    let Some(space_short) = node.upgrade().map(|n| n.space_short.clone()) else {
+    let Some((space_short, grace)) = node
+        .upgrade()
+        .map(|n| (n.space_short.clone(), n.options.gc_grace))
+    else {
         return;
     };
+    // A grace shorter than the period would be a promise not kept.
+    let period = PERIOD.min(grace).max(Duration::from_secs(1));
+    let sweep_every = (SWEEP_PERIOD.as_secs() / period.as_secs()).max(1) as u32;
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    let mut rounds = 0u32;
     loop {
         let short = tokio::select! {
             _ = tick.tick() => false,
@@ -121,7 +183,7 @@ pub(crate) async fn worker(node: Weak<Node>) {
             continue;
         }
         rounds += 1;
-        if rounds.is_multiple_of(SWEEP_EVERY) {
+        if rounds.is_multiple_of(sweep_every) {
             let n = Arc::clone(&node);
             let swept =
                 tokio::task::spawn_blocking(move || sweep_unreferenced(&n, SWEEP_AGE)).await;

@@ -97,7 +97,9 @@ impl BlockStore {
             let mut f = File::create(&tmp)?;
             f.write_all(data)?;
             f.write_all(&trailer)?;
+            shoal_raft::failpoint::hit("block-before-sync");
             f.sync_data()?;
+            shoal_raft::failpoint::hit("block-after-sync");
             fs::rename(&tmp, &dest)
         })();
         if let Err(e) = result {

@@ -5,7 +5,8 @@
 //! live members. The command walks the referenced blocks in batches (`check`, driven by the CLI
 //! so that it can show progress), then, with `--repair`, copies a good copy to each node that
 //! should hold one and lacks it (`repair`). Blocks on a node's disk that nothing references are
-//! counted by each node (`unreferenced`); its collector deletes them after an hour.
+//! counted by each node (`unreferenced`), and deleted with `--repair`; otherwise each node's
+//! sweep deletes them after an hour.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use shoal_raft::{BlockId, Kv};
 use super::repair::{live_nodes, volume_policies};
 use super::replicate::{self, Policy};
 use super::rpc::{Request, Response};
+use crate::blocks::gc::{Unreferenced, scan_unreferenced};
 use crate::node::Node;
 
 /// How long a member may take to read and verify a batch.
@@ -205,4 +207,68 @@ pub async fn repair(node: &Node, ids: Vec<BlockId>) -> Result<u64, String> {
         }
     }
     Ok(made)
+}
+
+/// This node's blocks on disk that no layout references, older than the guard a pushed block
+/// gets (a younger one may belong to a commit under way); with `delete`, deleted. Decided
+/// after a read barrier, so every layout committed before the question counts.
+pub async fn unreferenced_here(
+    node: &std::sync::Arc<Node>,
+    delete: bool,
+) -> Result<Unreferenced, String> {
+    node.read_barrier().await.map_err(|e| e.to_string())?;
+    let n = node.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        scan_unreferenced(&n, replicate::RECEIVED_GUARD, delete)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    if delete && found.blocks > 0 {
+        tracing::info!(
+            blocks = found.blocks,
+            bytes = found.bytes,
+            "fsck --repair: deleted blocks no layout references"
+        );
+    }
+    Ok(found)
+}
+
+/// Every member's answer to `unreferenced_here`, or why it gave none.
+pub async fn unreferenced(
+    node: &std::sync::Arc<Node>,
+    delete: bool,
+) -> Vec<(u64, Result<Unreferenced, String>)> {
+    let mut answers = vec![(node.id, unreferenced_here(node, delete).await)];
+    let Some(cluster) = node.cluster() else {
+        return answers;
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for (n, addr) in node.members() {
+        let Ok(addr) = addr.parse::<SocketAddr>() else {
+            continue;
+        };
+        if n == node.id {
+            continue;
+        }
+        let peers = cluster.peers.clone();
+        set.spawn(async move {
+            let r = peers
+                .call_within::<_, Response>(addr, &Request::Unreferenced { delete }, VERIFY_TIMEOUT)
+                .await;
+            let answer = match r {
+                Ok(Response::Unreferenced(a)) => a,
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(e) => Err(format!("did not answer: {e}")),
+            };
+            (n, answer)
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        if let Ok(a) = joined {
+            answers.push(a);
+        }
+    }
+    answers.sort_by_key(|(n, _)| *n);
+    answers
 }

@@ -644,6 +644,14 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             }
             Response::Restarted
         }
+        Request::Unreferenced { delete } => {
+            Response::Unreferenced(fsck::unreferenced_here(&node, delete).await)
+        }
+        Request::DropGarbage { blocks } => Response::DropGarbage(
+            crate::blocks::gc::drop_here(&node, blocks)
+                .await
+                .map_err(|e| e.to_string()),
+        ),
     }
 }
 

@@ -75,6 +75,7 @@ pub async fn round(node: &Node) -> (u64, u64) {
         }
         match replicate::fetch(node, id, None).await {
             Ok(data) => {
+                shoal_raft::failpoint::hit("repair-before-store");
                 let store = node.blocks.clone();
                 let stored = tokio::task::spawn_blocking(move || {
                     store.put(&id, &data).and_then(|_| store.sync_dirs([&id]))
@@ -231,4 +232,54 @@ pub async fn worker(node: Weak<Node>) {
         node.repair_missing.store(missing, Ordering::Relaxed);
         node.repair_fetched.fetch_add(fetched, Ordering::Relaxed);
     }
+}
+
+/// How long a member may take to delete a batch of garbage blocks.
+const DROP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Has every other member delete its copies of the garbage blocks `ids` (`gc::collect`);
+/// fails unless every member confirmed.
+pub(crate) async fn drop_garbage_elsewhere(node: &Node, ids: &[BlockId]) -> Result<(), String> {
+    let Some(cluster) = node.cluster() else {
+        return Ok(());
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for (n, addr) in node.members() {
+        if n == node.id {
+            continue;
+        }
+        let addr: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|e| format!("node {n}'s address {addr:?}: {e}"))?;
+        let (peers, req) = (
+            cluster.peers.clone(),
+            Request::DropGarbage {
+                blocks: ids.to_vec(),
+            },
+        );
+        set.spawn(async move {
+            match peers
+                .call_within::<_, Response>(addr, &req, DROP_TIMEOUT)
+                .await
+            {
+                Ok(Response::DropGarbage(Ok(()))) => Ok(()),
+                Ok(Response::DropGarbage(Err(e))) => Err(format!("node {n}: {e}")),
+                Ok(other) => Err(format!("node {n} answered {other:?}")),
+                Err(e) => Err(format!("node {n}: {e}")),
+            }
+        });
+    }
+    let mut first_error = None;
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shoal_raft::BlockId;
+use shoal_raft::{BlockId, Kv};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
@@ -47,7 +47,6 @@ impl Default for Policy {
 impl Policy {
     /// The policy of the volume whose root is `root` (the default outside volumes).
     pub fn of_volume(node: &Node, root: shoal_raft::Ino) -> Policy {
-        use shoal_raft::Kv;
         if root == 0 {
             return Policy::default();
         }
@@ -357,7 +356,9 @@ pub async fn fetch(node: &Node, id: BlockId, len: Option<u32>) -> Result<Bytes, 
 /// How long a block another node pushed is kept from the collector: its writer proposes the
 /// layout that names it right after the push, but the block may be garbage here (a file
 /// deleted earlier had the same bytes), and deleting it would take the copy the writer counts.
-const RECEIVED_GUARD: Duration = Duration::from_secs(60);
+pub(crate) const RECEIVED_GUARD: Duration = Duration::from_secs(60);
+/// How often a received block's guard checks whether a layout names it yet.
+const GUARD_POLL: Duration = Duration::from_millis(200);
 
 /// Stores a block another node sent, after checking it against its name.
 pub async fn accept(node: &std::sync::Arc<Node>, id: BlockId, data: Vec<u8>) -> Result<(), String> {
@@ -373,11 +374,18 @@ pub async fn accept(node: &std::sync::Arc<Node>, id: BlockId, data: Vec<u8>) -> 
             .map_err(|_| format!("node {}'s data disk is full", node.id))?;
     }
     node.guard_blocks(&[id]);
+    // Until the layout naming it is applied here, or the guard's time is up (the writer's
+    // commit failed): a block kept longer would escape collection once its file is deleted.
     let weak = std::sync::Arc::downgrade(node);
     tokio::spawn(async move {
-        tokio::time::sleep(RECEIVED_GUARD).await;
-        if let Some(node) = weak.upgrade() {
-            node.unguard_blocks(&[id]);
+        let until = tokio::time::Instant::now() + RECEIVED_GUARD;
+        loop {
+            tokio::time::sleep(GUARD_POLL).await;
+            let Some(node) = weak.upgrade() else { return };
+            if tokio::time::Instant::now() >= until || node.view.block_refs(&id).unwrap_or(0) > 0 {
+                node.unguard_blocks(&[id]);
+                return;
+            }
         }
     });
     let store = node.blocks.clone();

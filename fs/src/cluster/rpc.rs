@@ -49,6 +49,16 @@ pub enum Request {
     /// The caller is a new process of its node: drop connections to its old one, which the
     /// QUIC idle timeout would otherwise keep for seconds (answered `Restarted`).
     Restarted,
+    /// How many blocks on the receiver's disk no layout references (`shoal fsck`); with
+    /// `delete`, delete them (`shoal fsck --repair`).
+    Unreferenced {
+        delete: bool,
+    },
+    /// The caller collected these garbage blocks: delete this node's copies (answered once
+    /// done, after which the state machine may forget them).
+    DropGarbage {
+        blocks: Vec<BlockId>,
+    },
 }
 
 /// What a request of each kind may weigh on the wire. Bulk kinds carry blocks, log entries
@@ -68,8 +78,8 @@ impl Request {
         match kind {
             // Append, Snapshot, Propose, PutBlock.
             Some(0 | 2 | 3 | 9) => BULK,
-            // HasBlocks: a batch of 32-byte ids.
-            Some(11) => 1 << 20,
+            // HasBlocks, DropGarbage: a batch of 32-byte ids.
+            Some(11 | 14) => 1 << 20,
             _ => SMALL,
         }
     }
@@ -147,6 +157,8 @@ pub enum Response {
     GetBlock(Result<Vec<u8>, String>),
     HasBlocks(Vec<bool>),
     Restarted,
+    Unreferenced(Result<crate::blocks::gc::Unreferenced, String>),
+    DropGarbage(Result<(), String>),
     /// The request was refused: the caller is not allowed to make it.
     Denied(String),
 }
@@ -177,6 +189,11 @@ mod tests {
         assert_eq!(limit_of(&Request::HasBlocks { ids: vec![id] }), 1 << 20);
         assert_eq!(limit_of(&Request::ReadIndex), SMALL);
         assert_eq!(limit_of(&Request::Restarted), SMALL);
+        assert_eq!(limit_of(&Request::Unreferenced { delete: true }), SMALL);
+        assert_eq!(
+            limit_of(&Request::DropGarbage { blocks: vec![id] }),
+            1 << 20
+        );
         assert_eq!(limit_of(&Request::RemoveMember { id: 3 }), SMALL);
         assert_eq!(limit_of(&Request::RenewCert { csr: vec![1] }), SMALL);
         let propose = MetaRequest {

@@ -331,6 +331,7 @@ impl Filesystem for ShoalFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        shoal_raft::failpoint::hit("fuse-mkdir");
         let e = NewEntry {
             kind: FileKind::Dir,
             perm: mode & 0o7777,

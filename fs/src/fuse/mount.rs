@@ -66,6 +66,96 @@ pub fn mount_entry(path: &Path) -> Option<(String, String)> {
     })
 }
 
+/// Whether process `pid` runs: it exists and is not a zombie. A daemon killed while one of its
+/// threads waited in the kernel stays a zombie, its threads gone but that one (see
+/// `release_stuck_predecessor`).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold anything.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// The process holding the flock on `path`, from /proc/locks.
+fn flock_holder(path: &Path) -> Option<i32> {
+    let st = rustix::fs::stat(path).ok()?;
+    let (major, minor) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
+    let want = format!("{major:02x}:{minor:02x}:{}", st.st_ino);
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        // `1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF`; waiters have a `->` after the number.
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&"FLOCK") || fields.get(5) != Some(&want.as_str()) {
+            return None;
+        }
+        fields.get(4)?.parse().ok()
+    })
+}
+
+/// The device number (`major:minor`) mountinfo gives the mount at `path`, read without
+/// touching the mount itself (a stat would wait on a connection nobody serves).
+fn mount_dev(path: &Path) -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_str()?;
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.get(4)?.replace("\\040", " ") != want {
+            return None;
+        }
+        let (major, minor) = fields.get(2)?.split_once(':')?;
+        Some(rustix::fs::makedev(
+            major.parse().ok()?,
+            minor.parse().ok()?,
+        ))
+    })
+}
+
+/// A daemon killed (kill -9, a crash) while one of its threads waited in the kernel on its
+/// own mount — an invalidation waiting for a directory lock that a request in flight holds —
+/// never finishes dying: it stays a zombie with that thread, its /dev/fuse descriptor still
+/// open, so the mount hangs instead of answering ENOTCONN and the data directory's lock is
+/// never released. Finds such a predecessor by the lock on `data`'s LOCK file and aborts the
+/// FUSE connection of its mount at `mountpoint` (fusectl), which lets it die; then waits for
+/// its lock to go. Nothing to do (Ok) when the lock is free or held by a live daemon.
+pub fn release_stuck_predecessor(data: &Path, mountpoint: &Path) -> io::Result<()> {
+    let lock = data.join("LOCK");
+    let Some(pid) = flock_holder(&lock) else {
+        return Ok(());
+    };
+    if process_alive(pid) || !Path::new(&format!("/proc/{pid}")).exists() {
+        return Ok(());
+    }
+    let mountpoint = std::path::absolute(mountpoint)?;
+    let Some(dev) = mount_dev(&mountpoint) else {
+        return Err(io::Error::other(format!(
+            "the previous daemon (pid {pid}) died but holds {} while a thread of it waits in the kernel, and {} is not its mount: abort its FUSE connection (echo 1 > {FUSECTL}/N/abort)",
+            lock.display(),
+            mountpoint.display()
+        )));
+    };
+    warn!(
+        pid,
+        mount = %mountpoint.display(),
+        "the previous daemon died but a thread of it is stuck on its FUSE connection; aborting that connection so that it can end"
+    );
+    abort_connection(dev)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while flock_holder(&lock) == Some(pid) {
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::other(format!(
+                "the previous daemon (pid {pid}) still holds {} after its FUSE connection was aborted",
+                lock.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Lazily detaches whatever is mounted at `path`.
 pub fn detach(path: &Path) -> io::Result<()> {
     rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).map_err(io::Error::from)

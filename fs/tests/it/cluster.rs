@@ -6,176 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::testkit::{is_mounted, shoal};
+use crate::testkit::shoal;
 
-pub(crate) struct LocalCluster {
-    dir: tempfile::TempDir,
-    base_port: u16,
-    env: Vec<(String, String)>,
-    /// A node whose data directory is a small filesystem of its own, unmounted on drop.
-    small_disk: Option<u32>,
-}
-
-impl LocalCluster {
-    pub(crate) fn up(nodes: u32) -> LocalCluster {
-        LocalCluster::up_with_env(nodes, &[])
-    }
-
-    /// A cluster whose daemons run with extra environment variables.
-    pub(crate) fn up_with_env(nodes: u32, env: &[(&str, &str)]) -> LocalCluster {
-        let dir = tempfile::tempdir().unwrap();
-        // Tests run in parallel: each cluster gets its own ports.
-        let base_port = 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10;
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let c = LocalCluster {
-            dir,
-            base_port,
-            env,
-            small_disk: None,
-        };
-        c.local_up(nodes);
-        c
-    }
-
-    /// A cluster whose node `k` keeps its data on a tmpfs of `bytes`, so a test can fill it.
-    pub(crate) fn up_with_small_disk(nodes: u32, k: u32, bytes: u64) -> LocalCluster {
-        let mut c = LocalCluster {
-            dir: tempfile::tempdir().unwrap(),
-            base_port: 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10,
-            env: Vec::new(),
-            small_disk: None,
-        };
-        fs::create_dir_all(c.data(k)).unwrap();
-        let options = std::ffi::CString::new(format!("size={bytes},mode=0700")).unwrap();
-        rustix::mount::mount(
-            "tmpfs",
-            c.data(k),
-            "tmpfs",
-            rustix::mount::MountFlags::empty(),
-            Some(options.as_c_str()),
-        )
-        .unwrap();
-        c.small_disk = Some(k);
-        c.local_up(nodes);
-        c
-    }
-
-    pub(crate) fn local_up(&self, nodes: u32) {
-        let out = Command::new(shoal())
-            .args([
-                "local",
-                "up",
-                "--nodes",
-                &nodes.to_string(),
-                "--base-port",
-                &self.base_port.to_string(),
-                "--dir",
-            ])
-            .arg(self.dir.path())
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "local up failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    pub(crate) fn node(&self, k: u32) -> PathBuf {
-        self.dir.path().join(format!("node-{k}"))
-    }
-
-    pub(crate) fn mnt(&self, k: u32) -> PathBuf {
-        self.node(k).join("mnt")
-    }
-
-    pub(crate) fn data(&self, k: u32) -> PathBuf {
-        self.node(k).join("data")
-    }
-
-    /// Node `k`'s QUIC address.
-    pub(crate) fn addr(&self, k: u32) -> std::net::SocketAddr {
-        ([127, 0, 0, 1], self.base_port + k as u16).into()
-    }
-
-    pub(crate) fn pid(&self, k: u32) -> i32 {
-        fs::read_to_string(self.node(k).join("daemon.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    pub(crate) fn kill9(&self, k: u32) {
-        let pid = rustix::process::Pid::from_raw(self.pid(k)).unwrap();
-        rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while rustix::process::test_kill_process(pid).is_ok() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Runs `shoal ARGS --data` with node `k`'s data directory.
-    pub(crate) fn shoal_at(&self, k: u32, args: &[&str]) -> std::process::Output {
-        Command::new(shoal())
-            .args(args)
-            .arg("--data")
-            .arg(self.data(k))
-            .output()
-            .unwrap()
-    }
-
-    pub(crate) fn leader(&self, k: u32) -> Option<u64> {
-        let out = Command::new(shoal())
-            .arg("status")
-            .arg("--json")
-            .arg("--data")
-            .arg(self.data(k))
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v["leader"].as_u64()
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        let _ = Command::new(shoal())
-            .arg("local")
-            .arg("down")
-            .arg("--dir")
-            .arg(self.dir.path())
-            .output();
-        for k in 1..=8 {
-            if is_mounted(&self.mnt(k)) {
-                let _ = shoal_fs::fuse::mount::detach(&self.mnt(k));
-            }
-        }
-        if let Some(k) = self.small_disk {
-            let _ = shoal_fs::fuse::mount::detach(&self.data(k));
-        }
-        // A failed test keeps the daemons' logs, which say what the cluster was doing.
-        if std::thread::panicking() {
-            let keep = std::env::temp_dir().join(format!(
-                "shoal-failed-{}-{}",
-                std::process::id(),
-                rand::random::<u32>()
-            ));
-            for k in 1..=8 {
-                let log = self.node(k).join("daemon.log");
-                if log.exists() && fs::create_dir_all(&keep).is_ok() {
-                    let _ = fs::copy(&log, keep.join(format!("node-{k}.log")));
-                }
-            }
-            eprintln!("daemon logs kept in {}", keep.display());
-        }
-    }
-}
+pub(crate) use crate::local_cluster::{LocalCluster, eventually, eventually_within, read};
 
 /// Runs `shoal join` into a fresh data dir; returns whether it worked and what it said.
 fn try_join(token: &str, peer: &str) -> (bool, String) {
@@ -198,23 +31,6 @@ fn try_join(token: &str, peer: &str) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Waits until `f` holds, for up to 10 s: these tests say what becomes visible, not how fast.
-pub(crate) fn eventually(what: &str, f: impl FnMut() -> bool) {
-    eventually_within(what, Duration::from_secs(10), f)
-}
-
-pub(crate) fn eventually_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-pub(crate) fn read(path: &Path) -> Option<Vec<u8>> {
-    fs::read(path).ok()
 }
 
 #[test]
@@ -1568,4 +1384,60 @@ fn a_node_short_of_space_refuses_copies_and_keeps_room_for_its_log() {
         log.contains("data disk is full"),
         "node 3 said why it refused"
     );
+}
+
+/// Space freed by deleting files comes back on every node that held a copy, not only on the
+/// one whose collector ran first, and on a node that was down meanwhile once it returns.
+#[test]
+fn deleted_files_free_their_blocks_on_every_node_and_on_one_that_was_down() {
+    let c = LocalCluster::up_with_env(3, &[("SHOAL_GC_GRACE", "1s")]);
+    let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
+    // Two writers at once, on nodes 1 and 2.
+    std::thread::scope(|s| {
+        for k in [1u32, 2] {
+            let (c, data) = (&c, &data);
+            s.spawn(move || {
+                for i in 0..4 {
+                    let mut body = data.clone();
+                    body.extend_from_slice(format!("{k}-{i}").as_bytes());
+                    let path = c.mnt(k).join(format!("f{k}-{i}"));
+                    fs::write(&path, &body).unwrap();
+                    fs::File::open(&path).unwrap().sync_all().unwrap();
+                }
+            });
+        }
+    });
+    eventually("every node holding copies", || {
+        (1..=3).all(|k| block_files(&c.data(k)).len() >= 8)
+    });
+    let held3 = block_files(&c.data(3));
+    c.kill9(3);
+    std::thread::scope(|s| {
+        for k in [1u32, 2] {
+            let c = &c;
+            s.spawn(move || {
+                for i in 0..4 {
+                    fs::remove_file(c.mnt(k).join(format!("f{k}-{i}"))).unwrap();
+                }
+            });
+        }
+    });
+    for k in [1, 2] {
+        eventually_within(
+            &format!("node {k}'s copies deleted"),
+            Duration::from_secs(20),
+            || block_files(&c.data(k)).is_empty(),
+        );
+    }
+    // Node 3 was down: its copies wait on the garbage list, which is kept for it.
+    assert_eq!(block_files(&c.data(3)), held3);
+    c.local_up(3);
+    eventually_within(
+        "node 3's copies deleted once it is back",
+        Duration::from_secs(30),
+        || block_files(&c.data(3)).is_empty(),
+    );
+    // And the list is empty: a write of the same bytes is stored again, not skipped.
+    fs::write(c.mnt(3).join("again"), &data).unwrap();
+    assert_eq!(read(&c.mnt(1).join("again")).unwrap(), data);
 }

@@ -5,6 +5,7 @@ mod at_once;
 mod cluster;
 mod daemon;
 mod durability;
+mod local_cluster;
 mod mount;
 mod node_ops;
 mod security;

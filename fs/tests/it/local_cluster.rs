@@ -1,0 +1,209 @@
+//! A cluster of `shoal` daemons on loopback, started with `shoal local up`, taken down and
+//! unmounted on drop, its logs kept when a test fails. Shared by the `it` and `failpoints`
+//! test targets.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::testkit::{is_mounted, shoal};
+
+pub(crate) struct LocalCluster {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) base_port: u16,
+    env: Vec<(String, String)>,
+    /// A node whose data directory is a small filesystem of its own, unmounted on drop.
+    small_disk: Option<u32>,
+}
+
+impl LocalCluster {
+    pub(crate) fn up(nodes: u32) -> LocalCluster {
+        LocalCluster::up_with_env(nodes, &[])
+    }
+
+    /// A cluster whose daemons run with extra environment variables.
+    pub(crate) fn up_with_env(nodes: u32, env: &[(&str, &str)]) -> LocalCluster {
+        let dir = tempfile::tempdir().unwrap();
+        // Tests run in parallel: each cluster gets its own ports.
+        let base_port = 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10;
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let c = LocalCluster {
+            dir,
+            base_port,
+            env,
+            small_disk: None,
+        };
+        c.local_up(nodes);
+        c
+    }
+
+    /// A cluster whose node `k` keeps its data on a tmpfs of `bytes`, so a test can fill it.
+    pub(crate) fn up_with_small_disk(nodes: u32, k: u32, bytes: u64) -> LocalCluster {
+        let mut c = LocalCluster {
+            dir: tempfile::tempdir().unwrap(),
+            base_port: 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10,
+            env: Vec::new(),
+            small_disk: None,
+        };
+        fs::create_dir_all(c.data(k)).unwrap();
+        let options = std::ffi::CString::new(format!("size={bytes},mode=0700")).unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            c.data(k),
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            Some(options.as_c_str()),
+        )
+        .unwrap();
+        c.small_disk = Some(k);
+        c.local_up(nodes);
+        c
+    }
+
+    pub(crate) fn local_up(&self, nodes: u32) {
+        let out = self.try_local_up(nodes, &[]);
+        assert!(
+            out.status.success(),
+            "local up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `shoal local up`, which starts the nodes that are down, with extra environment for
+    /// them; what it said.
+    pub(crate) fn try_local_up(&self, nodes: u32, env: &[(&str, &str)]) -> std::process::Output {
+        Command::new(shoal())
+            .args([
+                "local",
+                "up",
+                "--nodes",
+                &nodes.to_string(),
+                "--base-port",
+                &self.base_port.to_string(),
+                "--dir",
+            ])
+            .arg(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    }
+
+    pub(crate) fn node(&self, k: u32) -> PathBuf {
+        self.dir.path().join(format!("node-{k}"))
+    }
+
+    pub(crate) fn mnt(&self, k: u32) -> PathBuf {
+        self.node(k).join("mnt")
+    }
+
+    pub(crate) fn data(&self, k: u32) -> PathBuf {
+        self.node(k).join("data")
+    }
+
+    /// Node `k`'s QUIC address.
+    pub(crate) fn addr(&self, k: u32) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.base_port + k as u16).into()
+    }
+
+    pub(crate) fn pid(&self, k: u32) -> i32 {
+        fs::read_to_string(self.node(k).join("daemon.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Whether node `k`'s daemon process is still alive (a zombie is not: see
+    /// `release_stuck_predecessor`).
+    pub(crate) fn alive(&self, k: u32) -> bool {
+        shoal_fs::fuse::mount::process_alive(self.pid(k))
+    }
+
+    pub(crate) fn kill9(&self, k: u32) {
+        let pid = rustix::process::Pid::from_raw(self.pid(k)).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.alive(k) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `shoal ARGS --data` with node `k`'s data directory.
+    pub(crate) fn shoal_at(&self, k: u32, args: &[&str]) -> std::process::Output {
+        Command::new(shoal())
+            .args(args)
+            .arg("--data")
+            .arg(self.data(k))
+            .output()
+            .unwrap()
+    }
+
+    pub(crate) fn leader(&self, k: u32) -> Option<u64> {
+        let out = Command::new(shoal())
+            .arg("status")
+            .arg("--json")
+            .arg("--data")
+            .arg(self.data(k))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["leader"].as_u64()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(shoal())
+            .arg("local")
+            .arg("down")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .output();
+        for k in 1..=8 {
+            if is_mounted(&self.mnt(k)) {
+                let _ = shoal_fs::fuse::mount::detach(&self.mnt(k));
+            }
+        }
+        if let Some(k) = self.small_disk {
+            let _ = shoal_fs::fuse::mount::detach(&self.data(k));
+        }
+        // A failed test keeps the daemons' logs, which say what the cluster was doing.
+        if std::thread::panicking() {
+            let keep = std::env::temp_dir().join(format!(
+                "shoal-failed-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            for k in 1..=8 {
+                let log = self.node(k).join("daemon.log");
+                if log.exists() && fs::create_dir_all(&keep).is_ok() {
+                    let _ = fs::copy(&log, keep.join(format!("node-{k}.log")));
+                }
+            }
+            eprintln!("daemon logs kept in {}", keep.display());
+        }
+    }
+}
+
+/// Waits until `f` holds, for up to 10 s: these tests say what becomes visible, not how fast.
+pub(crate) fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(what, Duration::from_secs(10), f)
+}
+
+pub(crate) fn eventually_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub(crate) fn read(path: &Path) -> Option<Vec<u8>> {
+    fs::read(path).ok()
+}
