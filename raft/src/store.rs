@@ -173,10 +173,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SError> {
-        Ok(self
+        let committed = self
             .meta::<Option<LogId<NodeId>>>(COMMITTED)
             .map_err(|e| io_err(StorageIOError::read, e))?
-            .flatten())
+            .flatten();
+        // openraft saves the commit index of a snapshot it received before the state machine
+        // has installed it. A crash between the two leaves a commit index past the end of this
+        // log, whose entries are neither here nor in the state machine: openraft would try to
+        // re-apply them at start and stop for good (found by the snapshot-install failpoint).
+        // The leader tells the commit index again, so a saved one this log cannot back is
+        // forgotten.
+        let last = self.get_log_state().await?.last_log_id;
+        if committed.map(|c| c.index) > last.map(|l| l.index) {
+            tracing::warn!(
+                committed = ?committed,
+                last_log = ?last,
+                "the saved commit index is past the end of the log (a crash while installing a snapshot); the leader will send it again"
+            );
+            return Ok(None);
+        }
+        Ok(committed)
     }
 
     async fn append<I>(

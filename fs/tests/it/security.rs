@@ -363,6 +363,14 @@ fn a_members_word_about_blocks_is_checked_not_trusted() {
         .expect("node 1 holds the file's block");
     let quarantine = c.data(1).join("blocks").join("quarantine");
 
+    // "I collected this garbage, drop your copy" about a block a file names: node 1 decides
+    // by its own view, and keeps it.
+    match call_as(&c, 2, 1, Request::DropGarbage { blocks: vec![id] }) {
+        Response::DropGarbage(Ok(())) => {}
+        other => panic!("DropGarbage: {other:?}"),
+    }
+    assert!(path.exists(), "a member's word deleted a referenced block");
+
     // A wrong length is the caller's mistake: an error, and the good copy stays where it is.
     for wrong in [0, 1, 2_999_999, 4 << 20, u32::MAX] {
         match call_as(

@@ -20,3 +20,31 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sle
 fn openraft_storage_suite_passes_on_sled() {
     Suite::test_all(SledBuilder).expect("openraft storage suite");
 }
+
+/// A crash while a follower installs a snapshot can leave the commit index of the snapshot
+/// saved, and neither the snapshot nor the entries before it: the store must not claim a commit
+/// index its log cannot back, or openraft stops at start re-applying entries it cannot find.
+#[test]
+fn a_saved_commit_index_past_the_end_of_the_log_is_not_claimed() {
+    use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _sm) = shoal_raft::open(dir.path()).unwrap();
+        let id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+        let entries: Vec<Entry<TypeConfig>> = (1..=177)
+            .map(|i| Entry {
+                log_id: id(i),
+                payload: EntryPayload::Blank,
+            })
+            .collect();
+        log.blocking_append(entries).await.unwrap();
+        log.save_committed(Some(id(150))).await.unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(id(150)));
+        log.save_committed(Some(id(199))).await.unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), None);
+    });
+}
