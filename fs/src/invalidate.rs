@@ -12,12 +12,23 @@
 //! handed over so far. An open (after its read barrier) and a lock grant wait for that: the
 //! opener or new holder must find in its kernel what the last writer or holder left, pages and
 //! size alike (a read stops at the kernel's cached size; an append starts there).
+//!
+//! An invalidation of an inode the kernel does not hold finds nothing to drop (the kernel says
+//! ENOENT; fuser reports that as success). But a lookup answered from the view just before the
+//! apply may reach the kernel just after, and then the kernel caches the old size of an inode
+//! it did not know before, for the TTL: its attribute versions only protect inodes it already
+//! holds. So the thread remembers, for a few seconds, which inodes other nodes changed, and
+//! delivers each such invalidation once more a tenth of a second later; and an open of one of
+//! them drops the kernel's attributes before answering (`Invalidator::refresh_changed`), which
+//! keeps close-to-open exact. (Seen in the soak: a file fsynced on one node read as empty on
+//! another.)
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
@@ -25,14 +36,31 @@ use fuser::{INodeNo, Notifier};
 use shoal_raft::{ApplyHook, Change, Ino};
 use tracing::debug;
 
-/// A batch of changes and its number.
-type Batch = (u64, Vec<Change>);
+/// What the thread is handed: changes applied here, or one inode whose attributes (only) the
+/// kernel must drop.
+enum Work {
+    Changes(Vec<Change>),
+    Attributes(Ino),
+}
+
+/// A piece of work and its number.
+type Batch = (u64, Work);
+
+/// How long an inode another node changed is remembered: past the TTL of a lookup reply that
+/// may have raced its invalidation, with room for a slow kernel.
+const CHANGED_FOR: Duration = Duration::from_secs(3);
+/// When an inode's invalidation is delivered again.
+const AGAIN_AFTER: Duration = Duration::from_millis(100);
+
+/// Inodes other nodes changed lately, and when their invalidation was delivered.
+type Changed = Mutex<HashMap<Ino, Instant>>;
 
 /// The invalidation thread's queue: numbered batches in, the last delivered number out.
 pub(crate) struct Invalidator {
     /// The number of the last batch handed over, and the queue; one lock keeps them in order.
     queue: Mutex<(u64, mpsc::Sender<Batch>)>,
     delivered: watch::Receiver<u64>,
+    changed: Arc<Changed>,
 }
 
 impl Invalidator {
@@ -40,22 +68,46 @@ impl Invalidator {
     pub(crate) fn start(notifier: Arc<OnceLock<Notifier>>) -> Arc<Invalidator> {
         let (tx, rx) = mpsc::channel();
         let (done_tx, delivered) = watch::channel(0);
+        let changed = Arc::new(Changed::default());
+        let c = changed.clone();
         std::thread::Builder::new()
             .name("invalidate".into())
-            .spawn(move || run(&notifier, &rx, &done_tx))
+            .spawn(move || run(&notifier, &rx, &done_tx, &c))
             .expect("spawning the invalidation thread");
         Arc::new(Invalidator {
             queue: Mutex::new((0, tx)),
             delivered,
+            changed,
         })
     }
 
-    /// Hands changes to the thread, to be dropped from the kernel's caches.
-    fn send(&self, changes: Vec<Change>) {
+    /// Hands work to the thread.
+    fn send(&self, work: Work) {
         let mut q = self.queue.lock().expect("invalidation queue lock");
         q.0 += 1;
         let n = q.0;
-        let _ = q.1.send((n, changes));
+        let _ = q.1.send((n, work));
+    }
+
+    /// For an inode being opened: if another node changed it lately, a lookup reply racing
+    /// that change's invalidation may have left its old attributes in the kernel; drops them
+    /// now (the kernel holds the inode during the open, so they stay dropped) and returns once
+    /// that is done.
+    pub(crate) async fn refresh_changed(&self, ino: Ino) {
+        let recent = {
+            let mut changed = self.changed.lock().expect("changed lock");
+            changed
+                .remove(&ino)
+                .is_some_and(|at| at.elapsed() < CHANGED_FOR)
+        };
+        if recent {
+            debug!(
+                ino,
+                "another node changed this inode lately: refreshing its attributes"
+            );
+            self.send(Work::Attributes(ino));
+            self.caught_up().await;
+        }
     }
 
     /// Returns once everything handed over before this call reached the kernel.
@@ -87,27 +139,82 @@ impl Invalidator {
                 }
             }
             if session != own_session.load(Ordering::Acquire) {
-                this.send(changes);
+                this.send(Work::Changes(changes));
             }
         })
     }
 }
 
-fn run(notifier: &OnceLock<Notifier>, rx: &mpsc::Receiver<Batch>, delivered: &watch::Sender<u64>) {
+fn run(
+    notifier: &OnceLock<Notifier>,
+    rx: &mpsc::Receiver<Batch>,
+    delivered: &watch::Sender<u64>,
+    changed: &Changed,
+) {
     let delay = slow_invalidation();
-    while let Ok(first) = rx.recv() {
+    // Inodes to invalidate once more, in the order they are due.
+    let mut again: std::collections::VecDeque<(Instant, Ino)> = Default::default();
+    loop {
+        let first = match again.front() {
+            None => match rx.recv() {
+                Ok(b) => Some(b),
+                Err(_) => return,
+            },
+            Some((due, _)) => {
+                match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                    Ok(b) => Some(b),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        };
+        let Some(n) = notifier.get() else {
+            if let Some((last, _)) = first {
+                let last = rx.try_iter().map(|(n, _)| n).fold(last, u64::max);
+                delivered.send_replace(last);
+            }
+            continue;
+        };
+        let now = Instant::now();
+        while again.front().is_some_and(|(due, _)| *due <= now) {
+            if let Some((_, ino)) = again.pop_front() {
+                deliver(n, &Change::Inode(ino));
+            }
+        }
+        let Some(first) = first else { continue };
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let last = batch.iter().map(|(n, _)| *n).max().unwrap_or(0);
-        if let Some(n) = notifier.get() {
-            let changes: BTreeSet<Change> = batch.into_iter().flat_map(|(_, c)| c).collect();
-            for c in changes {
-                deliver(n, &c);
+        let mut changes = BTreeSet::new();
+        for (_, work) in batch {
+            match work {
+                Work::Changes(c) => changes.extend(c),
+                Work::Attributes(ino) => {
+                    // Offset -1: the attributes only; the pages stay.
+                    if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                        debug!(ino, error = %e, "dropping an inode's attributes failed");
+                    }
+                }
             }
         }
+        for c in &changes {
+            deliver(n, c);
+        }
+        let now = Instant::now();
+        let mut recent = changed.lock().expect("changed lock");
+        if recent.len() >= 4096 {
+            recent.retain(|_, at| now.duration_since(*at) < CHANGED_FOR);
+        }
+        for c in changes {
+            if let Change::Inode(ino) = c {
+                recent.insert(ino, now);
+                again.push_back((now + AGAIN_AFTER, ino));
+            }
+        }
+        drop(recent);
         delivered.send_replace(last);
     }
 }
@@ -120,16 +227,14 @@ fn slow_invalidation() -> Option<std::time::Duration> {
     Some(std::time::Duration::from_millis(ms.parse().ok()?))
 }
 
+/// Drops what `c` changed from the kernel's caches (nothing, when the kernel holds none of it).
 fn deliver(n: &Notifier, c: &Change) {
-    // ENOENT means the kernel has nothing cached for it: nothing to drop.
     let r = match c {
         Change::Inode(ino) => n.inval_inode(INodeNo(*ino), 0, 0),
         Change::Entry { parent, name } => n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
         Change::Locks(_) | Change::Orphan(_) => return,
     };
-    if let Err(e) = r
-        && e.raw_os_error() != Some(libc::ENOENT)
-    {
+    if let Err(e) = r {
         debug!(change = ?c, error = %e, "cache invalidation failed");
     }
 }

@@ -238,6 +238,8 @@ impl Node {
         // kernel's caches before the open answers, or a read would stop at a size the kernel
         // cached before the last writer's close (the invalidation thread may lag under load).
         self.invalidator.caught_up().await;
+        // A lookup reply racing an invalidation may have left the old size in the kernel.
+        self.invalidator.refresh_changed(ino).await;
         self.open_applied(ino)
     }
 

@@ -231,7 +231,12 @@ impl Filesystem for ShoalFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.as_bytes().to_vec();
         match self.node.lookup(parent.0, &name) {
-            Ok(i) => reply.entry(&TTL, &attr(&i), Generation(i.generation)),
+            Ok(i) => {
+                if let Some(d) = slow_lookup() {
+                    std::thread::sleep(d);
+                }
+                reply.entry(&TTL, &attr(&i), Generation(i.generation))
+            }
             Err(OpError::Fs(FsError::NotFound)) if self.node.cluster().is_some() => {
                 // Maybe created on another node and not applied here yet: ask the leader.
                 self.spawn(move |node| async move {
@@ -903,4 +908,15 @@ fn reply_xattr(value: Result<Vec<u8>, OpError>, size: u32, reply: ReplyXattr) {
         Err(OpError::Fs(FsError::NoAttr)) => reply.error(Errno::from_i32(libc::ENODATA)),
         Err(e) => reply.error(errno(&e)),
     }
+}
+
+/// Fault injection for tests: `SHOAL_FAULT_SLOW_LOOKUP=MS` holds each lookup answered from the
+/// view for MS milliseconds between reading the view and replying, the window in which an
+/// invalidation of what it read can reach the kernel first. Unset in production.
+fn slow_lookup() -> Option<Duration> {
+    static SLOW: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *SLOW.get_or_init(|| {
+        let ms = std::env::var("SHOAL_FAULT_SLOW_LOOKUP").ok()?;
+        Some(Duration::from_millis(ms.parse().ok()?))
+    })
 }

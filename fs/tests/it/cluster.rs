@@ -747,6 +747,40 @@ fn an_open_sees_the_last_close_while_invalidations_lag() {
     }
 }
 
+/// A lookup that read the view just before another node's fsync was applied here, and reached
+/// the kernel just after that change's invalidation (which found no inode there to drop), left
+/// the old size in the kernel for the TTL, and the next open read an empty file (seen once in
+/// the soak, in `writes_go_on_while_a_follower_is_frozen...`). With every lookup held 700 ms
+/// between reading the view and replying, to open that window wide, the open after the fsync
+/// still reads the fsynced bytes.
+#[test]
+fn an_open_sees_an_fsync_whose_invalidation_raced_the_lookup() {
+    use std::io::Write;
+    let c = LocalCluster::up_with_env(3, &[("SHOAL_FAULT_SLOW_LOOKUP", "700")]);
+    for i in 0..3u8 {
+        let name = format!("raced-{i}");
+        let body = vec![i + 1; 300_000];
+        let mut f = fs::File::create(c.mnt(1).join(&name)).unwrap();
+        // Written, not yet committed: node 2 will find the file empty.
+        f.write_all(&body).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let there = c.mnt(2).join(&name);
+        let stat = std::thread::spawn(move || fs::metadata(there).map(|m| m.len()));
+        // Node 2's lookup has read the view (size 0) and is being held; the fsync's change
+        // reaches node 2 before its reply does.
+        std::thread::sleep(Duration::from_millis(200));
+        f.sync_all().unwrap();
+        stat.join().unwrap().unwrap();
+        let got = read(&c.mnt(2).join(&name)).unwrap();
+        assert!(
+            got == body,
+            "round {i}: node 2's open after node 1's fsync read {} bytes, not the {} written",
+            got.len(),
+            body.len()
+        );
+    }
+}
+
 /// A node far behind catches up by snapshot even over a link that takes 3 s per snapshot
 /// chunk (the fault knob): each chunk gets openraft's 30 s install timeout, not the 2 s of an
 /// ordinary call, after which it was sent again forever.
