@@ -129,7 +129,7 @@ mount --bind "$DK" "$DK"
 mount --make-shared "$DK"
 CLUSTER="$DK/cluster"
 mkdir "$CLUSTER"
-"$SHOAL" local up --nodes 3 --dir "$CLUSTER" --base-port $((20000 + RANDOM % 20000)) >/dev/null
+"$SHOAL" local up --nodes 3 --dir "$CLUSTER" --base-port $((10000 + RANDOM % 1000 * 10)) >/dev/null
 SH="$SHOAL"
 shoal1() { "$SH" "$@" --data "$CLUSTER/node-1/data"; }
 mkdir -p "$DK"/rootfs/{bin,tmp,etc,proc,sys,dev,data}

@@ -81,6 +81,9 @@ pub struct NodeOptions {
     pub commit_interval: Duration,
     /// Unreferenced blocks younger than this are left alone by the garbage collector.
     pub gc_grace: Duration,
+    /// Talk to the other nodes over this in-memory network instead of QUIC (the deterministic
+    /// tests' `testkit`); `None` in the daemon.
+    pub network: Option<Arc<shoal_net::memory::MemoryNetwork>>,
 }
 
 impl Default for NodeOptions {
@@ -90,6 +93,7 @@ impl Default for NodeOptions {
             commit_bytes: 32 << 20,
             commit_interval: Duration::from_secs(1),
             gc_grace: Duration::from_secs(60),
+            network: None,
         }
     }
 }
@@ -402,7 +406,12 @@ impl Node {
                         format!("listen address {listen:?}: {e}"),
                     )
                 })?;
-                Some(Arc::new(crate::cluster::Cluster::open(data, addr)?))
+                Some(Arc::new(crate::cluster::Cluster::open(
+                    data,
+                    addr,
+                    config.node_id,
+                    options.network.clone(),
+                )?))
             }
             None => None,
         };

@@ -63,13 +63,17 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         let bytes = frame::read_bytes(&mut recv).await?;
         Ok(postcard::from_bytes(&bytes)?)
     };
-    attempt.await.map_err(|e| match conn.close_reason() {
-        // However the stream noticed, a connection turned away says why.
+    attempt.await.map_err(|e| busy_or(conn, e))
+}
+
+/// However the stream noticed, a connection turned away says why.
+fn busy_or(conn: &quinn::Connection, e: RpcError) -> RpcError {
+    match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == BUSY.into() => {
             RpcError::Busy(String::from_utf8_lossy(&c.reason).into_owned())
         }
         _ => e,
-    })
+    }
 }
 
 /// What a server accepts from its connections.
@@ -243,32 +247,39 @@ async fn answer<Req, Resp, F, Fut>(
     }
 }
 
-/// One connection per peer address, made on first use and remade when it drops.
-pub struct Peers {
+/// A future a transport returns.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What carries one call's bytes to a peer and its answer back: QUIC between processes
+/// (`QuicTransport`), or the in-memory network of the deterministic tests
+/// (`memory::MemoryNetwork`). The frames are the same postcard bytes either way.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends one request frame to `addr` and waits for its response frame, without a timeout
+    /// of its own (`Peers` puts one around it).
+    fn call(&self, addr: SocketAddr, req: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, RpcError>>;
+    /// Stops using the connection to `addr`, which failed; calls under way on it go on.
+    fn reset(&self, addr: SocketAddr) -> BoxFuture<'_, ()>;
+    /// Closes the connection to `addr`: the peer there is a new process.
+    fn forget(&self, addr: SocketAddr) -> BoxFuture<'_, ()>;
+    /// Forgets every connection (the trust changed).
+    fn forget_all(&self) -> BoxFuture<'_, ()>;
+}
+
+/// One QUIC connection per peer address, made on first use and remade when it drops.
+pub struct QuicTransport {
     endpoint: quinn::Endpoint,
     conns: Arc<tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>>,
-    down: std::sync::Mutex<HashMap<SocketAddr, Instant>>,
     /// Replaces the endpoint's client configuration once set (a renewed certificate).
     client: std::sync::Mutex<Option<quinn::ClientConfig>>,
 }
 
-impl Peers {
-    pub fn new(endpoint: quinn::Endpoint) -> Peers {
-        Peers {
+impl QuicTransport {
+    pub fn new(endpoint: quinn::Endpoint) -> QuicTransport {
+        QuicTransport {
             endpoint,
             conns: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
-            down: std::sync::Mutex::new(HashMap::new()),
             client: std::sync::Mutex::new(None),
         }
-    }
-
-    pub fn endpoint(&self) -> &quinn::Endpoint {
-        &self.endpoint
-    }
-
-    /// Uses `config` for connections made from now on (a renewed certificate).
-    pub fn set_client_config(&self, config: quinn::ClientConfig) {
-        *self.client.lock().expect("client config lock") = Some(config);
     }
 
     async fn conn(&self, addr: SocketAddr) -> Result<quinn::Connection, RpcError> {
@@ -297,6 +308,98 @@ impl Peers {
         }
     }
 
+    async fn call_once(&self, conn: &quinn::Connection, req: &[u8]) -> Result<Vec<u8>, RpcError> {
+        let attempt = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            frame::write_bytes(&mut send, req).await?;
+            send.finish()?;
+            Ok(frame::read_bytes(&mut recv).await?)
+        };
+        attempt.await.map_err(|e| busy_or(conn, e))
+    }
+}
+
+impl Transport for QuicTransport {
+    fn call(&self, addr: SocketAddr, req: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, RpcError>> {
+        Box::pin(async move {
+            let conn = self.conn(addr).await?;
+            let result = match self.call_once(&conn, &req).await {
+                // A cached connection that turned out dead: once more on a new one.
+                Err(RpcError::Connection(_)) => {
+                    self.conns.lock().await.remove(&addr);
+                    let conn = self.conn(addr).await?;
+                    self.call_once(&conn, &req).await
+                }
+                other => other,
+            };
+            result
+        })
+    }
+
+    fn reset(&self, addr: SocketAddr) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.conns.lock().await.remove(&addr);
+        })
+    }
+
+    fn forget(&self, addr: SocketAddr) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(c) = self.conns.lock().await.remove(&addr) {
+                c.close(0u32.into(), b"peer restarted");
+            }
+        })
+    }
+
+    fn forget_all(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for (_, c) in self.conns.lock().await.drain() {
+                c.close(0u32.into(), b"trust changed");
+            }
+        })
+    }
+}
+
+/// Calls to peers over a `Transport`, with a timeout per call and a short memory of peers that
+/// did not answer.
+pub struct Peers {
+    transport: Arc<dyn Transport>,
+    /// The same transport when it is QUIC: its endpoint and client configuration.
+    quic: Option<Arc<QuicTransport>>,
+    down: std::sync::Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Peers {
+    /// Peers over QUIC from `endpoint`.
+    pub fn new(endpoint: quinn::Endpoint) -> Peers {
+        let quic = Arc::new(QuicTransport::new(endpoint));
+        Peers {
+            transport: quic.clone(),
+            quic: Some(quic),
+            down: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Peers over another transport (the in-memory network of the deterministic tests).
+    pub fn over(transport: Arc<dyn Transport>) -> Peers {
+        Peers {
+            transport,
+            quic: None,
+            down: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The QUIC endpoint, if calls go over QUIC.
+    pub fn endpoint(&self) -> Option<&quinn::Endpoint> {
+        self.quic.as_ref().map(|q| &q.endpoint)
+    }
+
+    /// Uses `config` for QUIC connections made from now on (a renewed certificate).
+    pub fn set_client_config(&self, config: quinn::ClientConfig) {
+        if let Some(q) = &self.quic {
+            *q.client.lock().expect("client config lock") = Some(config);
+        }
+    }
+
     /// Calls `addr` with the default timeout.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -309,17 +412,13 @@ impl Peers {
     /// Drops the connection to `addr` and its down mark: the peer there is a new process,
     /// which knows nothing of the old connection. The next call connects again.
     pub async fn forget(&self, addr: SocketAddr) {
-        if let Some(c) = self.conns.lock().await.remove(&addr) {
-            c.close(0u32.into(), b"peer restarted");
-        }
+        self.transport.forget(addr).await;
         self.down.lock().expect("down lock").remove(&addr);
     }
 
     /// Drops every connection (the trust changed: each is made again under the new one).
     pub async fn forget_all(&self) {
-        for (_, c) in self.conns.lock().await.drain() {
-            c.close(0u32.into(), b"trust changed");
-        }
+        self.transport.forget_all().await;
         self.down.lock().expect("down lock").clear();
     }
 
@@ -340,26 +439,17 @@ impl Peers {
         if self.is_down(addr) {
             return Err(RpcError::Down(addr));
         }
-        let attempt = async {
-            let conn = self.conn(addr).await?;
-            match call(&conn, req).await {
-                Err(RpcError::Connection(_)) => {
-                    self.conns.lock().await.remove(&addr);
-                    let conn = self.conn(addr).await?;
-                    call(&conn, req).await
-                }
-                other => other,
-            }
-        };
-        let result = match tokio::time::timeout(timeout, attempt).await {
-            Ok(r) => r,
+        let bytes = postcard::to_stdvec(req)?;
+        let result = match tokio::time::timeout(timeout, self.transport.call(addr, bytes)).await {
+            Ok(Ok(answer)) => postcard::from_bytes(&answer).map_err(RpcError::from),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(RpcError::Timeout(timeout)),
         };
         if matches!(
             result,
             Err(RpcError::Timeout(_) | RpcError::Connect(_) | RpcError::Connection(_))
         ) {
-            self.conns.lock().await.remove(&addr);
+            self.transport.reset(addr).await;
             self.down
                 .lock()
                 .expect("down lock")

@@ -22,6 +22,19 @@ pub async fn join(
     peer: SocketAddr,
     listen: SocketAddr,
 ) -> Result<ClusterConfig, NodeError> {
+    let endpoint = shoal_net::quic::join_endpoint(token.ca_fingerprint)
+        .map_err(|e| NodeError::Join(e.to_string()))?;
+    join_over(data, token, peer, listen, &Peers::new(endpoint)).await
+}
+
+/// `join`, calling the member through `peers` (the in-memory network of the tests).
+pub async fn join_over(
+    data: &Path,
+    token: JoinToken,
+    peer: SocketAddr,
+    listen: SocketAddr,
+    peers: &Peers,
+) -> Result<ClusterConfig, NodeError> {
     if let Ok(existing) = ClusterConfig::load(data) {
         return Err(NodeError::AlreadyInitialized(
             data.to_path_buf(),
@@ -31,13 +44,10 @@ pub async fn join(
     crate::private::create_data_dir(&tls_dir(data))
         .map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
     let pending = PendingIdentity::generate().map_err(|e| NodeError::Join(e.to_string()))?;
-    let endpoint = shoal_net::quic::join_endpoint(token.ca_fingerprint)
-        .map_err(|e| NodeError::Join(e.to_string()))?;
     let req = Request::Join(JoinRequest {
         secret: token.secret,
         csr: pending.csr_der.clone(),
     });
-    let peers = Peers::new(endpoint);
     let mut answer = peers.call::<_, Response>(peer, &req).await;
     for _ in 0..5 {
         // The node turns away more than a few joins a second from one address.

@@ -19,6 +19,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use openraft::BasicNode;
+use shoal_net::memory::MemoryNetwork;
 use shoal_net::pki::{Ca, Identity, PendingIdentity};
 use shoal_net::rpc::Peers;
 use shoal_net::token::JoinToken;
@@ -106,6 +107,9 @@ pub struct Cluster {
     pub data: PathBuf,
     pub peers: Arc<Peers>,
     pub listen: SocketAddr,
+    node_id: u64,
+    /// The in-memory network this node serves on, in the deterministic tests.
+    network: Option<Arc<MemoryNetwork>>,
     /// The CA, on the node that holds its key (the one that ran `shoal init`); replaced by a
     /// CA rotation (`trust`).
     signer: std::sync::Mutex<Option<Arc<trust::Signer>>>,
@@ -117,19 +121,32 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Loads the node's identity and opens its endpoint on `listen`.
-    pub fn open(data: &Path, listen: SocketAddr) -> Result<Cluster, NodeError> {
+    /// Loads the node's identity and opens its endpoint on `listen`, or, given an in-memory
+    /// `network`, serves there under `listen` instead.
+    pub fn open(
+        data: &Path,
+        listen: SocketAddr,
+        node_id: u64,
+        network: Option<Arc<MemoryNetwork>>,
+    ) -> Result<Cluster, NodeError> {
         let dir = tls_dir(data);
         let identity = Identity::load(&dir)
             .map_err(|e| NodeError::Raft(format!("loading this node's certificate: {e}")))?;
         let signer = trust::Signer::load(data).map(Arc::new);
-        let endpoint = shoal_net::quic::endpoint(&identity, listen)
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let peers = match &network {
+            Some(net) => Peers::over(net.port(Some(node_id))),
+            None => Peers::new(
+                shoal_net::quic::endpoint(&identity, listen)
+                    .map_err(|e| NodeError::Raft(e.to_string()))?,
+            ),
+        };
         Ok(Cluster {
             identity: std::sync::Mutex::new(identity),
             data: data.to_path_buf(),
-            peers: Arc::new(Peers::new(endpoint)),
+            peers: Arc::new(peers),
             listen,
+            node_id,
+            network,
             signer: std::sync::Mutex::new(signer),
             incoming: Default::default(),
             slow: Default::default(),
@@ -149,7 +166,9 @@ impl Cluster {
             .map_err(|e| e.to_string())?;
         let server = shoal_net::quic::server_config(&identity).map_err(|e| e.to_string())?;
         let client = shoal_net::quic::client_config(&identity).map_err(|e| e.to_string())?;
-        self.peers.endpoint().set_server_config(Some(server));
+        if let Some(endpoint) = self.peers.endpoint() {
+            endpoint.set_server_config(Some(server));
+        }
         self.peers.set_client_config(client);
         *self.identity.lock().expect("identity lock") = identity;
         Ok(())
@@ -166,7 +185,15 @@ impl Cluster {
 
     /// Accepts connections and serves requests for as long as the node lives.
     pub fn serve(self: &Arc<Self>, node: Weak<Node>) {
-        let endpoint = self.peers.endpoint().clone();
+        if let Some(net) = &self.network {
+            serve_memory(net, self.listen, self.node_id, node);
+            return;
+        }
+        let endpoint = self
+            .peers
+            .endpoint()
+            .expect("a cluster without an in-memory network has a QUIC endpoint")
+            .clone();
         let cluster = Arc::downgrade(self);
         let limits = Arc::new(shoal_net::rpc::Limits::new(Request::max_frame));
         tokio::spawn(async move {
@@ -211,6 +238,31 @@ impl Cluster {
             }
         });
     }
+}
+
+/// Serves `node`'s requests on the in-memory network: what `Cluster::serve` does over QUIC,
+/// without the handshake (the network names the caller) and without the size limits.
+fn serve_memory(net: &MemoryNetwork, listen: SocketAddr, node_id: u64, node: Weak<Node>) {
+    net.serve(
+        listen,
+        node_id,
+        Arc::new(move |peer, bytes| {
+            let node = node.clone();
+            Box::pin(async move {
+                let resp = match (node.upgrade(), postcard::from_bytes::<Request>(&bytes)) {
+                    (None, _) => Response::Denied("the node is shutting down".into()),
+                    (Some(_), Err(e)) => Response::Denied(format!("malformed request: {e}")),
+                    (Some(n), Ok(_))
+                        if peer.is_some_and(|id| n.view.is_revoked(id).unwrap_or(true)) =>
+                    {
+                        Response::Denied(revoked(peer.unwrap_or_default()))
+                    }
+                    (Some(n), Ok(req)) => handle(n, peer, req).await,
+                };
+                postcard::to_stdvec(&resp).unwrap_or_default()
+            })
+        }),
+    );
 }
 
 impl Node {

@@ -17,6 +17,19 @@ pub(crate) struct LocalCluster {
     small_disk: Option<u32>,
 }
 
+/// A base port whose nine ports above are free now. Tests run in parallel, and beside the
+/// ci/ scripts' clusters (which take theirs below 20,000): each cluster gets its own ports,
+/// drawn from 20,000–39,999 until none of them is taken.
+fn free_base_port() -> u16 {
+    loop {
+        let base = 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10;
+        let free = (1..10).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
+
 impl LocalCluster {
     pub(crate) fn up(nodes: u32) -> LocalCluster {
         LocalCluster::up_with_env(nodes, &[])
@@ -25,8 +38,7 @@ impl LocalCluster {
     /// A cluster whose daemons run with extra environment variables.
     pub(crate) fn up_with_env(nodes: u32, env: &[(&str, &str)]) -> LocalCluster {
         let dir = tempfile::tempdir().unwrap();
-        // Tests run in parallel: each cluster gets its own ports.
-        let base_port = 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10;
+        let base_port = free_base_port();
         let env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -45,7 +57,7 @@ impl LocalCluster {
     pub(crate) fn up_with_small_disk(nodes: u32, k: u32, bytes: u64) -> LocalCluster {
         let mut c = LocalCluster {
             dir: tempfile::tempdir().unwrap(),
-            base_port: 20_000 + (rand::random::<u16>() % 20_000) / 10 * 10,
+            base_port: free_base_port(),
             env: Vec::new(),
             small_disk: None,
         };
