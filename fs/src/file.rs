@@ -170,7 +170,15 @@ impl OpenFile {
             batch
         };
         let bytes: u64 = batch.iter().map(|e| e.data.len() as u64).sum();
+        // A caller that stops waiting (a timeout around the call) drops this future halfway:
+        // the batch then goes back in front of what was written since, as after a failure,
+        // rather than staying "being committed" forever (read here, retried never).
+        let mut unfinished = Unfinished {
+            file: self,
+            batch: Some(batch.clone()),
+        };
         let result = self.store_and_propose(node, &batch).await;
+        unfinished.batch = None;
         let mut b = self.bufs();
         b.committing = None;
         match result {
@@ -198,18 +206,7 @@ impl OpenFile {
             }
             Err(e) => {
                 // Keep the data: put it back in front of anything written since, in order.
-                let batch = Arc::try_unwrap(batch).unwrap_or_else(|a| {
-                    a.iter()
-                        .map(|e| Extent {
-                            off: e.off,
-                            data: e.data.clone(),
-                        })
-                        .collect()
-                });
-                let later = std::mem::take(&mut b.pending);
-                b.pending = batch;
-                b.pending.extend(later);
-                b.pending_bytes = b.pending.iter().map(|e| e.data.len()).sum();
+                put_back(&mut b, batch);
                 Err(e)
             }
         }
@@ -223,6 +220,8 @@ impl OpenFile {
         let packed = pack(batch, block_size);
         let ids: Vec<BlockId> = packed.iter().map(|(id, _)| *id).collect();
         node.guard_blocks(&ids);
+        // Unguarded however this ends, a cancelled commit included.
+        let _guard = Guarded { node, ids: &ids };
         let stored = {
             let packed: Vec<(BlockId, Bytes)> =
                 packed.iter().map(|(id, p)| (*id, p.data.clone())).collect();
@@ -256,8 +255,15 @@ impl OpenFile {
             }
             Err(e) => Err(e),
         };
-        node.unguard_blocks(&ids);
         result
+    }
+
+    /// Drops what a failed commit left buffered, because a lock over the file is about to be
+    /// released: landing later, outside the lock, it could overwrite what the next holder
+    /// writes. The error stays for the next fsync or close of the file here.
+    pub(crate) fn drop_unlanded(&self, node: &Node) {
+        self.drop_pending(node);
+        self.bufs().error.get_or_insert(libc::EIO);
     }
 
     /// Drops the writes not yet handed to a commit.
@@ -323,6 +329,51 @@ impl OpenFile {
                 file.bufs().error.get_or_insert(e.errno());
             }
         });
+    }
+}
+
+/// Blocks of a commit under way, guarded from GC until it ends.
+struct Guarded<'a> {
+    node: &'a Node,
+    ids: &'a [BlockId],
+}
+
+impl Drop for Guarded<'_> {
+    fn drop(&mut self) {
+        self.node.unguard_blocks(self.ids);
+    }
+}
+
+/// Puts a batch that did not land back in front of what was written since, in order.
+fn put_back(b: &mut Buffers, batch: Arc<Vec<Extent>>) {
+    let batch = Arc::try_unwrap(batch).unwrap_or_else(|a| {
+        a.iter()
+            .map(|e| Extent {
+                off: e.off,
+                data: e.data.clone(),
+            })
+            .collect()
+    });
+    let later = std::mem::take(&mut b.pending);
+    b.pending = batch;
+    b.pending.extend(later);
+    b.pending_bytes = b.pending.iter().map(|e| e.data.len()).sum();
+}
+
+/// A commit under way; dropped before it finished (its future was cancelled), it puts its
+/// batch back.
+struct Unfinished<'a> {
+    file: &'a OpenFile,
+    batch: Option<Arc<Vec<Extent>>>,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            let mut b = self.file.bufs();
+            b.committing = None;
+            put_back(&mut b, batch);
+        }
     }
 }
 

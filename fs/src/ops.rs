@@ -13,7 +13,7 @@ use shoal_raft::{
     Fallocate, FileKind, FsError, Ino, Inode, Kv, LockKind, LockOwner, MetaCommand, RangeLock,
     RenameFlags, Reply, SetAttr, XattrMode, conflicting,
 };
-use tracing::error;
+use tracing::{error, warn};
 
 use crate::blocks::{BlockError, read_range};
 use crate::file::OpenFile;
@@ -567,6 +567,9 @@ impl Node {
         if let Some(f) = self.open_file(ino) {
             self.check_not_fenced(&f)?;
         }
+        if unlock {
+            self.land_before_unlock(ino).await;
+        }
         loop {
             let changed = self.locks_changed.notified();
             tokio::pin!(changed);
@@ -601,6 +604,24 @@ impl Node {
     }
 
     /// Drops every lock `owner` holds on `ino`, waking local waiters.
+    /// Before this node lets go of a lock on `ino`: what it buffered for the file lands now,
+    /// while the lock still covers it, or never. A commit that failed under the lock and
+    /// landed later (the background commit retries) could overwrite what the next holder
+    /// wrote, and until then this node's reads would show the old bytes over the new: found
+    /// by the simulation's lock-protected counter, which lost increments so.
+    async fn land_before_unlock(&self, ino: Ino) {
+        if let Some(f) = self.open_file(ino)
+            && let Err(e) = f.commit(self).await
+        {
+            f.drop_unlanded(self);
+            warn!(
+                ino,
+                error = %e,
+                "dropped buffered writes that could not be committed before their lock was released; the next fsync or close of the file here reports EIO"
+            );
+        }
+    }
+
     async fn release_locks(&self, ino: Ino, owner: u64) -> OpResult<()> {
         let owner = self.lock_owner(owner);
         let holds = self
@@ -610,6 +631,7 @@ impl Node {
             .iter()
             .any(|l| l.owner == owner);
         if holds {
+            self.land_before_unlock(ino).await;
             self.run(MetaCommand::ReleaseLocks { ino, owner }).await?;
             self.locks_changed.notify_waiters();
         }
