@@ -3,8 +3,9 @@
 # the same time:
 #   - fsx, 1,000,000 operations per run on node 3 of a three-node cluster, a new seed each run;
 #   - in turn: the kill -9 tests (a writer that records a file only after fsync of the file and
-#     its directory, killed at different points; kill -9 of cluster nodes under writers) and the
-#     failpoint crash tests (every durability edge, several nodes writing at once).
+#     its directory, killed at different points; kill -9 of cluster nodes under writers), three
+#     new seeds of the simulation (fs/tests/sim) and the failpoint crash tests (every
+#     durability edge, several nodes writing at once).
 # Every run's result goes to OUT/runs.txt, a failed run's output is kept in OUT, and the run
 # goes on; OUT/summary.txt has the counts. Exits non-zero if anything failed. Needs root.
 set -uo pipefail
@@ -58,6 +59,16 @@ crash_loop() {
     fi
     [ "$(date +%s)" -lt "$end" ] || break
     start=$(date +%s)
+    log="$out/sim-$n.log"
+    local seeds="$RANDOM,$RANDOM,$RANDOM"
+    if SHOAL_SIM_SEEDS=$seeds cargo test --release -p shoal-fs --test sim -- --nocapture >"$log" 2>&1; then
+      record sim ok $(($(date +%s) - start)) "seeds $seeds, $(grep -o '[0-9]* acknowledged files checked' "$log" | awk '{s += $1} END {print s + 0}') acknowledged files checked"
+      rm -f "$log"
+    else
+      record sim FAILED $(($(date +%s) - start)) "seeds $seeds, see sim-$n.log"
+    fi
+    [ "$(date +%s)" -lt "$end" ] || break
+    start=$(date +%s)
     log="$out/failpoints-$n.log"
     if cargo test --release -p shoal-fs --features failpoints --test failpoints \
       -- --nocapture >"$log" 2>&1; then
@@ -79,7 +90,7 @@ wait "$fsx_pid"
 
 {
   echo "soak of $minutes minutes, ended $(date -u '+%F %H:%M') UTC"
-  for suite in fsx kill failpoints; do
+  for suite in fsx kill sim failpoints; do
     ok=$(awk -F'\t' -v s="$suite" '$2 == s && $3 == "ok"' "$out/runs.txt" | wc -l)
     failed=$(awk -F'\t' -v s="$suite" '$2 == s && $3 != "ok"' "$out/runs.txt" | wc -l)
     echo "$suite: $ok runs passed, $failed failed"

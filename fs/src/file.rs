@@ -229,7 +229,7 @@ impl OpenFile {
                 .await
                 .map_err(|e| OpError::Raft(format!("block writer panicked: {e}")))
         };
-        let result = match stored {
+        match stored {
             Ok(Ok(())) => {
                 for (id, p) in &packed {
                     node.cache.insert_block(*id, &p.data);
@@ -254,8 +254,7 @@ impl OpenFile {
                 Err(e.into())
             }
             Err(e) => Err(e),
-        };
-        result
+        }
     }
 
     /// Drops what a failed commit left buffered, because a lock over the file is about to be

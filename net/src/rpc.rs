@@ -323,7 +323,7 @@ impl Transport for QuicTransport {
     fn call(&self, addr: SocketAddr, req: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, RpcError>> {
         Box::pin(async move {
             let conn = self.conn(addr).await?;
-            let result = match self.call_once(&conn, &req).await {
+            match self.call_once(&conn, &req).await {
                 // A cached connection that turned out dead: once more on a new one.
                 Err(RpcError::Connection(_)) => {
                     self.conns.lock().await.remove(&addr);
@@ -331,8 +331,7 @@ impl Transport for QuicTransport {
                     self.call_once(&conn, &req).await
                 }
                 other => other,
-            };
-            result
+            }
         })
     }
 

@@ -127,13 +127,11 @@ async fn ask_everyone(node: &Node, ids: &[BlockId]) -> (Vec<(u64, Vec<bool>)>, V
         return (answers, unreachable);
     };
     let mut set = tokio::task::JoinSet::new();
-    for (n, addr) in node.members() {
-        let Ok(addr) = addr.parse::<SocketAddr>() else {
+    for (n, addr) in node.other_members() {
+        let Ok(addr) = addr else {
+            unreachable.push(n);
             continue;
         };
-        if n == node.id {
-            continue;
-        }
         let (peers, req) = (
             cluster.peers.clone(),
             Request::HasBlocks { ids: ids.to_vec() },
@@ -244,13 +242,14 @@ pub async fn unreferenced(
         return answers;
     };
     let mut set = tokio::task::JoinSet::new();
-    for (n, addr) in node.members() {
-        let Ok(addr) = addr.parse::<SocketAddr>() else {
-            continue;
+    for (n, addr) in node.other_members() {
+        let addr = match addr {
+            Ok(addr) => addr,
+            Err(e) => {
+                answers.push((n, Err(e)));
+                continue;
+            }
         };
-        if n == node.id {
-            continue;
-        }
         let peers = cluster.peers.clone();
         set.spawn(async move {
             let r = peers

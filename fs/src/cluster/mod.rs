@@ -276,6 +276,21 @@ impl Node {
         m.nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
     }
 
+    /// The other members with their addresses; a member whose address does not parse comes
+    /// with that error, for the caller to report.
+    pub(crate) fn other_members(&self) -> Vec<(u64, Result<SocketAddr, String>)> {
+        self.members()
+            .into_iter()
+            .filter(|(n, _)| *n != self.id)
+            .map(|(n, addr)| {
+                let parsed = addr
+                    .parse()
+                    .map_err(|e| format!("node {n}'s address {addr:?}: {e}"));
+                (n, parsed)
+            })
+            .collect()
+    }
+
     fn is_member(&self, id: u64) -> bool {
         let m = self.raft.metrics().borrow().membership_config.clone();
         // A node that is still joining has no membership yet and trusts the cluster's CA.

@@ -244,13 +244,8 @@ pub(crate) async fn drop_garbage_elsewhere(node: &Node, ids: &[BlockId]) -> Resu
         return Ok(());
     };
     let mut set = tokio::task::JoinSet::new();
-    for (n, addr) in node.members() {
-        if n == node.id {
-            continue;
-        }
-        let addr: std::net::SocketAddr = addr
-            .parse()
-            .map_err(|e| format!("node {n}'s address {addr:?}: {e}"))?;
+    for (n, addr) in node.other_members() {
+        let addr = addr?;
         let (peers, req) = (
             cluster.peers.clone(),
             Request::DropGarbage {
