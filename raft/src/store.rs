@@ -183,35 +183,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // re-apply them at start and stop for good (found by the snapshot-install failpoint).
         // The leader tells the commit index again, so a saved one this log cannot back is
         // forgotten.
-        // Likewise when the state machine is behind the start of this log: openraft purged the
-        // log up to a snapshot whose state the crash kept from the state machine (sled had not
-        // flushed it), and the entries between are gone (seen in the soak: "try to get log at
-        // index 143 but got None"). Every entry after the applied one up to the commit index
-        // must be here for the index to be claimed.
-        let state = self.get_log_state().await?;
-        let (last, purged) = (state.last_log_id, state.last_purged_log_id);
-        let applied = StateView {
-            tree: self
-                .db
-                .open_tree("sm")
-                .map_err(|e| io_err(StorageIOError::read_logs, e))?,
-        }
-        .get::<Option<LogId<NodeId>>>("applied", keys::META_APPLIED)
-        .map_err(|e| io_err(StorageIOError::read_logs, e))?
-        .flatten();
-        let after = |l: Option<LogId<NodeId>>| l.map_or(0, |l| l.index + 1);
-        // The first entry a restart re-applies, and the first this log still holds.
-        let (first_needed, first_held) = (after(applied), after(purged));
-        if let Some(c) = committed
-            && c.index >= first_needed
-            && (Some(c.index) > last.map(|l| l.index) || first_held > first_needed)
-        {
+        let last = self.get_log_state().await?.last_log_id;
+        if committed.map(|c| c.index) > last.map(|l| l.index) {
             tracing::warn!(
                 committed = ?committed,
-                applied = ?applied,
-                purged = ?purged,
                 last_log = ?last,
-                "the log cannot back the saved commit index (a crash while installing a snapshot); the leader will send it again"
+                "the saved commit index is past the end of the log (a crash while installing a snapshot); the leader will send it again"
             );
             return Ok(None);
         }
