@@ -57,10 +57,56 @@ pub fn open(dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreErro
         hook: Arc::new(std::sync::OnceLock::new()),
         db,
     };
+    log.catch_up_with(&sm)?;
     Ok((log, sm))
 }
 
 // ---- log ----
+
+impl LogStore {
+    /// Makes the log agree with a state machine that is behind its purge point. openraft
+    /// purges the log up to a snapshot it received while the state machine installs that
+    /// snapshot; a crash in between (sled had flushed the purge, not the new state) left a
+    /// log that claims entries as applied that the state machine never got, and a node that
+    /// stopped at every start ("try to get log at index 147 but got None", twice in the soak's
+    /// snapshot-install failpoint runs). When nothing follows the purge point, the log goes
+    /// back to the state machine's last applied entry, which only undoes the install that did
+    /// not finish (its snapshot was never acknowledged): the leader sends the snapshot again.
+    fn catch_up_with(&self, sm: &StateMachine) -> Result<(), StoreError> {
+        let purged: Option<LogId<NodeId>> = self.meta::<Option<LogId<NodeId>>>(PURGED)?.flatten();
+        let applied = sm.applied()?.0;
+        let Some(p) = purged else { return Ok(()) };
+        if applied.is_some_and(|a| a.index >= p.index) {
+            return Ok(());
+        }
+        if self
+            .log
+            .range((p.index + 1).to_be_bytes()..)
+            .next()
+            .is_some()
+        {
+            tracing::error!(
+                purged = ?purged,
+                applied = ?applied,
+                "the state machine is behind the log's purge point and entries follow it: this node cannot catch up by itself; remove it and join it again"
+            );
+            return Ok(());
+        }
+        tracing::warn!(
+            purged = ?purged,
+            applied = ?applied,
+            "the state machine is behind the log's purge point (a crash while installing a snapshot): going back to the last applied entry; the leader will send the snapshot again"
+        );
+        self.raft.insert(PURGED, encode(&applied))?;
+        let committed: Option<LogId<NodeId>> =
+            self.meta::<Option<LogId<NodeId>>>(COMMITTED)?.flatten();
+        if committed.map(|c| c.index) > applied.map(|a| a.index) {
+            self.raft.insert(COMMITTED, encode(&applied))?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+}
 
 /// Fault injection for tests: while the file `SHOAL_FAULT_LOG_WRITE_FAILS` names exists,
 /// appending to the log fails as a dying disk's writes would, which stops the Raft core for

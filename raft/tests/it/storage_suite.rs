@@ -48,3 +48,43 @@ fn a_saved_commit_index_past_the_end_of_the_log_is_not_claimed() {
         assert_eq!(log.read_committed().await.unwrap(), None);
     });
 }
+
+/// A crash while installing a snapshot: the log was purged up to the snapshot, the state
+/// machine still holds what it had before. Reopened, the log goes back to what was applied,
+/// so openraft does not look for entries that are nowhere, and the leader's snapshot comes
+/// again.
+#[test]
+fn a_log_purged_past_the_state_machine_goes_back_to_it_at_open() {
+    use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+        let blank = |i| Entry::<TypeConfig> {
+            log_id: id(i),
+            payload: EntryPayload::Blank,
+        };
+        {
+            let (mut log, mut sm) = shoal_raft::open(dir.path()).unwrap();
+            log.blocking_append((1..=100).map(blank)).await.unwrap();
+            sm.apply((1..=100).map(blank)).await.unwrap();
+            // What the snapshot install got to before the crash: the log's part only.
+            log.purge(id(150)).await.unwrap();
+            log.save_committed(Some(id(150))).await.unwrap();
+            assert_eq!(
+                log.get_log_state().await.unwrap().last_purged_log_id,
+                Some(id(150))
+            );
+        }
+        let (mut log, mut sm) = shoal_raft::open(dir.path()).unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(id(100)));
+        assert_eq!(state.last_log_id, Some(id(100)));
+        assert_eq!(log.read_committed().await.unwrap(), Some(id(100)));
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(id(100)));
+        assert!(log.try_get_log_entries(101..=150).await.unwrap().is_empty());
+    });
+}
