@@ -215,7 +215,8 @@ done
 log=$(in_volume 3 shared/log)
 lines=$(echo "$log" | wc -l)
 [ "$(echo "$log" | sort -u | wc -l)" = "$lines" ] || fail "the shared log has repeated lines"
-[ "$(echo "$log" | grep -cv '^task[1-5]-[0-9]*$')" = 0 ] || fail "torn lines in the shared log"
+[ "$(echo "$log" | grep -cv '^task[1-5]-[0-9]*$')" = 0 ] ||
+  fail "torn lines in the shared log: $(echo "$log" | grep -nv '^task[1-5]-[0-9]*$' | head -n 5 | od -c | head -n 20)"
 # Every task's first append creates /data/lock and /data/log at the same moment as others on
 # other hosts: an O_CREAT open that loses that race must open the winner's file, not fail.
 [ "$lines" = 200 ] || fail "the shared log has $lines lines, expected 200"

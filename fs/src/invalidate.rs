@@ -17,11 +17,13 @@
 //! ENOENT; fuser reports that as success). But a lookup answered from the view just before the
 //! apply may reach the kernel just after, and then the kernel caches the old size of an inode
 //! it did not know before, for the TTL: its attribute versions only protect inodes it already
-//! holds. So the thread remembers, for a few seconds, which inodes other nodes changed, and
-//! delivers each such invalidation once more a tenth of a second later; and an open of one of
-//! them drops the kernel's attributes before answering (`Invalidator::refresh_changed`), which
-//! keeps close-to-open exact. (Seen in the soak: a file fsynced on one node read as empty on
-//! another.)
+//! holds. So the thread remembers for a few seconds which inodes other nodes changed
+//! (`Invalidator::changed_lately`), and lookups give those attributes no time to live: the
+//! kernel asks again before it trusts a size (seen in the soak: a file fsynced on one node read
+//! as empty on another). Sending invalidations again later would be worse: one that reaches the
+//! kernel while a lookup of the same inode is under way makes the kernel drop that lookup's
+//! fresh attributes, and an O_APPEND write under a lock then starts at the old size, over
+//! another node's line (the Swarm appenders lost a line in 5 of 5 runs that way).
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
@@ -36,22 +38,12 @@ use fuser::{INodeNo, Notifier};
 use shoal_raft::{ApplyHook, Change, Ino};
 use tracing::debug;
 
-/// What the thread is handed: changes applied here, or one inode whose attributes (only) the
-/// kernel must drop.
-enum Work {
-    Changes(Vec<Change>),
-    Attributes(Ino),
-}
-
-/// A piece of work and its number.
-type Batch = (u64, Work);
+/// A batch of changes and its number.
+type Batch = (u64, Vec<Change>);
 
 /// How long an inode another node changed is remembered: past the TTL of a lookup reply that
 /// may have raced its invalidation, with room for a slow kernel.
 const CHANGED_FOR: Duration = Duration::from_secs(3);
-/// When an inode's invalidation is delivered again.
-const AGAIN_AFTER: Duration = Duration::from_millis(100);
-
 /// Inodes other nodes changed lately, and when their invalidation was delivered.
 type Changed = Mutex<HashMap<Ino, Instant>>;
 
@@ -81,33 +73,21 @@ impl Invalidator {
         })
     }
 
-    /// Hands work to the thread.
-    fn send(&self, work: Work) {
+    /// Hands changes to the thread, to be dropped from the kernel's caches.
+    fn send(&self, changes: Vec<Change>) {
         let mut q = self.queue.lock().expect("invalidation queue lock");
         q.0 += 1;
         let n = q.0;
-        let _ = q.1.send((n, work));
+        let _ = q.1.send((n, changes));
     }
 
-    /// For an inode being opened: if another node changed it lately, a lookup reply racing
-    /// that change's invalidation may have left its old attributes in the kernel; drops them
-    /// now (the kernel holds the inode during the open, so they stay dropped) and returns once
-    /// that is done.
-    pub(crate) async fn refresh_changed(&self, ino: Ino) {
-        let recent = {
-            let mut changed = self.changed.lock().expect("changed lock");
-            changed
-                .remove(&ino)
-                .is_some_and(|at| at.elapsed() < CHANGED_FOR)
-        };
-        if recent {
-            debug!(
-                ino,
-                "another node changed this inode lately: refreshing its attributes"
-            );
-            self.send(Work::Attributes(ino));
-            self.caught_up().await;
-        }
+    /// Whether another node changed `ino` in the last few seconds: a lookup reply may then
+    /// race that change's invalidation, and should not let the kernel keep its attributes.
+    pub(crate) fn changed_lately(&self, ino: Ino) -> bool {
+        let changed = self.changed.lock().expect("changed lock");
+        changed
+            .get(&ino)
+            .is_some_and(|at| at.elapsed() < CHANGED_FOR)
     }
 
     /// Returns once everything handed over before this call reached the kernel.
@@ -139,7 +119,7 @@ impl Invalidator {
                 }
             }
             if session != own_session.load(Ordering::Acquire) {
-                this.send(Work::Changes(changes));
+                this.send(changes);
             }
         })
     }
@@ -152,69 +132,33 @@ fn run(
     changed: &Changed,
 ) {
     let delay = slow_invalidation();
-    // Inodes to invalidate once more, in the order they are due.
-    let mut again: std::collections::VecDeque<(Instant, Ino)> = Default::default();
-    loop {
-        let first = match again.front() {
-            None => match rx.recv() {
-                Ok(b) => Some(b),
-                Err(_) => return,
-            },
-            Some((due, _)) => {
-                match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                    Ok(b) => Some(b),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-            }
-        };
-        let Some(n) = notifier.get() else {
-            if let Some((last, _)) = first {
-                let last = rx.try_iter().map(|(n, _)| n).fold(last, u64::max);
-                delivered.send_replace(last);
-            }
-            continue;
-        };
-        let now = Instant::now();
-        while again.front().is_some_and(|(due, _)| *due <= now) {
-            if let Some((_, ino)) = again.pop_front() {
-                deliver(n, &Change::Inode(ino));
-            }
-        }
-        let Some(first) = first else { continue };
+    while let Ok(first) = rx.recv() {
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let last = batch.iter().map(|(n, _)| *n).max().unwrap_or(0);
-        let mut changes = BTreeSet::new();
-        for (_, work) in batch {
-            match work {
-                Work::Changes(c) => changes.extend(c),
-                Work::Attributes(ino) => {
-                    // Offset -1: the attributes only; the pages stay.
-                    if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
-                        debug!(ino, error = %e, "dropping an inode's attributes failed");
-                    }
+        let changes: BTreeSet<Change> = batch.into_iter().flat_map(|(_, c)| c).collect();
+        // Remembered before the kernel hears of them: a lookup that reads the view after this
+        // point and replies after the invalidation is told to keep nothing.
+        let now = Instant::now();
+        {
+            let mut recent = changed.lock().expect("changed lock");
+            if recent.len() >= 4096 {
+                recent.retain(|_, at| now.duration_since(*at) < CHANGED_FOR);
+            }
+            for c in &changes {
+                if let Change::Inode(ino) = c {
+                    recent.insert(*ino, now);
                 }
             }
         }
-        for c in &changes {
-            deliver(n, c);
-        }
-        let now = Instant::now();
-        let mut recent = changed.lock().expect("changed lock");
-        if recent.len() >= 4096 {
-            recent.retain(|_, at| now.duration_since(*at) < CHANGED_FOR);
-        }
-        for c in changes {
-            if let Change::Inode(ino) = c {
-                recent.insert(ino, now);
-                again.push_back((now + AGAIN_AFTER, ino));
+        if let Some(n) = notifier.get() {
+            for c in &changes {
+                deliver(n, c);
             }
         }
-        drop(recent);
         delivered.send_replace(last);
     }
 }

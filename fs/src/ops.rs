@@ -85,6 +85,12 @@ impl Node {
 
     /// Looks a name up in the local state machine. A name missing here may exist already on
     /// the leader: `lookup_linearizable` answers that.
+    /// Whether another node changed `ino` in the last few seconds (`Invalidator::changed_lately`):
+    /// its attributes in a lookup reply should not be cached by the kernel.
+    pub fn changed_lately(&self, ino: Ino) -> bool {
+        self.invalidator.changed_lately(ino)
+    }
+
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> OpResult<Inode> {
         if name.len() > shoal_raft::NAME_MAX {
             return Err(FsError::NameTooLong.into());
@@ -238,8 +244,6 @@ impl Node {
         // kernel's caches before the open answers, or a read would stop at a size the kernel
         // cached before the last writer's close (the invalidation thread may lag under load).
         self.invalidator.caught_up().await;
-        // A lookup reply racing an invalidation may have left the old size in the kernel.
-        self.invalidator.refresh_changed(ino).await;
         self.open_applied(ino)
     }
 

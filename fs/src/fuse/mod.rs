@@ -235,13 +235,13 @@ impl Filesystem for ShoalFs {
                 if let Some(d) = slow_lookup() {
                     std::thread::sleep(d);
                 }
-                reply.entry(&TTL, &attr(&i), Generation(i.generation))
+                entry(&self.node, reply, &i);
             }
             Err(OpError::Fs(FsError::NotFound)) if self.node.cluster().is_some() => {
                 // Maybe created on another node and not applied here yet: ask the leader.
                 self.spawn(move |node| async move {
                     match node.lookup_linearizable(parent.0, &name).await {
-                        Ok(i) => reply.entry(&TTL, &attr(&i), Generation(i.generation)),
+                        Ok(i) => entry(&node, reply, &i),
                         Err(e) => reply.error(errno(&e)),
                     }
                 });
@@ -600,7 +600,7 @@ impl Filesystem for ShoalFs {
                 INodeNo(*ino),
                 i as u64 + 1,
                 OsStr::from_bytes(name),
-                &TTL,
+                &attr_ttl(&self.node, *ino),
                 &attr(&inode),
                 Generation(inode.generation),
             ) {
@@ -908,6 +908,27 @@ fn reply_xattr(value: Result<Vec<u8>, OpError>, size: u32, reply: ReplyXattr) {
         Err(OpError::Fs(FsError::NoAttr)) => reply.error(Errno::from_i32(libc::ENODATA)),
         Err(e) => reply.error(errno(&e)),
     }
+}
+
+/// How long the kernel may keep the attributes of `ino` that a lookup reply gives it: not at
+/// all when another node changed it lately, since the reply may carry what was there before a
+/// change whose invalidation reached the kernel first (`invalidate`).
+fn attr_ttl(node: &Node, ino: u64) -> Duration {
+    if node.changed_lately(ino) {
+        Duration::ZERO
+    } else {
+        TTL
+    }
+}
+
+/// Answers a lookup with `i`: the entry for the TTL, its attributes per `attr_ttl`.
+fn entry(node: &Node, reply: ReplyEntry, i: &Inode) {
+    reply.entry_with_ttls(
+        &attr_ttl(node, i.ino),
+        &TTL,
+        &attr(i),
+        Generation(i.generation),
+    );
 }
 
 /// Fault injection for tests: `SHOAL_FAULT_SLOW_LOOKUP=MS` holds each lookup answered from the
