@@ -33,7 +33,11 @@ fn arm(data: &Path, name: &str, actions: &str) {
         .arg(data)
         .output()
         .unwrap();
-    assert!(out.status.success(), "arming {name}: {out:?}");
+    // A point on a busy path can fire before the daemon answers: it is dead then, and its
+    // answer is a closed connection (seen once in CI with `log-before-flush`). The callers
+    // wait for that death next.
+    let fired = String::from_utf8_lossy(&out.stderr).contains("connection closed");
+    assert!(out.status.success() || fired, "arming {name}: {out:?}");
 }
 
 /// Waits until node `k` died at its failpoint.
