@@ -23,7 +23,7 @@
 //! as empty on another). Sending invalidations again later would be worse: one that reaches the
 //! kernel while a lookup of the same inode is under way makes the kernel drop that lookup's
 //! fresh attributes, and an O_APPEND write under a lock then starts at the old size, over
-//! another node's line (the Swarm appenders lost a line in 5 of 5 runs that way).
+//! another node's line (the Swarm appenders lost one or two lines in 5 of 6 runs that way).
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
