@@ -390,6 +390,24 @@ pub async fn init(
     Ok(config)
 }
 
+/// Drops `node` and returns once every other reference to it is gone too (its background
+/// tasks hold weak ones), so its data directory can be opened again in this process; panics
+/// after 30 s. For in-process restarts in tests.
+pub async fn release(node: Arc<Node>) {
+    let weak = Arc::downgrade(&node);
+    drop(node);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while weak.strong_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a stopped node is still referenced after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // openraft's tasks hold the sled handles a little longer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
 impl Node {
     /// Opens the node in `data` and makes it ready to serve: Raft running and leader, a new
     /// session opened, orphans of the last run purged. Does not mount anything.

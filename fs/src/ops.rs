@@ -30,6 +30,20 @@ pub struct NewEntry {
     pub target: Vec<u8>,
 }
 
+impl NewEntry {
+    /// A regular file with mode `perm`, owned by root.
+    pub fn file(perm: u32) -> NewEntry {
+        NewEntry {
+            kind: FileKind::File,
+            perm,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            target: Vec::new(),
+        }
+    }
+}
+
 /// What a write asks of its caller.
 pub enum WriteAck {
     /// Buffered; reply at once.

@@ -3,19 +3,12 @@
 use shoal_fs::blocks::gc;
 use shoal_fs::node::OpError;
 use shoal_fs::ops::{NewEntry, SEEK_DATA, SEEK_HOLE, WriteAck};
-use shoal_raft::{FileKind, FsError, Kv, ROOT_INO, RenameFlags, SetAttr};
+use shoal_raft::{FsError, Kv, ROOT_INO, RenameFlags, SetAttr};
 
 use crate::testkit::{BLOCK, DataDir, stop};
 
 fn file() -> NewEntry {
-    NewEntry {
-        kind: FileKind::File,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        target: Vec::new(),
-    }
+    NewEntry::file(0o644)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

@@ -41,18 +41,7 @@ impl DataDir {
 /// Stops a node and waits until every reference is gone, so the data dir can be reopened.
 pub async fn stop(node: Arc<Node>) {
     node.shutdown().await;
-    let weak = Arc::downgrade(&node);
-    drop(node);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while weak.strong_count() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "node still referenced after shutdown"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // openraft's tasks hold the sled handles a little longer.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    node::release(node).await;
 }
 
 pub fn shoal() -> &'static str {

@@ -29,17 +29,6 @@ const WIDTH: usize = 20;
 /// How long one operation may take before it counts as lost (unknown outcome).
 const OP_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn file() -> NewEntry {
-    NewEntry {
-        kind: FileKind::File,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        target: Vec::new(),
-    }
-}
-
 /// What a worker knows of one of its files.
 #[derive(Clone, Debug, PartialEq)]
 enum Known {
@@ -76,7 +65,7 @@ async fn within<T>(f: impl std::future::Future<Output = Result<T, OpError>>) -> 
 }
 
 async fn write_file(node: &Node, name: &[u8], body: &[u8]) -> Result<Ino, OpError> {
-    let f = within(node.create(ROOT_INO, name, file())).await?;
+    let f = within(node.create(ROOT_INO, name, NewEntry::file(0o644))).await?;
     within(async {
         node.open(f.ino).await?;
         let written = async {

@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use shoal_fs::NodeOptions;
 use shoal_fs::node::{self, Node};
@@ -97,18 +96,7 @@ impl Cluster {
         };
         self.net.stop(addr(k));
         let _ = node.raft.shutdown().await;
-        let weak = Arc::downgrade(&node);
-        drop(node);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while weak.strong_count() > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "node {k} still referenced 30 s after it was killed"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // openraft's tasks hold the sled handles a little longer.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        node::release(node).await;
     }
 
     /// Starts node k again on its data directory.
