@@ -251,13 +251,16 @@ fn snapshot_every() -> u64 {
         .unwrap_or(20_000)
 }
 
-fn raft_config() -> Result<Arc<openraft::Config>, NodeError> {
+/// openraft's configuration. A node of a cluster elects after a pre-vote
+/// (`cluster::election`), so openraft's own election timer is on only for a node without one.
+fn raft_config(own_elections: bool) -> Result<Arc<openraft::Config>, NodeError> {
     let every = snapshot_every();
     let config = openraft::Config {
         cluster_name: "shoal".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        election_timeout_min: crate::cluster::election::ELECTION_TIMEOUT_MIN,
+        election_timeout_max: crate::cluster::election::ELECTION_TIMEOUT_MAX,
+        enable_elect: own_elections,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
         // Entries kept behind a snapshot, for followers that lag a little.
         max_in_snapshot_log_to_keep: (every / 20).max(1),
@@ -317,9 +320,9 @@ async fn open_raft(
             let network = crate::cluster::network::QuicNetwork {
                 peers: c.peers.clone(),
             };
-            Raft::new(id, raft_config()?, network, log, sm).await
+            Raft::new(id, raft_config(false)?, network, log, sm).await
         }
-        None => Raft::new(id, raft_config()?, NoPeers, log, sm).await,
+        None => Raft::new(id, raft_config(true)?, NoPeers, log, sm).await,
     }
     .map_err(|e| NodeError::Raft(e.to_string()))?;
     Ok((raft, view))
@@ -474,6 +477,7 @@ impl Node {
         });
         if let Some(c) = &node.cluster {
             c.serve(Arc::downgrade(&node));
+            tokio::spawn(crate::cluster::election::worker(Arc::downgrade(&node)));
             // Before anything waits on the cluster: a restarted node may hold a certificate
             // that expires soon, and the others cannot reach it once it has.
             tokio::spawn(crate::cluster::renew_worker(Arc::downgrade(&node)));

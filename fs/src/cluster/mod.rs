@@ -4,6 +4,7 @@
 //! **Architecture invariant:** `shoal-net` moves bytes and knows nothing of Raft or blocks;
 //! this module is where the openraft network and the block protocol meet it.
 
+pub mod election;
 pub mod fsck;
 pub mod join;
 pub mod network;
@@ -667,6 +668,7 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             Response::Append(node.raft.append_entries(r).await.map_err(RaftFailure::of))
         }
         Request::Vote(r) => Response::Vote(node.raft.vote(r).await.map_err(RaftFailure::of)),
+        Request::PreVote(r) => Response::PreVote(election::answer(&node, peer, r).await),
         Request::Snapshot(r) => {
             if let Some(delay) = slow_snapshot(node.id) {
                 tokio::time::sleep(delay).await;

@@ -59,6 +59,8 @@ pub enum Request {
     DropGarbage {
         blocks: Vec<BlockId>,
     },
+    /// Would the receiver vote for the caller in an election now (`cluster::election`)?
+    PreVote(super::election::PreVote),
 }
 
 /// What a request of each kind may weigh on the wire. Bulk kinds carry blocks, log entries
@@ -161,6 +163,7 @@ pub enum Response {
     DropGarbage(Result<(), String>),
     /// The request was refused: the caller is not allowed to make it.
     Denied(String),
+    PreVote(bool),
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //!
 //! `SHOAL_SIM_SEEDS=7,8` runs those seeds; a failure prints its seed.
 
+mod elections;
 mod testkit;
 
 use std::collections::{BTreeMap, BTreeSet};
