@@ -460,6 +460,10 @@ pub struct Status {
     pub repaired: u64,
     /// Block reads since start that found no good copy on any node (each an EIO).
     pub lost: u64,
+    /// The data disk filled up and the metadata lives on the space kept for it: file data is
+    /// refused until the disk has room again (`shoal_raft::headroom`).
+    #[serde(default)]
+    pub headroom_spent: bool,
 }
 
 pub fn socket_path(data: &Path) -> PathBuf {
@@ -498,6 +502,7 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         disk_free_bytes,
         cache_bytes: node.cache.weight(),
         dirty_bytes: node.dirty_bytes(),
+        headroom_spent: node.headroom.spent(),
         open_files: node.files.lock().map(|f| f.len()).unwrap_or(0),
         under_replicated: node
             .repair_missing

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use shoal_raft::{BlockId, FsError, Ino, MetaCommand, Slice};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use crate::blocks::BlockStore;
 use crate::node::{Node, OpError, OpResult};
@@ -324,7 +324,13 @@ impl OpenFile {
         rt.spawn(async move {
             file.commit_queued.store(false, Ordering::Release);
             if let Err(e) = file.commit(&node).await {
-                warn!(ino = file.ino, error = %e, "background commit failed; the next fsync or close reports it");
+                if e.errno() == libc::ENOSPC {
+                    // `Node::check_space` logs a full disk, at most every 10 s; a line per
+                    // file and retry here flooded the log (one a second per open file).
+                    debug!(ino = file.ino, "background commit refused: the data disk is full");
+                } else {
+                    warn!(ino = file.ino, error = %e, "background commit failed; the next fsync or close reports it");
+                }
                 file.bufs().error.get_or_insert(e.errno());
             }
         });

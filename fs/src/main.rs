@@ -795,6 +795,11 @@ fn print_status_lines(s: &admin::Status) {
         Some(ms) => println!("quorum        acknowledged {ms} ms ago"),
         None => {}
     }
+    if s.headroom_spent {
+        println!(
+            "disk          FULL: the metadata is using the space kept for it and file data is refused; free space on the data disk"
+        );
+    }
     println!("mount         {}", s.mount.as_deref().unwrap_or("-"));
     println!("uptime        {}s", s.uptime_secs);
     println!("inodes        {}", s.inodes);

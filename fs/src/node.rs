@@ -235,6 +235,9 @@ pub struct Node {
     pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// The thread that drops other nodes' changes from the kernel's caches.
     pub(crate) invalidator: Arc<crate::invalidate::Invalidator>,
+    /// Space kept on the data disk for metadata, given back when the disk fills up: while it
+    /// is, file data is refused (see `shoal_raft::headroom`).
+    pub(crate) headroom: Arc<shoal_raft::headroom::Headroom>,
     /// The cluster network, for a node started with a listen address.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Held for the whole life of the node: the data directory's lock file.
@@ -295,7 +298,7 @@ async fn open_raft(
     data: &Path,
     cluster: Option<&crate::cluster::Cluster>,
     hook: Option<shoal_raft::ApplyHook>,
-) -> Result<(Raft, StateView), NodeError> {
+) -> Result<(Raft, StateView, Arc<shoal_raft::headroom::Headroom>), NodeError> {
     // The data dir's LOCK is ours, so a busy sled lock can only be this process's previous Raft
     // instance still shutting down (init, then start): wait for it briefly.
     let mut tries = 0;
@@ -312,6 +315,7 @@ async fn open_raft(
         }
     };
     let view = sm.view();
+    let headroom = sm.headroom();
     if let Some(hook) = hook {
         sm.set_hook(hook);
     }
@@ -325,7 +329,7 @@ async fn open_raft(
         None => Raft::new(id, raft_config(true)?, NoPeers, log, sm).await,
     }
     .map_err(|e| NodeError::Raft(e.to_string()))?;
-    Ok((raft, view))
+    Ok((raft, view, headroom))
 }
 
 async fn wait_leader(raft: &Raft, id: u64) -> Result<(), NodeError> {
@@ -362,7 +366,7 @@ pub async fn init(
         Some(_) => Some(crate::cluster::init_tls(data, &config)?),
         None => None,
     };
-    let (raft, _) = open_raft(config.node_id, data, None, None).await?;
+    let (raft, _, _) = open_raft(config.node_id, data, None, None).await?;
     let addr = config.listen.clone().unwrap_or_default();
     let members = BTreeMap::from([(config.node_id, BasicNode::new(addr))]);
     raft.initialize(members)
@@ -442,7 +446,8 @@ impl Node {
         let (purge_tx, purge_rx) = mpsc::unbounded_channel();
         let invalidator = crate::invalidate::Invalidator::start(notifier.clone());
         let hook = invalidator.hook(session.clone(), locks_changed.clone(), purge_tx.clone());
-        let (raft, view) = open_raft(config.node_id, data, cluster.as_deref(), Some(hook)).await?;
+        let (raft, view, headroom) =
+            open_raft(config.node_id, data, cluster.as_deref(), Some(hook)).await?;
         let node = Arc::new(Node {
             id: config.node_id,
             cache: Arc::new(BlockCache::new(options.cache_bytes)),
@@ -462,6 +467,7 @@ impl Node {
             repair_fetched: AtomicU64::new(0),
             blocks_lost: AtomicU64::new(0),
             space_short: Arc::new(Notify::new()),
+            headroom,
             space_warned: Default::default(),
             seen: Mutex::new(HashMap::new()),
             purge_tx,
@@ -750,10 +756,13 @@ impl Node {
     /// Refuses new data with ENOSPC while the data disk has less than the reserve free, so the
     /// Raft log and state machine always have room to record what was already accepted.
     pub fn check_space(&self, incoming: u64) -> OpResult<()> {
+        // The disk filled up past the node's own reserve, and the metadata lives on the space
+        // it kept aside: no file data until that is taken back.
+        let short = !self.headroom.restore(SPACE_RESERVE);
         let st =
             rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Errno(e.raw_os_error()))?;
         let free = st.f_bavail.saturating_mul(st.f_frsize);
-        if free < SPACE_RESERVE.saturating_add(incoming) {
+        if short || free < SPACE_RESERVE.saturating_add(incoming) {
             // Deleted files' blocks are garbage waiting out their grace: collect them now.
             self.space_short.notify_one();
             self.warn_space(free, incoming);
@@ -863,6 +872,8 @@ async fn session_worker(node: std::sync::Weak<Node>) {
     for round in 0u64.. {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
+        // Space kept for metadata that a full disk took comes back here even if no one writes.
+        node.headroom.restore(SPACE_RESERVE);
         let mut cmds = vec![MetaCommand::RenewSession];
         let issuer = node
             .cluster()

@@ -8,6 +8,7 @@ mod apply;
 mod error;
 pub mod failpoint;
 pub mod fuzz;
+pub mod headroom;
 pub mod keys;
 pub mod layout;
 mod store;

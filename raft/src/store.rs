@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::{Txn, apply_request, ensure_root};
 use crate::error::StoreError;
+use crate::headroom::Headroom;
 use crate::keys;
 use crate::types::MetaResponse;
 use crate::view::{Kv, StateView, decode, encode};
@@ -45,12 +46,15 @@ pub fn open(dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreErro
         .path(dir)
         .mode(sled::Mode::HighThroughput)
         .open()?;
+    let headroom = Arc::new(Headroom::open(dir));
     let log = LogStore {
+        headroom: headroom.clone(),
         log: db.open_tree("log")?,
         raft: db.open_tree("raft")?,
         db: db.clone(),
     };
     let sm = StateMachine {
+        headroom,
         tree: db.open_tree("sm")?,
         snapshots: db.open_tree("snapshot")?,
         apply_lock: Arc::new(Mutex::new(())),
@@ -121,6 +125,7 @@ fn injected_write_failure() -> Option<std::io::Error> {
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
+    headroom: Arc<Headroom>,
     log: sled::Tree,
     raft: sled::Tree,
 }
@@ -198,6 +203,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SError> {
+        self.headroom.before_write();
         self.raft
             .insert(VOTE, encode(vote))
             .map_err(|e| io_err(StorageIOError::write_vote, e))?;
@@ -212,6 +218,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SError> {
+        self.headroom.before_write();
         self.raft
             .insert(COMMITTED, encode(&committed))
             .map_err(|e| io_err(StorageIOError::write, e))?;
@@ -250,6 +257,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        self.headroom.before_write();
         if let Some(e) = injected_write_failure() {
             return Err(io_err(StorageIOError::write_logs, e));
         }
@@ -282,6 +290,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
+        self.headroom.before_write();
         let mut batch = sled::Batch::default();
         for k in self.log.range(log_id.index.to_be_bytes()..).keys() {
             batch.remove(k.map_err(|e| io_err(StorageIOError::write_logs, e))?);
@@ -295,6 +304,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
+        self.headroom.before_write();
         self.raft
             .insert(PURGED, encode(&Some(log_id)))
             .map_err(|e| io_err(StorageIOError::write_logs, e))?;
@@ -315,6 +325,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[derive(Clone)]
 pub struct StateMachine {
     db: sled::Db,
+    headroom: Arc<Headroom>,
     tree: sled::Tree,
     snapshots: sled::Tree,
     /// Held while a batch is written and while a snapshot copies the tree, so a snapshot is
@@ -335,6 +346,11 @@ struct StoredSnapshot {
 const SNAPSHOT: &[u8] = b"current";
 
 impl StateMachine {
+    /// The space kept on this database's disk for metadata (see `headroom`).
+    pub fn headroom(&self) -> Arc<Headroom> {
+        self.headroom.clone()
+    }
+
     pub fn view(&self) -> StateView {
         StateView {
             tree: self.tree.clone(),
@@ -520,6 +536,7 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SError> {
+        self.headroom.before_write();
         self.build()
             .map_err(|e| io_err(|a| StorageIOError::write_snapshot(None, a), e))
     }
@@ -538,6 +555,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        self.headroom.before_write();
         self.apply_entries(entries)
             .map_err(|e| io_err(StorageIOError::write_state_machine, e))
     }
@@ -555,6 +573,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SError> {
+        self.headroom.before_write();
         self.install(meta, snapshot.into_inner()).map_err(|e| {
             io_err(
                 |a| StorageIOError::write_snapshot(Some(meta.signature()), a),

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -346,4 +346,148 @@ fn space_freed_on_a_full_disk_comes_back_at_once_and_the_log_is_not_flooded() {
         assert_eq!(&hash_file(&m.join(name)), hash, "{name}");
     }
     assert_eq!(fs::read(m.join("again")).unwrap(), data);
+}
+
+/// Takes every free byte of the filesystem holding `dir` into `dir/filler`, as another program
+/// would: one large allocation, then small writes until ENOSPC.
+fn fill_from_outside(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = File::create(&path).unwrap();
+    let free = {
+        let st = rustix::fs::statvfs(dir).unwrap();
+        st.f_bavail * st.f_frsize
+    };
+    let mut len = free;
+    while len > 0 && rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, len).is_err()
+    {
+        len = len.saturating_sub(1 << 20);
+    }
+    f.seek(std::io::SeekFrom::End(0)).unwrap();
+    loop {
+        match f.write_all(&[0xEE; 4096]).and_then(|()| f.sync_all()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return path,
+            Err(e) => panic!("filling the disk: {e}"),
+        }
+    }
+}
+
+/// Something other than the node fills its data disk (the node's own writes stop at its
+/// reserve). sled takes its first failed write as the end of the database, which would stop
+/// the Raft core; instead the node gives back the space it kept for metadata, so writers get
+/// ENOSPC while unlinks, creates and session renewals go on, and once the disk has room again
+/// writes work without a restart. Three writers are fsyncing files when the disk fills.
+#[test]
+fn a_disk_another_program_fills_keeps_metadata_writable_and_recovers_without_a_restart() {
+    let mut d = Daemon::start_on_small_disk(400 << 20);
+    let m = d.mnt();
+    let headroom = d.data().join("meta.headroom");
+    assert!(headroom.exists(), "no space kept for metadata at start");
+    let writers: Vec<_> = (0..3u64)
+        .map(|k| fill(m.clone(), ["a", "b", "c"][k as usize], k << 32, 1 << 20))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let filler = fill_from_outside(&d.data());
+    let kept: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(
+        kept.iter().all(|k| !k.is_empty()),
+        "a writer fsynced nothing before the disk filled: {:?}",
+        kept.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    // Three programs rename files back and forth at once on the full disk: thousands of log
+    // entries, more than sled's free segments hold (without the space kept for metadata, the
+    // Raft core stopped with ENOSPC within 183 renames).
+    let renamers: Vec<_> = kept
+        .iter()
+        .enumerate()
+        .map(|(k, files)| {
+            let (m, name) = (m.clone(), files.last().unwrap().0.clone());
+            std::thread::spawn(move || {
+                let (a, b) = (m.join(&name), m.join(format!("moved-{k}")));
+                for i in 0..1000 {
+                    let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+                    fs::rename(from, to).unwrap_or_else(|e| panic!("rename {i} of {name}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for r in renamers {
+        r.join().unwrap();
+    }
+    assert!(
+        d.wait_exit(Duration::from_secs(1)).is_none(),
+        "the daemon stopped on a full disk: {}",
+        d.log()
+    );
+    assert!(
+        d.log().contains("gave back the space kept for metadata"),
+        "{}",
+        d.log()
+    );
+    assert!(!headroom.exists());
+    // Metadata stays writable for what frees space or moves it: unlink a's files, rename one
+    // of b's. New files and file data are refused.
+    for (name, _) in &kept[0] {
+        fs::remove_file(m.join(name)).unwrap();
+    }
+    let (moved, moved_hash) = kept[1][0].clone();
+    fs::rename(m.join(&moved), m.join("renamed")).unwrap();
+    assert_eq!(
+        fs::create_dir(m.join("refused-dir")).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENOSPC))
+    );
+    let refused = (|| -> std::io::Result<()> {
+        let mut f = File::create(m.join("refused"))?;
+        f.write_all(&[1; 1 << 20])?;
+        f.sync_all()
+    })();
+    assert_eq!(
+        refused.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENOSPC)),
+        "file data written while the metadata lives on its last space"
+    );
+    // The other program's file goes: writes work again, in the same process.
+    fs::remove_file(&filler).unwrap();
+    let data = content(1 << 40, 4 << 20);
+    let t = std::time::Instant::now();
+    loop {
+        let written = (|| -> std::io::Result<()> {
+            let mut f = File::create(m.join("again"))?;
+            f.write_all(&data)?;
+            f.sync_all()
+        })();
+        match written {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "writes still refused 20 s after the disk had room"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        headroom.exists(),
+        "the space kept for metadata was not taken back"
+    );
+    // Every file fsynced before the disk filled is intact, across a restart.
+    d.stop();
+    d.restart();
+    Daemon::drop_caches();
+    for (name, hash) in kept[1][1..].iter().chain(&kept[2]) {
+        assert_eq!(&hash_file(&m.join(name)), hash, "{name}");
+    }
+    assert_eq!(hash_file(&m.join("renamed")), moved_hash);
+    assert!(!m.join(&moved).exists());
+    for (name, _) in &kept[0] {
+        assert!(!m.join(name).exists(), "{name} came back after its unlink");
+    }
+    assert_eq!(fs::read(m.join("again")).unwrap(), data);
+    eprintln!(
+        "disk filled from outside: {} files fsynced before, writes back {} ms after the disk had room",
+        kept.iter().map(Vec::len).sum::<usize>(),
+        t.elapsed().as_millis()
+    );
 }
