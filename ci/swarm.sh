@@ -292,9 +292,11 @@ for k in 1 2; do
   if [ "$have" = 59 ]; then
     # Known defect, open (see the faults issue): in one run of eight here, one line of sw1
     # was missing (no torn or repeated line) after sw3 came back with a higher term and forced
-    # an election. Reported, not hidden; anything more fails.
+    # an election. Since the pre-vote (cluster::election) sw3 keeps its term while cut off and
+    # its return forces none; the cause of the lost line is not known. Reported, not hidden;
+    # anything more fails.
     short=$((short + 1))
-    echo "    KNOWN DEFECT: sw$k has 59 of its 60 lines (one append lost around the election sw3's return forced)"
+    echo "    KNOWN DEFECT: sw$k has 59 of its 60 lines (one append lost while sw3 was cut off or came back)"
   else
     [ "$have" = 60 ] || fail "sw$k has $have of its 60 lines"
   fi
