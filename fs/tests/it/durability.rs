@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Seek, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -253,6 +253,29 @@ fn a_log_disk_that_fails_a_write_stops_the_daemon_and_a_restart_keeps_every_fsyn
     assert_eq!(fs::read(d.mnt().join("after")).unwrap(), b"ok");
 }
 
+/// Creates `path` with `data` and fsyncs it.
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Writes `path` as `write_synced` does, again every 200 ms while the disk is full; panics with
+/// `why` after 20 s of ENOSPC. Returns how long it took.
+fn write_once_there_is_room(path: &Path, data: &[u8], why: &str) -> Duration {
+    let t = std::time::Instant::now();
+    loop {
+        match write_synced(path, data) {
+            Ok(()) => return t.elapsed(),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                assert!(t.elapsed() < Duration::from_secs(20), "{why} within 20 s");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
+    }
+}
+
 /// Writes `len`-byte files named `prefix.N` and fsyncs each, until the disk is full; returns the
 /// names and hashes of those whose fsync succeeded. Any error but ENOSPC fails the test.
 /// The seeds start at `seed`, so that two writers' files share no block.
@@ -267,12 +290,7 @@ fn fill(
         for n in 0.. {
             let name = format!("{prefix}.{n}");
             let data = content(seed + n, len);
-            let written = (|| -> std::io::Result<()> {
-                let mut f = File::create(dir.join(&name))?;
-                f.write_all(&data)?;
-                f.sync_all()
-            })();
-            match written {
+            match write_synced(&dir.join(&name), &data) {
                 Ok(()) => kept.push((name, blake3::hash(&data).to_hex().to_string())),
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return kept,
                 Err(e) => panic!("{name}: {e}"),
@@ -304,32 +322,13 @@ fn space_freed_on_a_full_disk_comes_back_at_once_and_the_log_is_not_flooded() {
     for (name, _) in &a {
         fs::remove_file(m.join(name)).unwrap();
     }
-    let t = std::time::Instant::now();
     let data = content(1 << 40, 8 << 20);
-    loop {
-        let written = (|| -> std::io::Result<()> {
-            let mut f = File::create(m.join("again"))?;
-            f.write_all(&data)?;
-            f.sync_all()
-        })();
-        match written {
-            Ok(()) => break,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                assert!(
-                    t.elapsed() < Duration::from_secs(20),
-                    "deleting {} files freed nothing within 20 s",
-                    a.len()
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
+    let took = write_once_there_is_room(&m.join("again"), &data, "deleting files freed nothing");
     eprintln!(
         "full disk: {} + {} files of 8 MiB, space back {} ms after deleting {}",
         a.len(),
         b.len(),
-        t.elapsed().as_millis(),
+        took.as_millis(),
         a.len()
     );
     let log = d.log();
@@ -348,28 +347,20 @@ fn space_freed_on_a_full_disk_comes_back_at_once_and_the_log_is_not_flooded() {
     assert_eq!(fs::read(m.join("again")).unwrap(), data);
 }
 
-/// Takes every free byte of the filesystem holding `dir` into `dir/filler`, as another program
-/// would: one large allocation, then small writes until ENOSPC.
+/// Takes all but the last MiB of free space of the filesystem holding `dir` into
+/// `dir/filler` in one allocation, as another program writing a large file would. (One that
+/// goes on writing after the disk is full takes the space shoal gives back for its metadata
+/// too: see docs/RELIABILITY.md.)
 fn fill_from_outside(dir: &Path) -> PathBuf {
     let path = dir.join("filler");
-    let mut f = File::create(&path).unwrap();
-    let free = {
-        let st = rustix::fs::statvfs(dir).unwrap();
-        st.f_bavail * st.f_frsize
-    };
-    let mut len = free;
-    while len > 0 && rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, len).is_err()
-    {
-        len = len.saturating_sub(1 << 20);
+    let f = File::create(&path).unwrap();
+    let st = rustix::fs::statvfs(dir).unwrap();
+    let mut len = st.f_bavail * st.f_frsize;
+    while rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, len).is_err() {
+        len = len.checked_sub(1 << 20).expect("no space to fill");
     }
-    f.seek(std::io::SeekFrom::End(0)).unwrap();
-    loop {
-        match f.write_all(&[0xEE; 4096]).and_then(|()| f.sync_all()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return path,
-            Err(e) => panic!("filling the disk: {e}"),
-        }
-    }
+    f.sync_all().unwrap();
+    path
 }
 
 /// Something other than the node fills its data disk (the node's own writes stop at its
@@ -436,11 +427,7 @@ fn a_disk_another_program_fills_keeps_metadata_writable_and_recovers_without_a_r
         fs::create_dir(m.join("refused-dir")).map_err(|e| e.raw_os_error()),
         Err(Some(libc::ENOSPC))
     );
-    let refused = (|| -> std::io::Result<()> {
-        let mut f = File::create(m.join("refused"))?;
-        f.write_all(&[1; 1 << 20])?;
-        f.sync_all()
-    })();
+    let refused = write_synced(&m.join("refused"), &[1; 1 << 20]);
     assert_eq!(
         refused.map_err(|e| e.raw_os_error()),
         Err(Some(libc::ENOSPC)),
@@ -449,25 +436,11 @@ fn a_disk_another_program_fills_keeps_metadata_writable_and_recovers_without_a_r
     // The other program's file goes: writes work again, in the same process.
     fs::remove_file(&filler).unwrap();
     let data = content(1 << 40, 4 << 20);
-    let t = std::time::Instant::now();
-    loop {
-        let written = (|| -> std::io::Result<()> {
-            let mut f = File::create(m.join("again"))?;
-            f.write_all(&data)?;
-            f.sync_all()
-        })();
-        match written {
-            Ok(()) => break,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                assert!(
-                    t.elapsed() < Duration::from_secs(20),
-                    "writes still refused 20 s after the disk had room"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
+    let took = write_once_there_is_room(
+        &m.join("again"),
+        &data,
+        "writes still refused after the disk had room",
+    );
     assert!(
         headroom.exists(),
         "the space kept for metadata was not taken back"
@@ -488,6 +461,6 @@ fn a_disk_another_program_fills_keeps_metadata_writable_and_recovers_without_a_r
     eprintln!(
         "disk filled from outside: {} files fsynced before, writes back {} ms after the disk had room",
         kept.iter().map(Vec::len).sum::<usize>(),
-        t.elapsed().as_millis()
+        took.as_millis()
     );
 }

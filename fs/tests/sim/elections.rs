@@ -9,7 +9,7 @@ use shoal_fs::node::OpError;
 use shoal_fs::ops::NewEntry;
 use shoal_raft::{FsError, ROOT_INO};
 
-use crate::testkit::Cluster;
+use crate::testkit::{Cluster, init_tracing};
 
 /// Node k's view: its state, term and leader.
 fn view(c: &Cluster, k: u64) -> (ServerState, u64, Option<u64>) {
@@ -37,16 +37,6 @@ async fn agreed_leader(c: &Cluster, among: &[u64], within: Duration) -> (u64, u6
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error")),
-        )
-        .with_test_writer()
-        .try_init();
 }
 
 /// A file created through node k (forwarded to the leader): proves k can reach a leader.

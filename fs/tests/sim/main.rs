@@ -329,13 +329,7 @@ async fn tree(node: &Node) -> BTreeMap<Vec<u8>, Vec<u8>> {
 }
 
 async fn run(seed: u64) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error")),
-        )
-        .with_test_writer()
-        .try_init();
+    testkit::init_tracing();
     let c = Cluster::new(3, seed).await;
     let counter = format!("{:>WIDTH$}", 0);
     testkit_write(&c.node(1), COUNTER, counter.as_bytes()).await;

@@ -15,6 +15,17 @@ use shoal_net::rpc::Peers;
 
 pub const BLOCK: u32 = 1 << 20;
 
+/// Logs of the nodes to the test's output: `RUST_LOG`, or warnings without openraft's.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 pub struct Cluster {
     pub net: Arc<MemoryNetwork>,
     dir: tempfile::TempDir,
