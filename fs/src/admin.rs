@@ -555,7 +555,7 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                 },
                 AdminRequest::RemoveNode(id) => match node.remove_member(id).await {
                     Ok(()) => AdminReply::Done,
-                    Err(e) => AdminReply::Error(e),
+                    Err(e) => AdminReply::Error(e.to_string()),
                 },
                 AdminRequest::RotateToken => match node.rotate_token().await {
                     Ok(t) => AdminReply::Token(t.to_string()),

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, info, warn};
 
 use crate::blocks::{BlockCache, BlockError, BlockStore};
+use crate::cluster::rpc::Refusal;
 use crate::file::OpenFile;
 use crate::raft_net::NoPeers;
 
@@ -585,12 +586,12 @@ impl Node {
     pub(crate) async fn propose_request(
         &self,
         req: MetaRequest,
-    ) -> OpResult<(u64, shoal_raft::MetaResponse)> {
+    ) -> Result<(u64, shoal_raft::MetaResponse), Refusal> {
         let resp = self
             .raft
             .client_write(req)
             .await
-            .map_err(|e| OpError::Raft(e.to_string()))?;
+            .map_err(Refusal::of_write)?;
         Ok((resp.log_id.index, resp.data))
     }
 
@@ -679,7 +680,7 @@ impl Node {
     async fn ask_leader<T>(
         &self,
         req: &crate::cluster::rpc::Request,
-        answer: impl Fn(crate::cluster::rpc::Response) -> Option<Result<T, String>>,
+        answer: impl Fn(crate::cluster::rpc::Response) -> Option<Result<T, Refusal>>,
     ) -> OpResult<Option<T>> {
         let deadline = Instant::now() + FORWARD_PATIENCE;
         loop {
@@ -688,10 +689,7 @@ impl Node {
             }
             match self.to_leader(req).await.map(&answer) {
                 Ok(Some(Ok(v))) => return Ok(Some(v)),
-                Ok(Some(Err(e)))
-                    if Instant::now() < deadline
-                        && (e.contains("forward") || e.contains("quorum")) =>
-                {
+                Ok(Some(Err(e))) if Instant::now() < deadline && e.is_transient() => {
                     // The node we took for the leader no longer is one, or no quorum answered
                     // it this round.
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -256,7 +256,7 @@ pub async fn unreferenced(
                 .call_within::<_, Response>(addr, &Request::Unreferenced { delete }, VERIFY_TIMEOUT)
                 .await;
             let answer = match r {
-                Ok(Response::Unreferenced(a)) => a,
+                Ok(Response::Unreferenced(a)) => a.map_err(|e| e.to_string()),
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
                 Err(e) => Err(format!("did not answer: {e}")),
             };

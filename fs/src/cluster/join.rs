@@ -60,9 +60,8 @@ pub async fn join_over(
     }
     let reply = match answer {
         Ok(Response::Join(Ok(reply))) => reply,
-        Ok(Response::Join(Err(why))) | Ok(Response::Denied(why)) => {
-            return Err(NodeError::Join(why));
-        }
+        Ok(Response::Join(Err(why))) => return Err(NodeError::Join(why.to_string())),
+        Ok(Response::Denied(why)) => return Err(NodeError::Join(why)),
         Ok(other) => return Err(NodeError::Join(format!("unexpected response {other:?}"))),
         Err(e) => {
             return Err(NodeError::Join(format!(

@@ -28,7 +28,7 @@ use shoal_raft::{MetaCommand, Reply};
 use tracing::{debug, info, warn};
 
 use crate::node::{Node, NodeError, OpError};
-use rpc::{JoinReply, JoinRequest, RaftFailure, Request, Response};
+use rpc::{JoinReply, JoinRequest, RaftFailure, Refusal, Request, Response};
 
 /// How long a node certificate is valid, unless `SHOAL_CERT_VALIDITY_SECS` says otherwise on
 /// the node holding the CA (tests use a short one to exercise renewal).
@@ -390,25 +390,30 @@ impl Node {
     }
 
     /// On the leader: adds a node as a learner, and as a voter while there are fewer than three.
-    async fn add_member(&self, id: u64, addr: String) -> Result<(), String> {
+    async fn add_member(&self, id: u64, addr: String) -> Result<(), Refusal> {
         if self.leader_addr().is_some() {
             return match self.to_leader(&Request::AddMember { id, addr }).await {
                 Ok(Response::AddMember(r)) => r,
-                Ok(other) => Err(format!("unexpected response {other:?}")),
-                Err(e) => Err(e.to_string()),
+                Ok(other) => Err(format!("unexpected response {other:?}").into()),
+                Err(e) => Err(e.to_string().into()),
             };
         }
         self.raft
             .add_learner(id, BasicNode::new(addr.clone()), true)
             .await
-            .map_err(|e| format!("adding node {id} as a learner: {e}"))?;
+            .map_err(|e| match Refusal::of_write(e) {
+                Refusal::Failed(e) => format!("adding node {id} as a learner: {e}").into(),
+                r => r,
+            })?;
         let m = self.raft.metrics().borrow().membership_config.clone();
         let mut voters: BTreeSet<u64> = m.membership().voter_ids().collect();
         if voters.len() < VOTERS && voters.insert(id) {
-            self.raft
-                .change_membership(voters, false)
-                .await
-                .map_err(|e| format!("making node {id} a voter: {e}"))?;
+            self.raft.change_membership(voters, false).await.map_err(
+                |e| match Refusal::of_write(e) {
+                    Refusal::Failed(e) => format!("making node {id} a voter: {e}").into(),
+                    r => r,
+                },
+            )?;
         }
         info!(node = id, addr, "node added to the cluster");
         Ok(())
@@ -479,7 +484,8 @@ pub async fn ensure_member(node: &Node) -> Result<(), NodeError> {
                     added = true;
                     break;
                 }
-                Ok(Response::AddMember(Err(e))) | Ok(Response::Denied(e)) => last = e,
+                Ok(Response::AddMember(Err(e))) => last = e.to_string(),
+                Ok(Response::Denied(e)) => last = e,
                 Ok(other) => last = format!("unexpected response {other:?}"),
                 Err(e) => last = format!("{peer}: {e}"),
             }
@@ -525,29 +531,30 @@ pub async fn ensure_member(node: &Node) -> Result<(), NodeError> {
 impl Node {
     /// Removes a node from the cluster; from then on its requests are refused. Forwarded to the
     /// leader. The leader itself cannot be removed.
-    pub async fn remove_member(&self, id: u64) -> Result<(), String> {
+    pub async fn remove_member(&self, id: u64) -> Result<(), Refusal> {
         if self.leader_addr().is_some() {
             return match self.to_leader(&Request::RemoveMember { id }).await {
                 Ok(Response::RemoveMember(r)) => r,
-                Ok(Response::Denied(e)) => Err(e),
-                Ok(other) => Err(format!("unexpected response {other:?}")),
-                Err(e) => Err(e.to_string()),
+                Ok(Response::Denied(e)) => Err(e.into()),
+                Ok(other) => Err(format!("unexpected response {other:?}").into()),
+                Err(e) => Err(e.to_string().into()),
             };
         }
         if id == self.id {
             return Err(format!(
                 "node {id} is the leader: stop its daemon first, and remove it once another node leads"
-            ));
+            )
+            .into());
         }
         let m = self.raft.metrics().borrow().membership_config.clone();
         if !m.nodes().any(|(n, _)| *n == id) {
-            return Err(format!(
-                "node {id} is not a member of this cluster (see `shoal node ls`)"
-            ));
+            return Err(
+                format!("node {id} is not a member of this cluster (see `shoal node ls`)").into(),
+            );
         }
         let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
         if voters.contains(&id) && voters.len() <= 1 {
-            return Err(format!("node {id} is the last voter"));
+            return Err(format!("node {id} is the last voter").into());
         }
         // Revoked first: from this entry on every member refuses the node, so it cannot ask
         // to be added again with the certificate it still holds.
@@ -582,7 +589,7 @@ impl Node {
 
     /// The read index a follower asked for. A round in which no quorum answered is tried
     /// again for a while (within the caller's call timeout) rather than failing its read.
-    async fn read_index_for_peer(&self) -> Result<Option<u64>, String> {
+    async fn read_index_for_peer(&self) -> Result<Option<u64>, Refusal> {
         use openraft::error::{CheckIsLeaderError, RaftError};
         let deadline = std::time::Instant::now() + shoal_net::rpc::CALL_TIMEOUT / 2;
         loop {
@@ -593,7 +600,7 @@ impl Node {
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(Refusal::of_read(e)),
             }
         }
     }
@@ -644,7 +651,7 @@ fn revoked(id: u64) -> String {
 async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
     let Some(peer) = peer else {
         return match req {
-            Request::Join(j) => Response::Join(node.handle_join(j).await),
+            Request::Join(j) => Response::Join(node.handle_join(j).await.map_err(Refusal::from)),
             _ => Response::Denied(
                 "only members of this cluster may call it; join with `shoal join` first".into(),
             ),
@@ -685,7 +692,7 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             // leader's, whatever the proposer's clock says.
             r.now = crate::node::now_nanos();
             let drop_reply = drop_propose_reply(&r);
-            let answer = node.propose_request(r).await.map_err(|e| e.to_string());
+            let answer = node.propose_request(r).await;
             if drop_reply {
                 // Applied, but the answer never reaches the proposer, which times out and
                 // sends the proposal again.
@@ -695,16 +702,20 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             Response::Propose(answer)
         }
         Request::ReadIndex => Response::ReadIndex(node.read_index_for_peer().await),
-        Request::Join(j) => Response::Join(node.handle_join(j).await),
+        Request::Join(j) => Response::Join(node.handle_join(j).await.map_err(Refusal::from)),
         Request::AddMember { id, addr } => Response::AddMember(node.add_member(id, addr).await),
         Request::RemoveMember { id } => Response::RemoveMember(node.remove_member(id).await),
-        Request::RenewCert { csr } => Response::RenewCert(node.sign_renewal(peer, &csr)),
+        Request::RenewCert { csr } => {
+            Response::RenewCert(node.sign_renewal(peer, &csr).map_err(Refusal::from))
+        }
         Request::PutBlock { id, data } => {
             Response::PutBlock(replicate::accept(&node, id, data).await)
         }
-        Request::GetBlock { id, len } => {
-            Response::GetBlock(replicate::serve_get(&node, id, len).await)
-        }
+        Request::GetBlock { id, len } => Response::GetBlock(
+            replicate::serve_get(&node, id, len)
+                .await
+                .map_err(Refusal::from),
+        ),
         Request::HasBlocks { ids } => Response::HasBlocks(replicate::verify_held(&node, ids).await),
         Request::Restarted => {
             if let (Some(c), Some(addr)) = (node.cluster(), node.member_addr(peer)) {
@@ -713,13 +724,15 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             }
             Response::Restarted
         }
-        Request::Unreferenced { delete } => {
-            Response::Unreferenced(fsck::unreferenced_here(&node, delete).await)
-        }
+        Request::Unreferenced { delete } => Response::Unreferenced(
+            fsck::unreferenced_here(&node, delete)
+                .await
+                .map_err(Refusal::from),
+        ),
         Request::DropGarbage { blocks } => Response::DropGarbage(
             crate::blocks::gc::drop_here(&node, blocks)
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| Refusal::Failed(e.to_string())),
         ),
     }
 }
@@ -808,7 +821,7 @@ async fn renew(node: &Node, c: &Cluster) -> Result<(), String> {
             node.sign_renewal(node.id, &pending.csr_der)
         } else {
             match c.peers.call::<_, Response>(addr, &req).await {
-                Ok(Response::RenewCert(r)) => r,
+                Ok(Response::RenewCert(r)) => r.map_err(|e| e.to_string()),
                 Ok(other) => Err(format!("unexpected response {other:?}")),
                 Err(e) => Err(e.to_string()),
             }

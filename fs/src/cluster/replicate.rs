@@ -11,7 +11,7 @@ use shoal_raft::{BlockId, Kv};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use super::rpc::{Request, Response};
+use super::rpc::{Refusal, Request, Response};
 use crate::blocks::BlockError;
 use crate::node::{Node, OpError, OpResult};
 
@@ -344,7 +344,7 @@ pub async fn fetch(node: &Node, id: BlockId, len: Option<u32>) -> Result<Bytes, 
                 warn!(block = %id, node = n, "a replica sent bytes that do not match the block's hash");
             }
             Ok(Response::GetBlock(Err(e))) => {
-                tracing::debug!(block = %id, node = n, error = e, "replica lacks the block")
+                tracing::debug!(block = %id, node = n, error = %e, "replica lacks the block")
             }
             Ok(other) => warn!(block = %id, node = n, response = ?other, "unexpected response"),
             Err(e) => warn!(block = %id, node = n, error = %e, "replica unreachable"),
@@ -361,17 +361,19 @@ pub(crate) const RECEIVED_GUARD: Duration = Duration::from_secs(60);
 const GUARD_POLL: Duration = Duration::from_millis(200);
 
 /// Stores a block another node sent, after checking it against its name.
-pub async fn accept(node: &std::sync::Arc<Node>, id: BlockId, data: Vec<u8>) -> Result<(), String> {
+pub async fn accept(
+    node: &std::sync::Arc<Node>,
+    id: BlockId,
+    data: Vec<u8>,
+) -> Result<(), Refusal> {
     if BlockId::of(&data) != id {
-        return Err(format!(
-            "the bytes sent for block {id} do not hash to its name"
-        ));
+        return Err(Refusal::Mismatch(id));
     }
     // Another node's copy must not eat the space kept for this node's Raft log: the writer
     // puts it on the next node instead.
     if !node.blocks.contains(&id) {
         node.check_space(data.len() as u64)
-            .map_err(|_| format!("node {}'s data disk is full", node.id))?;
+            .map_err(|_| Refusal::DiskFull(node.id))?;
     }
     node.guard_blocks(&[id]);
     // Until the layout naming it is applied here, or the guard's time is up (the writer's
@@ -394,8 +396,8 @@ pub async fn accept(node: &std::sync::Arc<Node>, id: BlockId, data: Vec<u8>) -> 
         store.sync_dirs([&id])
     })
     .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
+    .map_err(|e| Refusal::Failed(e.to_string()))?
+    .map_err(|e| Refusal::Failed(e.to_string()))
 }
 
 pub async fn serve_get(node: &Node, id: BlockId, len: Option<u32>) -> Result<Vec<u8>, String> {

@@ -1,6 +1,9 @@
 //! The requests nodes send each other, one enum for the whole protocol.
 
-use openraft::error::{InstallSnapshotError, RaftError, SnapshotMismatch};
+use openraft::BasicNode;
+use openraft::error::{
+    CheckIsLeaderError, ClientWriteError, InstallSnapshotError, RaftError, SnapshotMismatch,
+};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -143,24 +146,81 @@ impl RaftFailure {
     }
 }
 
+/// Why a peer did not do what a request asked, as it crosses the wire. Callers act on the
+/// kind (`is_transient` decides a retry); `Failed` is the receiver's own failure in words, for
+/// the operator.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The node asked does not lead the cluster, or no longer does.
+    #[error("the node asked is not the leader")]
+    NotLeader,
+    /// The leader heard from no quorum this round.
+    #[error("no quorum answered the leader")]
+    NoQuorum,
+    /// The receiver keeps its free space for its own metadata: put the block elsewhere.
+    #[error("node {0}'s data disk is full")]
+    DiskFull(u64),
+    /// A block's bytes do not hash to its name.
+    #[error("the bytes sent for block {0} do not hash to its name")]
+    Mismatch(BlockId),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Refusal {
+    /// Worth asking again once an election settles: the leader changed or lost its quorum.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Refusal::NotLeader | Refusal::NoQuorum)
+    }
+
+    /// A write (proposal, membership change) the local Raft did not take.
+    pub fn of_write(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Refusal {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Refusal::NotLeader,
+            e => Refusal::Failed(e.to_string()),
+        }
+    }
+
+    /// A read index the local Raft could not give.
+    pub fn of_read(e: RaftError<u64, CheckIsLeaderError<u64, BasicNode>>) -> Refusal {
+        match e {
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)) => Refusal::NotLeader,
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)) => Refusal::NoQuorum,
+            e => Refusal::Failed(e.to_string()),
+        }
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(why: String) -> Refusal {
+        Refusal::Failed(why)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(why: &str) -> Refusal {
+        Refusal::Failed(why.to_string())
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug)]
 pub enum Response {
     Append(Result<AppendEntriesResponse<u64>, RaftFailure>),
     Vote(Result<VoteResponse<u64>, RaftFailure>),
     Snapshot(Result<InstallSnapshotResponse<u64>, RaftFailure>),
     /// The log index the proposal was applied at, and its results.
-    Propose(Result<(u64, MetaResponse), String>),
-    ReadIndex(Result<Option<u64>, String>),
-    Join(Result<JoinReply, String>),
-    AddMember(Result<(), String>),
-    RemoveMember(Result<(), String>),
-    RenewCert(Result<Renewed, String>),
-    PutBlock(Result<(), String>),
-    GetBlock(Result<Vec<u8>, String>),
+    Propose(Result<(u64, MetaResponse), Refusal>),
+    ReadIndex(Result<Option<u64>, Refusal>),
+    Join(Result<JoinReply, Refusal>),
+    AddMember(Result<(), Refusal>),
+    RemoveMember(Result<(), Refusal>),
+    RenewCert(Result<Renewed, Refusal>),
+    PutBlock(Result<(), Refusal>),
+    GetBlock(Result<Vec<u8>, Refusal>),
     HasBlocks(Vec<bool>),
     Restarted,
-    Unreferenced(Result<crate::blocks::gc::Unreferenced, String>),
-    DropGarbage(Result<(), String>),
+    Unreferenced(Result<crate::blocks::gc::Unreferenced, Refusal>),
+    DropGarbage(Result<(), Refusal>),
     /// The request was refused: the caller is not allowed to make it.
     Denied(String),
     PreVote(bool),

@@ -382,7 +382,7 @@ fn a_members_word_about_blocks_is_checked_not_trusted() {
                 len: Some(wrong),
             },
         ) {
-            Response::GetBlock(Err(e)) => assert!(e.contains("bytes here"), "{e}"),
+            Response::GetBlock(Err(e)) => assert!(e.to_string().contains("bytes here"), "{e}"),
             other => panic!("GetBlock with len {wrong}: {other:?}"),
         }
     }
