@@ -548,6 +548,11 @@ impl Node {
         result
     }
 
+    #[tracing::instrument(
+        level = "debug",
+        skip_all,
+        fields(node = self.id, seq = req.seq, log_index = tracing::field::Empty)
+    )]
     async fn propose_numbered(
         &self,
         mut req: MetaRequest,
@@ -565,7 +570,10 @@ impl Node {
                 )));
             };
             match written {
-                Ok(resp) => return Ok(resp.data.results),
+                Ok(resp) => {
+                    tracing::Span::current().record("log_index", resp.log_id.index);
+                    return Ok(resp.data.results);
+                }
                 Err(openraft::error::RaftError::APIError(
                     openraft::error::ClientWriteError::ForwardToLeader(_),
                 )) if let Some(copy) = copy => match self.forward(copy).await? {
@@ -583,6 +591,11 @@ impl Node {
 
     /// Proposes a request that came from another node: only the leader accepts it. Returns the
     /// log index it was applied at, with the results.
+    #[tracing::instrument(
+        level = "debug",
+        skip_all,
+        fields(node = self.id, seq = req.seq, log_index = tracing::field::Empty)
+    )]
     pub(crate) async fn propose_request(
         &self,
         req: MetaRequest,
@@ -592,6 +605,7 @@ impl Node {
             .client_write(req)
             .await
             .map_err(Refusal::of_write)?;
+        tracing::Span::current().record("log_index", resp.log_id.index);
         Ok((resp.log_id.index, resp.data))
     }
 
@@ -615,6 +629,7 @@ impl Node {
             };
             return Ok(Err(req));
         };
+        tracing::Span::current().record("log_index", index);
         self.wait_applied(index, "apply a forwarded proposal")
             .await?;
         Ok(Ok(resp))

@@ -13,7 +13,7 @@ use shoal_raft::{
     Fallocate, FileKind, FsError, Ino, Inode, Kv, LockKind, LockOwner, MetaCommand, RangeLock,
     RenameFlags, Reply, SetAttr, XattrMode, conflicting,
 };
-use tracing::{error, warn};
+use tracing::{error, instrument, warn};
 
 use crate::blocks::{BlockError, read_range};
 use crate::file::OpenFile;
@@ -105,6 +105,7 @@ impl Node {
         self.invalidator.changed_lately(ino)
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, parent = parent))]
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> OpResult<Inode> {
         if name.len() > shoal_raft::NAME_MAX {
             return Err(FsError::NameTooLong.into());
@@ -120,6 +121,7 @@ impl Node {
     /// A lookup whose "not found" is linearizable: a name created on another node before this
     /// call started is found. Names found locally need no barrier: the Raft apply invalidates
     /// the kernel's entries when they change.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, parent = parent))]
     pub async fn lookup_linearizable(&self, parent: Ino, name: &[u8]) -> OpResult<Inode> {
         match self.lookup(parent, name) {
             Err(OpError::Fs(FsError::NotFound)) if self.cluster().is_some() => {
@@ -130,6 +132,7 @@ impl Node {
         }
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, parent = parent))]
     pub async fn create(&self, parent: Ino, name: &[u8], e: NewEntry) -> OpResult<Inode> {
         self.check_space(0)?;
         inode_reply(
@@ -147,6 +150,7 @@ impl Node {
         )
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> OpResult<Inode> {
         let mut inode = inode_reply(
             self.run(MetaCommand::Link {
@@ -171,6 +175,7 @@ impl Node {
     /// Removes a name. When the file is not open here, its purge (for the case this was its
     /// last link) goes in the same Raft entry, so an unlink costs one log flush, not two; a
     /// purge of an inode that still has links does nothing.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, parent = parent))]
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> OpResult<()> {
         let mut cmds = vec![MetaCommand::Unlink {
             parent,
@@ -199,6 +204,7 @@ impl Node {
         Ok(())
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, parent = parent))]
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> OpResult<()> {
         self.run(MetaCommand::Rmdir {
             parent,
@@ -208,6 +214,7 @@ impl Node {
         Ok(())
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, parent = parent))]
     pub async fn rename(
         &self,
         parent: Ino,
@@ -230,6 +237,7 @@ impl Node {
     }
 
     /// Commits the buffered writes of `ino`, if it is open here.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn commit(&self, ino: Ino) -> OpResult<()> {
         match self.open_file(ino) {
             Some(f) => f.commit(self).await,
@@ -237,6 +245,7 @@ impl Node {
         }
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn setattr(&self, ino: Ino, attr: SetAttr) -> OpResult<Inode> {
         if attr.size.is_some() {
             // A truncate applies after everything written before it.
@@ -246,12 +255,10 @@ impl Node {
         self.getattr(inode.ino)
     }
 
-    /// Opens a file for I/O on this node. Also says whether the kernel may keep the pages it
-    /// cached at an earlier open: yes, unless the file changed since this node last opened it
-    /// (close-to-open consistency across nodes).
     /// Opens a file: after a read barrier, so a file closed on another node before this open
     /// started shows that node's bytes (close-to-open, linearizable in a cluster). Returns the
     /// inode and whether the kernel may keep its cached pages.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn open(&self, ino: Ino) -> OpResult<(Inode, bool)> {
         self.read_barrier().await?;
         // The barrier applied what other nodes changed; their changes must also have left this
@@ -262,6 +269,7 @@ impl Node {
     }
 
     /// Opens a file as this node's state machine has it: for a file this node just created.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub fn open_applied(&self, ino: Ino) -> OpResult<(Inode, bool)> {
         let inode = self.getattr(ino)?;
         if inode.kind == FileKind::File {
@@ -317,6 +325,7 @@ impl Node {
     /// unlinked file.
     /// What the last close of an open file description does: commit it and, when the kernel
     /// says the description held a flock(2) lock (`flock_owner`), release that lock.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn release(&self, ino: Ino, flock_owner: Option<u64>) -> OpResult<()> {
         let unlocked = match flock_owner {
             Some(owner) => self.release_locks(ino, owner).await,
@@ -343,6 +352,7 @@ impl Node {
         committed
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub fn write(&self, ino: Ino, off: u64, data: &[u8]) -> OpResult<WriteAck> {
         if off
             .checked_add(data.len() as u64)
@@ -365,6 +375,7 @@ impl Node {
 
     /// Space of the disk under the data directory, and the inode count; inside a volume
     /// with a quota, the quota and what is left of it (what `df` in a container shows).
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub fn statfs(&self, ino: Ino) -> OpResult<StatFs> {
         let mut st = self.disk_statfs()?;
         let volume = self
@@ -403,6 +414,7 @@ impl Node {
     }
 
     /// Reads up to `size` bytes at `off`: committed data overlaid with this node's buffered writes.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn read(&self, ino: Ino, off: u64, size: usize) -> OpResult<Vec<u8>> {
         // Take the buffered bytes first: a commit that finishes after this point is in the
         // layout read below, and overlaying its bytes again changes nothing.
@@ -505,6 +517,7 @@ impl Node {
     }
 
     /// The entries of a directory, starting with `.` and `..`.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub fn readdir(&self, ino: Ino) -> OpResult<Vec<(Ino, FileKind, Vec<u8>)>> {
         let dir = self.getattr(ino)?;
         if dir.kind != FileKind::Dir {
@@ -520,6 +533,7 @@ impl Node {
         Ok(out)
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> OpResult<Vec<u8>> {
         self.getattr(ino)?;
         let xattrs = self.view.xattrs(ino).map_err(store_err)?;
@@ -529,6 +543,7 @@ impl Node {
             .ok_or_else(|| FsError::NoAttr.into())
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub fn listxattr(&self, ino: Ino) -> OpResult<Vec<u8>> {
         self.getattr(ino)?;
         let mut out = Vec::new();
@@ -539,6 +554,7 @@ impl Node {
         Ok(out)
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn setxattr(
         &self,
         ino: Ino,
@@ -556,6 +572,7 @@ impl Node {
         Ok(())
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> OpResult<()> {
         self.run(MetaCommand::RemoveXattr {
             ino,
@@ -573,6 +590,7 @@ impl Node {
     }
 
     /// The first lock that would conflict with `probe`, as F_GETLK reports it.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub fn getlk(&self, ino: Ino, probe: &RangeLock) -> OpResult<Option<RangeLock>> {
         Ok(conflicting(
             &self.view.locks(ino).map_err(store_err)?,
@@ -581,6 +599,7 @@ impl Node {
     }
 
     /// Sets or clears a POSIX lock. With `wait`, retries until the lock is free.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn setlk(&self, ino: Ino, lock: RangeLock, unlock: bool, wait: bool) -> OpResult<()> {
         if let Some(f) = self.open_file(ino) {
             self.check_not_fenced(&f)?;
@@ -615,6 +634,7 @@ impl Node {
     }
 
     /// What close(2) does to a file: commit it, and drop the closing process's POSIX locks.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn flush(&self, ino: Ino, owner: u64) -> OpResult<()> {
         let committed = self.commit(ino).await;
         self.release_locks(ino, owner).await?;
@@ -656,6 +676,7 @@ impl Node {
         Ok(())
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub async fn fallocate(&self, ino: Ino, off: u64, len: u64, mode: i32) -> OpResult<()> {
         const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
         const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
@@ -681,6 +702,7 @@ impl Node {
         Ok(())
     }
 
+    #[instrument(level = "debug", skip_all, fields(node = self.id, src = src))]
     pub async fn copy_range(
         &self,
         src: Ino,
@@ -707,6 +729,7 @@ impl Node {
     }
 
     /// SEEK_DATA and SEEK_HOLE over committed slices and buffered writes.
+    #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub fn lseek(&self, ino: Ino, off: u64, whence: i32) -> OpResult<u64> {
         let inode = self.getattr(ino)?;
         if off >= inode.size {

@@ -429,6 +429,7 @@ impl Peers {
 
     /// Calls `addr`, reconnecting once if the cached connection turns out to be dead, and
     /// giving up after `timeout`. A peer that does not answer is marked down for `DOWN_FOR`.
+    #[tracing::instrument(level = "debug", skip_all, fields(peer = %addr))]
     pub async fn call_within<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         addr: SocketAddr,

@@ -648,6 +648,11 @@ fn revoked(id: u64) -> String {
     )
 }
 
+#[tracing::instrument(
+    level = "debug",
+    skip_all,
+    fields(node = node.id, peer = ?peer, method = req.method())
+)]
 async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
     let Some(peer) = peer else {
         return match req {

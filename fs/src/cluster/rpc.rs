@@ -66,6 +66,30 @@ pub enum Request {
     PreVote(super::election::PreVote),
 }
 
+impl Request {
+    /// The request's kind, for spans and logs.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Request::Append(_) => "append",
+            Request::Vote(_) => "vote",
+            Request::Snapshot(_) => "snapshot",
+            Request::Propose(_) => "propose",
+            Request::ReadIndex => "read_index",
+            Request::Join(_) => "join",
+            Request::AddMember { .. } => "add_member",
+            Request::RenewCert { .. } => "renew_cert",
+            Request::RemoveMember { .. } => "remove_member",
+            Request::PutBlock { .. } => "put_block",
+            Request::GetBlock { .. } => "get_block",
+            Request::HasBlocks { .. } => "has_blocks",
+            Request::Restarted => "restarted",
+            Request::Unreferenced { .. } => "unreferenced",
+            Request::DropGarbage { .. } => "drop_garbage",
+            Request::PreVote(_) => "pre_vote",
+        }
+    }
+}
+
 /// What a request of each kind may weigh on the wire. Bulk kinds carry blocks, log entries
 /// and snapshot chunks; the rest are a few ids and a signing request.
 const BULK: usize = shoal_net::frame::MAX_FRAME;
