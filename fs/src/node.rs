@@ -62,11 +62,8 @@ impl ClusterConfig {
 
     pub fn save(&self, data: &Path) -> Result<(), NodeError> {
         let path = data.join(CONFIG_FILE);
-        let tmp = data.join(format!("{CONFIG_FILE}.tmp"));
         let text = serde_json::to_string_pretty(self).expect("config serializes");
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &path))
+        shoal_net::durable::write_atomic(&path, text.as_bytes(), 0o644)
             .map_err(|e| NodeError::Io(path, e))
     }
 }

@@ -47,18 +47,9 @@ fn pem_read(path: &Path) -> Result<String, PkiError> {
 }
 
 fn pem_write(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |e| PkiError::Io(path.display().to_string(), e);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(path)
-        .map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)
+    let mode = if private { 0o600 } else { 0o644 };
+    crate::durable::write_atomic(path, text.as_bytes(), mode)
+        .map_err(|e| PkiError::Io(path.display().to_string(), e))
 }
 
 fn remove(path: &Path) -> Result<(), PkiError> {

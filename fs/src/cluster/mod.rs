@@ -445,16 +445,8 @@ pub fn init_tls(data: &Path, config: &crate::node::ClusterConfig) -> Result<Join
 
 /// Keeps the current join token where `shoal token show` finds it (readable by root only).
 pub fn save_token(data: &Path, token: &JoinToken) -> Result<(), NodeError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = tls_dir(data).join("join-token");
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| f.write_all(format!("{token}\n").as_bytes()))
+    shoal_net::durable::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
         .map_err(|e| NodeError::Io(path, e))
 }
 

@@ -61,8 +61,7 @@ impl Signer {
             .map_err(|e| e.to_string())?;
         if let Some(cross) = &self.cross {
             let text = pem::encode(&pem::Pem::new("CERTIFICATE", cross.to_vec()));
-            std::fs::write(dir.join("cross.crt"), text)
-                .and_then(|()| std::fs::File::open(dir.join("cross.crt"))?.sync_all())
+            shoal_net::durable::write_atomic(&dir.join("cross.crt"), text.as_bytes(), 0o644)
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         std::fs::File::open(dir)
