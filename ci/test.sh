@@ -10,6 +10,9 @@ ci/require.sh
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release -p shoal-raft -p shoal-fs --features failpoints --all-targets -- -D warnings
+# Licenses, banned crates and sources (deny.toml). Advisories need the RustSec database, which is
+# cloned from GitHub: run `cargo deny check advisories` where GitHub is reachable.
+cargo deny check licenses bans sources
 cargo build --release --workspace --all-targets
 cargo test --release --workspace
 # The crash tests at the failpoints need the binary built with them; the plain one goes back
