@@ -37,7 +37,7 @@ struct Buffers {
     /// Extents a running commit is storing; still visible to reads until it is applied.
     committing: Option<Arc<Vec<Extent>>>,
     /// An error from a background commit, reported by the next flush or fsync.
-    error: Option<i32>,
+    error: Option<Arc<OpError>>,
 }
 
 pub struct OpenFile {
@@ -158,8 +158,8 @@ impl OpenFile {
         }
         let batch = {
             let mut b = self.bufs();
-            if let Some(errno) = b.error.take() {
-                return Err(OpError::Errno(errno));
+            if let Some(e) = b.error.take() {
+                return Err(OpError::Earlier(e));
             }
             if b.pending.is_empty() {
                 return Ok(());
@@ -196,7 +196,7 @@ impl OpenFile {
                     bytes,
                     "dropped buffered writes of a file deleted while this node's session was fenced"
                 );
-                Err(OpError::Errno(libc::EIO))
+                Err(OpError::Fenced)
             }
             Err(e @ OpError::Fs(FsError::QuotaExceeded)) => {
                 // Past the volume's quota: the bytes can never land. Like a local filesystem
@@ -262,7 +262,9 @@ impl OpenFile {
     /// writes. The error stays for the next fsync or close of the file here.
     pub(crate) fn drop_unlanded(&self, node: &Node) {
         self.drop_pending(node);
-        self.bufs().error.get_or_insert(libc::EIO);
+        self.bufs()
+            .error
+            .get_or_insert_with(|| Arc::new(OpError::Unlanded));
     }
 
     /// Drops the writes not yet handed to a commit.
@@ -324,14 +326,14 @@ impl OpenFile {
         rt.spawn(async move {
             file.commit_queued.store(false, Ordering::Release);
             if let Err(e) = file.commit(&node).await {
-                if e.errno() == libc::ENOSPC {
+                if e.is_no_space() {
                     // `Node::check_space` logs a full disk, at most every 10 s; a line per
                     // file and retry here flooded the log (one a second per open file).
                     debug!(ino = file.ino, "background commit refused: the data disk is full");
                 } else {
                     warn!(ino = file.ino, error = %e, "background commit failed; the next fsync or close reports it");
                 }
-                file.bufs().error.get_or_insert(e.errno());
+                file.bufs().error.get_or_insert(Arc::new(e));
             }
         });
     }
@@ -456,7 +458,7 @@ impl Node {
     /// renewed since (fencing).
     pub fn check_handle(&self, epoch: u64) -> OpResult<()> {
         if epoch < self.epoch() {
-            return Err(OpError::Errno(libc::EIO));
+            return Err(OpError::Fenced);
         }
         Ok(())
     }

@@ -131,47 +131,50 @@ pub enum OpError {
     Block(#[from] BlockError),
     #[error("metadata proposal failed: {0}")]
     Raft(String),
-    #[error("errno {0}")]
-    Errno(i32),
     /// A commit could not put its blocks on as many nodes as an fsync promises.
     #[error("{0}")]
     Replication(String),
+    /// The data disk is down to the space kept for metadata (`Node::check_space`).
+    #[error("the data disk is full")]
+    NoSpace,
+    /// I/O through a handle of a file this node does not have open.
+    #[error("the file is not open on this node")]
+    NotOpen,
+    /// `SEEK_DATA` or `SEEK_HOLE` from past the end, or no data after the offset.
+    #[error("no data past the offset")]
+    PastEnd,
+    /// This node's session was fenced: handles opened before are dead, and files only that
+    /// session kept are gone.
+    #[error("this node's session expired; reopen the file")]
+    Fenced,
+    /// Buffered writes dropped before a lock over the file was released (they would otherwise
+    /// land outside it).
+    #[error(
+        "buffered writes were dropped: their commit failed before a lock over the file was released"
+    )]
+    Unlanded,
+    /// The metadata store could not be read.
+    #[error("metadata store: {0}")]
+    Store(shoal_raft::StoreError),
+    /// The data disk could not be asked for its free space.
+    #[error("data disk: {0}")]
+    Disk(std::io::Error),
+    /// A buffered write of the file could not land; reported once, at the next fsync or close.
+    #[error("an earlier write of this file failed: {0}")]
+    Earlier(Arc<OpError>),
 }
 
 impl OpError {
-    /// Maps the failure to the errno the application sees.
-    pub fn errno(&self) -> i32 {
+    /// Out of space, whether the node refused or the disk did.
+    pub fn is_no_space(&self) -> bool {
         match self {
-            OpError::Fs(e) => fs_errno(*e),
-            OpError::Block(e) => e.errno(),
-            OpError::Raft(_) | OpError::Replication(_) => libc::EIO,
-            OpError::Errno(n) => *n,
+            OpError::NoSpace => true,
+            OpError::Block(BlockError::Io { source, .. }) | OpError::Disk(source) => {
+                source.kind() == std::io::ErrorKind::StorageFull
+            }
+            OpError::Earlier(e) => e.is_no_space(),
+            _ => false,
         }
-    }
-}
-
-pub fn fs_errno(e: FsError) -> i32 {
-    match e {
-        FsError::NotFound => libc::ENOENT,
-        FsError::Exists => libc::EEXIST,
-        FsError::NotDir => libc::ENOTDIR,
-        FsError::IsDir => libc::EISDIR,
-        FsError::NotEmpty => libc::ENOTEMPTY,
-        FsError::Invalid => libc::EINVAL,
-        FsError::NameTooLong => libc::ENAMETOOLONG,
-        FsError::NotPermitted => libc::EPERM,
-        FsError::TooManyLinks => libc::EMLINK,
-        FsError::NoAttr => libc::ENODATA,
-        FsError::TooLarge => libc::E2BIG,
-        FsError::WouldBlock => libc::EAGAIN,
-        FsError::FileTooBig => libc::EFBIG,
-        FsError::NotSupported => libc::EOPNOTSUPP,
-        FsError::SessionExpired => libc::EIO,
-        FsError::Busy => libc::EBUSY,
-        FsError::Ambiguous => libc::EINVAL,
-        FsError::Stale => libc::EIO,
-        FsError::QuotaExceeded => libc::EDQUOT,
-        FsError::CrossDevice => libc::EXDEV,
     }
 }
 
@@ -769,14 +772,13 @@ impl Node {
         // The disk filled up past the node's own reserve, and the metadata lives on the space
         // it kept aside: no file data until that is taken back.
         let short = !self.headroom.restore(SPACE_RESERVE);
-        let st =
-            rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Errno(e.raw_os_error()))?;
+        let st = rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Disk(e.into()))?;
         let free = st.f_bavail.saturating_mul(st.f_frsize);
         if short || free < SPACE_RESERVE.saturating_add(incoming) {
             // Deleted files' blocks are garbage waiting out their grace: collect them now.
             self.space_short.notify_one();
             self.warn_space(free, incoming);
-            return Err(OpError::Errno(libc::ENOSPC));
+            return Err(OpError::NoSpace);
         }
         Ok(())
     }
@@ -820,7 +822,7 @@ impl Node {
             std::ffi::OsStr::from_bytes(name.as_bytes()),
         );
         if let Err(e) = r
-            && e.raw_os_error() != Some(libc::ENOENT)
+            && e.kind() != std::io::ErrorKind::NotFound
         {
             debug!(volume = name, error = %e, "dropping a volume's cached entry failed");
         }

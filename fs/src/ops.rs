@@ -69,7 +69,7 @@ pub const SEEK_HOLE: i32 = 4;
 
 pub(crate) fn store_err(e: shoal_raft::StoreError) -> OpError {
     error!(error = %e, "metadata store read failed");
-    OpError::Errno(libc::EIO)
+    OpError::Store(e)
 }
 
 fn inode_reply(r: Reply) -> OpResult<Inode> {
@@ -360,7 +360,7 @@ impl Node {
         {
             return Err(FsError::FileTooBig.into());
         }
-        let f = self.open_file(ino).ok_or(OpError::Errno(libc::EBADF))?;
+        let f = self.open_file(ino).ok_or(OpError::NotOpen)?;
         self.check_not_fenced(&f)?;
         f.check_quota(self, off + data.len() as u64)?;
         let buffered = f.buffer(self, off, data);
@@ -397,8 +397,7 @@ impl Node {
     }
 
     fn disk_statfs(&self) -> OpResult<StatFs> {
-        let st =
-            rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Errno(e.raw_os_error()))?;
+        let st = rustix::fs::statvfs(&self.data_dir).map_err(|e| OpError::Disk(e.into()))?;
         let bsize: u64 = 4096;
         let scale = |n: u64| n.saturating_mul(st.f_frsize) / bsize;
         let used = self.view.inode_count().map_err(store_err)?;
@@ -426,7 +425,7 @@ impl Node {
         let inode = match self.getattr(ino) {
             // Open here, yet deleted: only a fenced session's hold can have been lost so.
             Err(OpError::Fs(FsError::NotFound)) if file.is_some() => {
-                return Err(OpError::Errno(libc::EIO));
+                return Err(OpError::Fenced);
             }
             other => other?,
         };
@@ -733,7 +732,7 @@ impl Node {
     pub fn lseek(&self, ino: Ino, off: u64, whence: i32) -> OpResult<u64> {
         let inode = self.getattr(ino)?;
         if off >= inode.size {
-            return Err(OpError::Errno(libc::ENXIO));
+            return Err(OpError::PastEnd);
         }
         let mut ranges: Vec<(u64, u64)> = self
             .view
@@ -752,7 +751,7 @@ impl Node {
                 .find(|(_, end)| *end > off)
                 .map(|(start, _)| (*start).max(off))
                 .filter(|pos| *pos < inode.size)
-                .ok_or(OpError::Errno(libc::ENXIO)),
+                .ok_or(OpError::PastEnd),
             SEEK_HOLE => {
                 let mut pos = off;
                 for (start, end) in ranges {

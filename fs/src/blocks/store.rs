@@ -36,14 +36,6 @@ impl BlockError {
             source,
         }
     }
-
-    /// The errno a reader or writer should see.
-    pub fn errno(&self) -> i32 {
-        match self {
-            BlockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            _ => libc::EIO,
-        }
-    }
 }
 
 pub struct BlockStore {

@@ -6,6 +6,7 @@
 //! on Raft or on block I/O are spawned onto tokio with their reply, so a slow read never holds
 //! up other operations.
 
+pub mod errno;
 pub mod mount;
 
 use std::ffi::OsStr;
@@ -47,7 +48,7 @@ pub struct ShoalFs {
 }
 
 fn errno(e: &OpError) -> Errno {
-    Errno::from_i32(e.errno())
+    Errno::from_i32(errno::of(e))
 }
 
 fn time(ns: Nanos) -> SystemTime {
@@ -503,7 +504,7 @@ impl Filesystem for ShoalFs {
         self.reply_empty(reply, move |node| async move {
             node.flush(ino.0, lock_owner.0).await?;
             match fenced {
-                Some(_) => Err(OpError::Errno(libc::EIO)),
+                Some(_) => Err(OpError::Fenced),
                 None => Ok(()),
             }
         });

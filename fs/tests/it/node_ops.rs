@@ -169,7 +169,7 @@ async fn a_corrupt_block_is_an_error_never_wrong_bytes() {
     stop(node).await;
     let node = dd.start().await;
     let err = node.read(f.ino, 0, 100).await.unwrap_err();
-    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert_eq!(shoal_fs::fuse::errno::of(&err), libc::EIO, "{err}");
     stop(node).await;
 }
 
@@ -196,7 +196,7 @@ async fn rename_copy_range_and_locks_through_the_node() {
     let (l2, _) = shoal_fs::ops::range_lock(owner2, 2, libc::F_WRLCK, 50, 60).unwrap();
     node.setlk(b.ino, l1, false, false).await.unwrap();
     let err = node.setlk(b.ino, l2, false, false).await.unwrap_err();
-    assert_eq!(err.errno(), libc::EAGAIN);
+    assert_eq!(shoal_fs::fuse::errno::of(&err), libc::EAGAIN);
     assert_eq!(node.getlk(b.ino, &l2).unwrap().map(|l| l.pid), Some(1));
     let waiter = {
         let node = node.clone();
