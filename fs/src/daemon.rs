@@ -8,8 +8,8 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use crate::node::{Node, NodeOptions};
-use crate::{admin, fuse};
+use shoal_fs::node::{Node, NodeOptions};
+use shoal_fs::{admin, fuse};
 
 pub struct DaemonArgs<'a> {
     pub data: &'a Path,
@@ -41,7 +41,7 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
     let plugin = args.plugin_socket.map(|socket| {
         let (node, mount, socket) = (node.clone(), handle.mountpoint.clone(), socket.to_path_buf());
         tokio::spawn(async move {
-            if let Err(e) = crate::plugin::serve(node, mount, socket.clone()).await {
+            if let Err(e) = shoal_fs::plugin::serve(node, mount, socket.clone()).await {
                 tracing::error!(socket = %socket.display(), error = %e, "the Docker volume plugin stopped");
             }
         })

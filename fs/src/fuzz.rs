@@ -28,7 +28,7 @@ pub fn plugin_request(bytes: &[u8]) {
     };
     let _ = shoal_raft::check_volume_name(&req.name);
     if let Some(opts) = &req.opts
-        && let Ok(o) = crate::plugin::parse_options(opts)
+        && let Ok(o) = crate::volumes::parse_options(opts)
     {
         assert!(o.replicas.is_none_or(|r| (1..=16).contains(&r)));
         assert!(o.size.is_none_or(|s| s > 0 && s <= i64::MAX as u64));

@@ -8,7 +8,6 @@
 pub mod admin;
 pub mod blocks;
 pub mod cluster;
-pub mod daemon;
 mod file;
 pub mod fuse;
 pub mod fuzz;
@@ -18,5 +17,6 @@ pub mod ops;
 pub mod plugin;
 pub mod private;
 mod raft_net;
+pub mod volumes;
 
 pub use node::{Node, NodeOptions};

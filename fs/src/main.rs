@@ -1,5 +1,6 @@
 //! The `shoal` command.
 
+mod daemon;
 mod local;
 
 use std::net::SocketAddr;
@@ -10,7 +11,7 @@ use anyhow::Context;
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use shoal_fs::admin::{self, AdminReply, AdminRequest};
-use shoal_fs::{NodeOptions, daemon, node};
+use shoal_fs::{NodeOptions, node};
 use shoal_net::token::JoinToken;
 
 #[derive(Parser)]

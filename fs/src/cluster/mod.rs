@@ -7,6 +7,7 @@
 pub mod election;
 pub mod fsck;
 pub mod join;
+pub mod members;
 pub mod network;
 pub mod repair;
 pub mod replicate;

@@ -193,7 +193,7 @@ impl Node {
             .members()
             .into_iter()
             .filter(|(id, _)| infos.get(id).is_none_or(|i| i.issuer != signing))
-            .map(|(id, _)| crate::admin::node_name(self, id))
+            .map(|(id, _)| super::members::node_name(self, id))
             .collect();
         if !behind.is_empty() {
             return Err(format!(

@@ -213,7 +213,7 @@ async fn work(
             let name = format!("vol-{}", rng.random_range(0..3));
             let r = tokio::time::timeout(
                 OP_TIMEOUT,
-                shoal_fs::plugin::create_volume(&node, &name, &BTreeMap::new()),
+                shoal_fs::volumes::create_volume(&node, &name, &BTreeMap::new()),
             )
             .await;
             match r {
