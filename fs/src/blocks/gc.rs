@@ -1,91 +1,43 @@
-//! Garbage collection of blocks no layout references.
-//!
-//! The state machine lists a block as garbage when its reference count falls to zero, with the
-//! time that happened. The collector of any node deletes such blocks once they are older than
-//! the grace period, unless a commit on this node is about to reference them again, has every
-//! other member delete its copies the same way (`Request::DropGarbage`), and then tells the
-//! state machine (`ForgetGarbage`), which keeps any block that was referenced again meanwhile.
+//! The part of garbage collection that knows only this disk: deleting the blocks nothing needs.
+//! A block is needed while a layout references it (`StateView::block_refs`) or a commit on
+//! this node is about to name it (`Needed::writes`). Deciding when to collect, and telling the
+//! other members, is the node's (`node::gc`).
 
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use shoal_raft::{BlockId, Kv, MetaCommand};
-use tracing::{debug, warn};
+use shoal_raft::{BlockId, Kv, StateView, StoreError};
+use tracing::warn;
 
-use crate::node::{Node, OpError, OpResult, now_nanos};
+use super::{BlockError, BlockStore};
 
-/// How often the collector runs (at most), and how often it also sweeps the disk for leftovers.
-const PERIOD: Duration = Duration::from_secs(30);
-const SWEEP_PERIOD: Duration = Duration::from_secs(600);
-/// Blocks on disk that nothing references are left alone for this long: a commit may be
-/// about to reference them.
-const SWEEP_AGE: Duration = Duration::from_secs(3600);
-/// The grace when a write was refused for lack of space: long enough for a commit that is
-/// pushing a block to propose the layout that names it, short enough that space freed by
-/// deleting files comes back before a writer gives up.
-const SHORT_GRACE: Duration = Duration::from_secs(2);
-
-/// Deletes garbage blocks older than `grace`, here and on every other member, then has the
-/// state machine forget them. Returns how many were deleted here.
-pub async fn collect(node: &Node, grace: Duration) -> OpResult<usize> {
-    // Decide from a view at least as new as what the cluster has committed: a node whose
-    // apply lags would still see a block as garbage that a later write named again (a file
-    // with the same bytes), and delete a copy the writer counted. Writes committed after the
-    // barrier pushed their blocks here first, and a pushed block is guarded (`accept`).
-    node.read_barrier().await?;
-    let cutoff = now_nanos() - grace.as_nanos() as i64;
-    let old: Vec<BlockId> = node
-        .view
-        .garbage(10_000)
-        .map_err(|e| OpError::Raft(e.to_string()))?
-        .into_iter()
-        .filter(|(_, since)| *since <= cutoff)
-        .map(|(id, _)| id)
-        .collect();
-    let deleted = delete_unreferenced(node, old)?;
-    let n = deleted.len();
-    if n == 0 {
-        return Ok(0);
-    }
-    // The garbage list is what tells the other members to delete their copies: it forgets a
-    // block only once every member has (a member down keeps it listed until it is back).
-    if let Err(e) = crate::cluster::repair::drop_garbage_elsewhere(node, &deleted).await {
-        debug!(blocks = n, error = %e, "garbage deleted here, not yet on every member; kept on the list");
-        return Ok(n);
-    }
-    shoal_raft::failpoint::hit("gc-before-forget");
-    node.run(MetaCommand::ForgetGarbage { blocks: deleted })
-        .await?;
-    debug!(blocks = n, "garbage blocks deleted on every member");
-    Ok(n)
-}
-
-/// Another member collected `ids` (`Request::DropGarbage`): deletes this node's copies, by
-/// this node's own view once it has caught up.
-pub async fn drop_here(node: &Node, ids: Vec<BlockId>) -> OpResult<()> {
-    node.read_barrier().await?;
-    delete_unreferenced(node, ids).map(|_| ())
+/// What tells a garbage block from one still needed.
+pub struct Needed<'a> {
+    /// Blocks a commit on this node is storing or a peer just pushed, with a count of holds.
+    pub writes: &'a Mutex<HashMap<BlockId, u32>>,
+    pub view: &'a StateView,
 }
 
 /// Deletes the blocks of `ids` that no layout references and that no commit here is about to
-/// name; the ones gone from this disk.
-fn delete_unreferenced(node: &Node, ids: Vec<BlockId>) -> OpResult<Vec<BlockId>> {
+/// name; returns the ones gone from this disk. The holds stay locked throughout, so no commit
+/// takes a hold on a block between its check and its deletion.
+pub fn delete_unreferenced(
+    store: &BlockStore,
+    needed: &Needed<'_>,
+    ids: Vec<BlockId>,
+) -> Result<Vec<BlockId>, StoreError> {
     let mut deleted = Vec::new();
-    let guard = node.unreferenced_writes.lock().expect("guard lock");
+    let guard = needed.writes.lock().expect("guard lock");
     for id in ids {
         if guard.contains_key(&id) {
             continue;
         }
-        if node
-            .view
-            .block_refs(&id)
-            .map_err(|e| OpError::Raft(e.to_string()))?
-            > 0
-        {
+        if needed.view.block_refs(&id)? > 0 {
             continue;
         }
         shoal_raft::failpoint::hit("gc-before-delete");
-        match node.blocks.delete(&id) {
+        match store.delete(&id) {
             Ok(()) => deleted.push(id),
             Err(e) => warn!(block = %id, error = %e, "could not delete a garbage block"),
         }
@@ -96,10 +48,11 @@ fn delete_unreferenced(node: &Node, ids: Vec<BlockId>) -> OpResult<Vec<BlockId>>
 /// Deletes blocks on disk that no layout references and no commit is writing, if their files
 /// are older than `min_age`. These are left by a crash between storing a block and committing.
 pub fn sweep_unreferenced(
-    node: &Node,
+    store: &BlockStore,
+    needed: &Needed<'_>,
     min_age: Duration,
-) -> Result<usize, crate::blocks::BlockError> {
-    scan_unreferenced(node, min_age, true).map(|u| u.blocks as usize)
+) -> Result<usize, BlockError> {
+    scan_unreferenced(store, needed, min_age, true).map(|u| u.blocks as usize)
 }
 
 /// Blocks on a node's disk that no layout references.
@@ -115,17 +68,18 @@ pub struct Unreferenced {
 /// Finds (and with `delete`, deletes) the blocks on disk that no layout references and no
 /// commit is writing, whose files are older than `min_age`.
 pub fn scan_unreferenced(
-    node: &Node,
+    store: &BlockStore,
+    needed: &Needed<'_>,
     min_age: Duration,
     delete: bool,
-) -> Result<Unreferenced, crate::blocks::BlockError> {
+) -> Result<Unreferenced, BlockError> {
     let mut found = Unreferenced::default();
-    for (id, size, age) in node.blocks.list()? {
-        let guard = node.unreferenced_writes.lock().expect("guard lock");
+    for (id, size, age) in store.list()? {
+        let guard = needed.writes.lock().expect("guard lock");
         if guard.contains_key(&id) {
             continue;
         }
-        match node.view.block_refs(&id) {
+        match needed.view.block_refs(&id) {
             Ok(0) => {}
             Ok(_) => continue,
             Err(e) => {
@@ -138,58 +92,10 @@ pub fn scan_unreferenced(
             continue;
         }
         if delete {
-            node.blocks.delete(&id)?;
+            store.delete(&id)?;
         }
         found.blocks += 1;
         found.bytes += size;
     }
     Ok(found)
-}
-
-/// Collects every `PERIOD`, and at once (with a short grace) when a write was refused for
-/// lack of space, at most once a second.
-pub(crate) async fn worker(node: Weak<Node>) {
-    // The worker holds the node only while it collects: a node that shuts down goes.
-    let Some((space_short, grace)) = node
-        .upgrade()
-        .map(|n| (n.space_short.clone(), n.options.gc_grace))
-    else {
-        return;
-    };
-    // A grace shorter than the period would be a promise not kept.
-    let period = PERIOD.min(grace).max(Duration::from_secs(1));
-    let sweep_every = (SWEEP_PERIOD.as_secs() / period.as_secs()).max(1) as u32;
-    let mut tick = tokio::time::interval(period);
-    tick.tick().await;
-    let mut rounds = 0u32;
-    loop {
-        let short = tokio::select! {
-            _ = tick.tick() => false,
-            () = space_short.notified() => true,
-        };
-        let Some(node) = node.upgrade() else { return };
-        let grace = if short {
-            SHORT_GRACE.min(node.options.gc_grace)
-        } else {
-            node.options.gc_grace
-        };
-        match collect(&node, grace).await {
-            Ok(n) if short => debug!(blocks = n, "collected garbage at once: the disk is short"),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "garbage collection failed; retrying next round"),
-        }
-        if short {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        rounds += 1;
-        if rounds.is_multiple_of(sweep_every) {
-            let n = Arc::clone(&node);
-            let swept =
-                tokio::task::spawn_blocking(move || sweep_unreferenced(&n, SWEEP_AGE)).await;
-            if let Ok(Err(e)) = swept {
-                warn!(error = %e, "sweep of unreferenced blocks failed");
-            }
-        }
-    }
 }

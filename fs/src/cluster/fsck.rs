@@ -217,7 +217,7 @@ pub async fn unreferenced_here(
     node.read_barrier().await.map_err(|e| e.to_string())?;
     let n = node.clone();
     let found = tokio::task::spawn_blocking(move || {
-        scan_unreferenced(&n, replicate::RECEIVED_GUARD, delete)
+        scan_unreferenced(&n.blocks, &n.needed(), replicate::RECEIVED_GUARD, delete)
     })
     .await
     .map_err(|e| e.to_string())?

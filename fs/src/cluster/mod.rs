@@ -728,7 +728,7 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
                 .map_err(Refusal::from),
         ),
         Request::DropGarbage { blocks } => Response::DropGarbage(
-            crate::blocks::gc::drop_here(&node, blocks)
+            crate::node::gc::drop_here(&node, blocks)
                 .await
                 .map_err(|e| Refusal::Failed(e.to_string())),
         ),

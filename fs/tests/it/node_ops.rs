@@ -1,7 +1,7 @@
 //! POSIX operations on an in-process node, below FUSE.
 
-use shoal_fs::blocks::gc;
 use shoal_fs::node::OpError;
+use shoal_fs::node::gc;
 use shoal_fs::ops::{NewEntry, SEEK_DATA, SEEK_HOLE, WriteAck};
 use shoal_raft::{FsError, Kv, ROOT_INO, RenameFlags, SetAttr};
 

@@ -18,6 +18,8 @@ use crate::cluster::rpc::Refusal;
 use crate::file::OpenFile;
 use crate::raft_net::NoPeers;
 
+pub mod gc;
+
 /// How long a request waits for a leader to answer (an election takes one to two seconds).
 const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a proposal may wait for Raft before the caller gets an error (EIO): far beyond
@@ -505,7 +507,7 @@ impl Node {
         // committing it, unless another node pushed it lately and has yet to propose the
         // layout that names it: blocks younger than that guard wait for the hourly sweep.
         let min_age = crate::cluster::replicate::RECEIVED_GUARD;
-        match crate::blocks::gc::sweep_unreferenced(&node, min_age) {
+        match crate::blocks::gc::sweep_unreferenced(&node.blocks, &node.needed(), min_age) {
             Ok(0) => {}
             Ok(n) => info!(
                 blocks = n,
@@ -518,7 +520,7 @@ impl Node {
         tokio::spawn(crate::cluster::repair::worker(Arc::downgrade(&node)));
 
         tokio::spawn(crate::file::commit_worker(Arc::downgrade(&node)));
-        tokio::spawn(crate::blocks::gc::worker(Arc::downgrade(&node)));
+        tokio::spawn(gc::worker(Arc::downgrade(&node)));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");
         Ok(node)
     }
@@ -759,6 +761,14 @@ impl Node {
 
     fn view_flush(&self) -> Result<(), shoal_raft::StoreError> {
         self.view.flush()
+    }
+
+    /// What tells this node's garbage blocks from needed ones (`blocks::gc`).
+    pub(crate) fn needed(&self) -> crate::blocks::gc::Needed<'_> {
+        crate::blocks::gc::Needed {
+            writes: &self.unreferenced_writes,
+            view: &self.view,
+        }
     }
 
     /// Asks the purge worker to delete `ino` if its last link is gone and it is not open here.
