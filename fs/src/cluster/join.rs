@@ -22,8 +22,7 @@ pub async fn join(
     peer: SocketAddr,
     listen: SocketAddr,
 ) -> Result<ClusterConfig, NodeError> {
-    let endpoint = shoal_net::quic::join_endpoint(token.ca_fingerprint)
-        .map_err(|e| NodeError::Join(e.to_string()))?;
+    let endpoint = shoal_net::quic::join_endpoint(token.ca_fingerprint)?;
     join_over(data, token, peer, listen, &Peers::new(endpoint)).await
 }
 
@@ -43,7 +42,10 @@ pub async fn join_over(
     }
     crate::private::create_data_dir(&tls_dir(data))
         .map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
-    let pending = PendingIdentity::generate().map_err(|e| NodeError::Join(e.to_string()))?;
+    let pending = PendingIdentity::generate().map_err(|source| NodeError::Tls {
+        what: "making this node's key",
+        source,
+    })?;
     let req = Request::Join(JoinRequest {
         secret: token.secret,
         csr: pending.csr_der.clone(),
@@ -71,12 +73,18 @@ pub async fn join_over(
     };
     let mut identity = pending
         .complete(reply.cert.into(), reply.ca.into())
-        .map_err(|e| NodeError::Join(e.to_string()))?
+        .map_err(|source| NodeError::Tls {
+            what: "the certificate the cluster signed",
+            source,
+        })?
         .with_trust(reply.trust.into_iter().map(Into::into).collect());
     identity.cross = reply.cross.map(Into::into);
     identity
         .save(&tls_dir(data))
-        .map_err(|e| NodeError::Join(e.to_string()))?;
+        .map_err(|source| NodeError::Tls {
+            what: "saving this node's certificate",
+            source,
+        })?;
     let config = ClusterConfig {
         node_id: reply.node_id,
         cluster_id: reply.cluster_id,

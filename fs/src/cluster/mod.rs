@@ -132,15 +132,14 @@ impl Cluster {
         network: Option<Arc<MemoryNetwork>>,
     ) -> Result<Cluster, NodeError> {
         let dir = tls_dir(data);
-        let identity = Identity::load(&dir)
-            .map_err(|e| NodeError::Raft(format!("loading this node's certificate: {e}")))?;
+        let identity = Identity::load(&dir).map_err(|source| NodeError::Tls {
+            what: "loading this node's certificate",
+            source,
+        })?;
         let signer = trust::Signer::load(data).map(Arc::new);
         let peers = match &network {
             Some(net) => Peers::over(net.port(Some(node_id))),
-            None => Peers::new(
-                shoal_net::quic::endpoint(&identity, listen)
-                    .map_err(|e| NodeError::Raft(e.to_string()))?,
-            ),
+            None => Peers::new(shoal_net::quic::endpoint(&identity, listen)?),
         };
         Ok(Cluster {
             identity: std::sync::Mutex::new(identity),
@@ -424,8 +423,10 @@ impl Node {
 /// Creates the cluster's CA and node 1's certificate in `DATA/tls`, and the first join token.
 pub fn init_tls(data: &Path, config: &crate::node::ClusterConfig) -> Result<JoinToken, NodeError> {
     let dir = tls_dir(data);
-    let err =
-        |e: shoal_net::pki::PkiError| NodeError::Raft(format!("creating the cluster CA: {e}"));
+    let err = |source| NodeError::Tls {
+        what: "creating the cluster CA",
+        source,
+    };
     std::fs::create_dir_all(&dir).map_err(|e| NodeError::Io(dir.clone(), e))?;
     let ca = Ca::generate(&config.cluster_id).map_err(err)?;
     ca.save(&dir.join("ca.crt"), &dir.join("ca.key"))

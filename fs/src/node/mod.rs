@@ -120,6 +120,15 @@ pub enum NodeError {
     Blocks(#[from] BlockError),
     #[error("raft: {0}")]
     Raft(String),
+    /// The node's certificates and keys (`DATA/tls`): made, loaded or saved.
+    #[error("{what}: {source}")]
+    Tls {
+        what: &'static str,
+        source: shoal_net::pki::PkiError,
+    },
+    /// The node's QUIC endpoint could not be set up.
+    #[error("the cluster endpoint: {0}")]
+    Quic(#[from] shoal_net::quic::QuicError),
     #[error("joining the cluster failed: {0}")]
     Join(String),
 }
