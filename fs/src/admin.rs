@@ -14,6 +14,7 @@ use shoal_raft::FsError;
 pub use crate::cluster::members::{Disk, Member};
 use crate::cluster::members::{members, node_name};
 use crate::node::{Node, OpError};
+use crate::volumes::VolumeError;
 
 pub const SOCKET: &str = "admin.sock";
 /// The largest admin request: a volume command with its options is a few hundred bytes.
@@ -148,13 +149,13 @@ fn must_be_member(node: &Node, id: u64) -> Result<(), String> {
 }
 
 /// Serves `shoal volume`: the same commands the Docker plugin proposes, with its messages.
-async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, String> {
+async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, VolumeError> {
     use shoal_raft::MetaCommand;
     let (name, cmd) = match req {
         VolumeRequest::List => {
-            node.read_barrier().await.map_err(|e| e.to_string())?;
-            let mut vs = node.view.volumes().map_err(|e| e.to_string())?;
-            vs.extend(node.view.trash().map_err(|e| e.to_string())?);
+            node.read_barrier().await?;
+            let mut vs = node.view.volumes()?;
+            vs.extend(node.view.trash()?);
             let infos = vs
                 .into_iter()
                 .map(|v| volume_info(node, v))
@@ -162,12 +163,11 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
             return Ok(AdminReply::Volumes(infos));
         }
         VolumeRequest::Inspect(name) => {
-            node.read_barrier().await.map_err(|e| e.to_string())?;
+            node.read_barrier().await?;
             let v = node
                 .view
-                .volume(&name)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("no such volume: {name}"))?;
+                .volume(&name)?
+                .ok_or(VolumeError::NotFound(name))?;
             return Ok(AdminReply::Volumes(vec![volume_info(node, v)?]));
         }
         VolumeRequest::Create { name, options } => {
@@ -187,34 +187,29 @@ async fn volume(node: &Arc<Node>, req: VolumeRequest) -> Result<AdminReply, Stri
             };
             return match node.run(cmd).await {
                 Ok(_) => Ok(AdminReply::Done),
-                Err(OpError::Fs(FsError::Ambiguous)) => Err(format!(
-                    "several removed volumes named {name} are in the trash (ids {}): say which with --id",
-                    trashed_ids(node, &name)
-                )),
-                Err(OpError::Fs(FsError::NotFound)) if id.is_some() => Err(format!(
-                    "no removed volume {name} with id {} is in the trash (see `shoal volume ls`)",
-                    id.unwrap_or_default()
-                )),
+                Err(OpError::Fs(FsError::Ambiguous)) => Err(VolumeError::AmbiguousTrash {
+                    ids: trashed_ids(node, &name),
+                    name,
+                }),
+                Err(OpError::Fs(FsError::NotFound)) if let Some(id) = id => {
+                    Err(VolumeError::NotInTrashWithId { name, id })
+                }
                 Err(e) => Err(crate::volumes::explain(&name, e, node)),
             };
         }
         VolumeRequest::ForgetMounts(id) => {
-            must_be_member(node, id)?;
-            node.run(MetaCommand::ClearMounts { node: id })
-                .await
-                .map_err(|e| e.to_string())?;
+            must_be_member(node, id).map_err(VolumeError::Cluster)?;
+            node.run(MetaCommand::ClearMounts { node: id }).await?;
             return Ok(AdminReply::Done);
         }
         VolumeRequest::Retention(set) => {
             if let Some(secs) = set {
                 let nanos = i64::try_from(secs.saturating_mul(1_000_000_000))
-                    .map_err(|_| format!("{secs} s is too long a retention"))?;
-                node.run(MetaCommand::SetTrashRetention { nanos })
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| VolumeError::RetentionTooLong(secs))?;
+                node.run(MetaCommand::SetTrashRetention { nanos }).await?;
             }
-            node.read_barrier().await.map_err(|e| e.to_string())?;
-            let r = shoal_raft::Kv::settings(&node.view).map_err(|e| e.to_string())?;
+            node.read_barrier().await?;
+            let r = shoal_raft::Kv::settings(&node.view)?;
             return Ok(AdminReply::Retention(
                 (r.trash_retention / 1_000_000_000) as u64,
             ));
@@ -245,7 +240,7 @@ async fn restore(
     name: String,
     id: Option<u64>,
     rename: Option<String>,
-) -> Result<AdminReply, String> {
+) -> Result<AdminReply, VolumeError> {
     use shoal_raft::MetaCommand;
     shoal_raft::check_volume_name(&name)?;
     let to = rename.clone().unwrap_or_else(|| name.clone());
@@ -260,32 +255,20 @@ async fn restore(
             node.forget_volume_entry(&to);
             Ok(AdminReply::Done)
         }
-        Err(OpError::Fs(FsError::Exists)) => Err(format!(
-            "a live volume is named {to}: restore the removed one under another name with `shoal volume restore {name} --as NEW`"
-        )),
+        Err(OpError::Fs(FsError::Exists)) => Err(VolumeError::LiveNamed { name, to }),
         Err(OpError::Fs(FsError::NotFound)) => Err(match id {
-            Some(id) => format!(
-                "no removed volume {name} with id {id} is in the trash (see `shoal volume ls`)"
-            ),
-            None => format!("no removed volume {name} is in the trash (see `shoal volume ls`)"),
+            Some(id) => VolumeError::NotInTrashWithId { name, id },
+            None => VolumeError::NoneInTrash(name),
         }),
         Err(e) => Err(crate::volumes::explain(&name, e, node)),
     }
 }
 
 /// A volume as the CLI shows it, with the usage the state machine keeps.
-fn volume_info(node: &Node, v: shoal_raft::Volume) -> Result<VolumeInfo, String> {
+fn volume_info(node: &Node, v: shoal_raft::Volume) -> Result<VolumeInfo, VolumeError> {
     use shoal_raft::Kv;
-    let usage = node
-        .view
-        .volume_usage(v.root)
-        .map_err(|e| e.to_string())?
-        .unwrap_or_default();
-    let retention = node
-        .view
-        .settings()
-        .map_err(|e| e.to_string())?
-        .trash_retention;
+    let usage = node.view.volume_usage(v.root)?.unwrap_or_default();
+    let retention = node.view.settings()?.trash_retention;
     let secs = |t: i64| t.div_euclid(1_000_000_000);
     let mounts = v
         .mounts_per_node()
@@ -323,7 +306,7 @@ fn volume_info(node: &Node, v: shoal_raft::Volume) -> Result<VolumeInfo, String>
 
 /// Sets or removes a label of a member node.
 async fn label(node: &Node, id: u64, key: String, value: Option<String>) -> Result<(), String> {
-    shoal_raft::check_label(&key, value.as_deref().unwrap_or(""))?;
+    shoal_raft::check_label(&key, value.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
     must_be_member(node, id)?;
     node.run(shoal_raft::MetaCommand::SetNodeLabel {
         node: id,
@@ -453,7 +436,7 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                 },
                 AdminRequest::Volume(req) => match volume(&node, req).await {
                     Ok(r) => r,
-                    Err(e) => AdminReply::Error(e),
+                    Err(e) => AdminReply::Error(e.to_string()),
                 },
                 AdminRequest::Label {
                     node: id,

@@ -445,7 +445,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE (e.g. storage=ssd)"))?;
-    shoal_raft::check_label(k, v)?;
+    shoal_raft::check_label(k, v).map_err(|e| e.to_string())?;
     Ok((k.to_string(), v.to_string()))
 }
 

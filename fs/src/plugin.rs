@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 use shoal_raft::{MetaCommand, Reply, Volume, check_volume_name};
 use tracing::{info, warn};
 
-use crate::node::Node;
-use crate::volumes::explain;
+use crate::node::{Node, OpError};
+use crate::volumes::{VolumeError, explain};
 
 struct Plugin {
     node: Arc<Node>,
@@ -71,15 +71,16 @@ pub(crate) struct Req {
 }
 
 /// Docker's request body; an empty body is an empty request.
-pub(crate) fn parse(body: &Bytes) -> Result<Req, String> {
+pub(crate) fn parse(body: &Bytes) -> Result<Req, VolumeError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Req::default());
     }
-    serde_json::from_slice(body).map_err(|e| format!("bad request from Docker: {e}"))
+    serde_json::from_slice(body).map_err(|e| VolumeError::BadRequest(e.to_string()))
 }
 
-fn err(msg: impl Into<String>) -> axum::Json<Value> {
-    let msg = msg.into();
+/// A refusal as Docker reads it: the only place a `VolumeError` becomes Docker's `Err`.
+fn err(e: VolumeError) -> axum::Json<Value> {
+    let msg = e.to_string();
     warn!(error = %msg, "volume plugin request refused");
     axum::Json(json!({ "Err": msg }))
 }
@@ -97,7 +98,7 @@ impl Plugin {
         self.mount.join("volumes").join(name)
     }
 
-    async fn run(&self, name: &str, cmd: MetaCommand) -> Result<Reply, String> {
+    async fn run(&self, name: &str, cmd: MetaCommand) -> Result<Reply, VolumeError> {
         check_volume_name(name)?;
         self.node
             .run(cmd)
@@ -106,16 +107,17 @@ impl Plugin {
     }
 
     /// The volume, read linearizably (a volume created on another node a moment ago is seen).
-    async fn volume(&self, name: &str) -> Result<Volume, String> {
+    async fn volume(&self, name: &str) -> Result<Volume, VolumeError> {
         check_volume_name(name)?;
-        self.node
-            .read_barrier()
-            .await
-            .map_err(|e| format!("volume {name}: {e}"))?;
+        let failed = |error| VolumeError::Failed {
+            name: name.to_string(),
+            error,
+        };
+        self.node.read_barrier().await.map_err(failed)?;
         match self.node.view.volume(name) {
             Ok(Some(v)) => Ok(v),
-            Ok(None) => Err(format!("no such volume: {name}")),
-            Err(e) => Err(format!("volume {name}: {e}")),
+            Ok(None) => Err(VolumeError::NotFound(name.to_string())),
+            Err(e) => Err(failed(OpError::Store(e))),
         }
     }
 
@@ -140,7 +142,7 @@ impl Plugin {
 }
 
 /// Docker's answer: the handler's fields with an empty `Err`, or only `Err`.
-fn answer(r: Result<Value, String>) -> axum::Json<Value> {
+fn answer(r: Result<Value, VolumeError>) -> axum::Json<Value> {
     match r {
         Ok(mut v) => {
             v["Err"] = json!("");
@@ -178,7 +180,7 @@ async fn remove(State(p): Shared, body: Bytes) -> axum::Json<Value> {
 }
 
 /// Records this node's mount (`mount`) or unmount of the volume for Docker's mount id.
-async fn record(p: &Plugin, r: &Req, mount: bool) -> Result<(), String> {
+async fn record(p: &Plugin, r: &Req, mount: bool) -> Result<(), VolumeError> {
     let cmd = MetaCommand::MountVolume {
         name: r.name.clone(),
         node: p.node.id,
@@ -197,13 +199,13 @@ async fn mount(State(p): Shared, body: Bytes) -> axum::Json<Value> {
             // Answer only once the directory is there through this node's mount: a
             // container must never start on an empty or half-ready directory.
             let path = p.mountpoint(&r.name);
-            ready(&path).await.map_err(|e| {
-                format!(
-                    "volume {} is not reachable at {}: {e}",
-                    r.name,
-                    path.display()
-                )
-            })?;
+            ready(&path)
+                .await
+                .map_err(|error| VolumeError::Unreachable {
+                    name: r.name.clone(),
+                    path: path.display().to_string(),
+                    error,
+                })?;
             Ok(json!({ "Mountpoint": path }))
         }
         .await,
@@ -247,23 +249,26 @@ async fn path(State(p): Shared, body: Bytes) -> axum::Json<Value> {
 /// Docker calls Create after an error here, so an unknown volume must be an error; it is
 /// Docker's normal first step, so it is not logged as a refusal.
 async fn get(State(p): Shared, body: Bytes) -> axum::Json<Value> {
-    let found: Result<Value, String> = async {
+    let found: Result<Value, VolumeError> = async {
         let v = p.volume(&parse(&body)?.name).await?;
         Ok(json!({ "Volume": p.describe(&v) }))
     }
     .await;
     match found {
         Ok(v) => answer(Ok(v)),
-        Err(e) => axum::Json(json!({ "Err": e })),
+        Err(e) => axum::Json(json!({ "Err": e.to_string() })),
     }
 }
 
 async fn list(State(p): Shared) -> axum::Json<Value> {
     answer(
         async {
-            let listing = |e: &dyn std::fmt::Display| format!("listing volumes: {e}");
-            p.node.read_barrier().await.map_err(|e| listing(&e))?;
-            let vs = p.node.view.volumes().map_err(|e| listing(&e))?;
+            p.node.read_barrier().await.map_err(VolumeError::Listing)?;
+            let vs = p
+                .node
+                .view
+                .volumes()
+                .map_err(|e| VolumeError::Listing(OpError::Store(e)))?;
             let vs: Vec<Value> = vs
                 .iter()
                 .map(|v| json!({"Name": v.name, "Mountpoint": p.mountpoint(&v.name)}))

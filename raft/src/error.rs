@@ -68,3 +68,16 @@ pub enum StoreError {
     #[error("metadata invariant broken: {0}")]
     Invariant(String),
 }
+
+/// A volume name or node label shoal refuses, with what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error(
+        "invalid volume name {0:?}: use 1 to 255 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+    )]
+    Volume(String),
+    #[error("invalid label key {0:?}: use 1 to 63 characters of A-Z a-z 0-9 . _ - /")]
+    LabelKey(String),
+    #[error("invalid label value {0:?}: use up to 128 characters of A-Z a-z 0-9 . _ - /")]
+    LabelValue(String),
+}

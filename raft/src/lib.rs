@@ -16,7 +16,7 @@ mod types;
 mod view;
 
 pub use apply::{Change, conflicting};
-pub use error::{FsError, StoreError};
+pub use error::{FsError, NameError, StoreError};
 pub use store::{ApplyHook, LogStore, StateMachine, open};
 pub use types::*;
 pub use view::{Kv, StateView, Xattrs};

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::NameError;
+
 /// An inode number. Numbers are allocated by the state machine from a counter and never reused.
 pub type Ino = u64;
 
@@ -514,7 +516,7 @@ pub const TRASH_DIR: &[u8] = b".trash";
 
 /// Volume names as Docker allows them: a letter or digit, then letters, digits, `_`, `.`, `-`;
 /// at most 255 bytes.
-pub fn check_volume_name(name: &str) -> Result<(), String> {
+pub fn check_volume_name(name: &str) -> Result<(), NameError> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 255
@@ -524,9 +526,7 @@ pub fn check_volume_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid volume name {name:?}: use 1 to 255 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit"
-        ))
+        Err(NameError::Volume(name.to_string()))
     }
 }
 
@@ -548,20 +548,16 @@ pub struct NodeInfo {
 
 /// Label keys are 1 to 63 and values 0 to 128 characters of `A-Z a-z 0-9 . _ - /`, so that a
 /// placement rule such as `storage==ssd,zone!=b` can be parsed without quoting.
-pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+pub fn check_label(key: &str, value: &str) -> Result<(), NameError> {
     let ok = |s: &str| {
         s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
     };
     if key.is_empty() || key.len() > 63 || !ok(key) {
-        return Err(format!(
-            "invalid label key {key:?}: use 1 to 63 characters of A-Z a-z 0-9 . _ - /"
-        ));
+        return Err(NameError::LabelKey(key.to_string()));
     }
     if value.len() > 128 || !ok(value) {
-        return Err(format!(
-            "invalid label value {value:?}: use up to 128 characters of A-Z a-z 0-9 . _ - /"
-        ));
+        return Err(NameError::LabelValue(value.to_string()));
     }
     Ok(())
 }
