@@ -163,12 +163,10 @@ fn run(
     }
 }
 
-/// Fault injection for tests: `SHOAL_FAULT_SLOW_INVALIDATION=MS` makes the thread wait MS
-/// milliseconds before each batch, as under load, widening the window in which the kernel
-/// still holds what another node changed. Unset in production.
+/// `Faults::slow_invalidation`: widens the window in which the kernel still holds what another
+/// node changed.
 fn slow_invalidation() -> Option<std::time::Duration> {
-    let ms = std::env::var("SHOAL_FAULT_SLOW_INVALIDATION").ok()?;
-    Some(std::time::Duration::from_millis(ms.parse().ok()?))
+    crate::faults::get().slow_invalidation
 }
 
 /// Drops what `c` changed from the kernel's caches (nothing, when the kernel holds none of it).

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod blocks;
 pub mod cluster;
+pub mod faults;
 mod file;
 pub mod fuse;
 pub mod fuzz;

@@ -40,46 +40,19 @@ pub fn cert_validity() -> Duration {
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(7 * 86400))
 }
-/// Fault injection for tests: `SHOAL_FAULT_SLOW_APPEND=ID:MS` makes node ID take MS
-/// milliseconds to accept each batch of log entries, as over a slow link, so it lags the
-/// leader. Unset in production.
 fn slow_append(node: u64) -> Option<Duration> {
-    static FAULT: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
-    node_delay(&FAULT, "SHOAL_FAULT_SLOW_APPEND", node)
+    crate::faults::for_node(crate::faults::get().slow_append, node)
 }
 
-/// Fault injection for tests: `SHOAL_FAULT_SLOW_SNAPSHOT=ID:MS` makes node ID take MS
-/// milliseconds to accept each snapshot chunk, as over a slow link. Unset in production.
 fn slow_snapshot(node: u64) -> Option<Duration> {
-    static FAULT: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
-    node_delay(&FAULT, "SHOAL_FAULT_SLOW_SNAPSHOT", node)
+    crate::faults::for_node(crate::faults::get().slow_snapshot, node)
 }
 
-/// The delay an `ID:MS` fault variable sets for `node`, read once into `cell`.
-fn node_delay(
-    cell: &'static std::sync::OnceLock<Option<(u64, u64)>>,
-    var: &str,
-    node: u64,
-) -> Option<Duration> {
-    let fault = cell.get_or_init(|| {
-        let v = std::env::var(var).ok()?;
-        let (id, ms) = v.split_once(':')?;
-        Some((id.parse().ok()?, ms.parse().ok()?))
-    });
-    fault
-        .filter(|(id, _)| *id == node)
-        .map(|(_, ms)| Duration::from_millis(ms))
-}
-
-/// Fault injection for tests: with `SHOAL_FAULT_DROP_PROPOSE_REPLY=1` the leader loses its
-/// answer to the first attempt of every forwarded proposal (session renewals and disk reports
-/// aside), after applying it, as when the network drops the reply. Unset in production.
+/// `Faults::drop_propose_reply`: whether to lose the answer to this forwarded proposal.
 fn drop_propose_reply(req: &shoal_raft::MetaRequest) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static SEEN: std::sync::Mutex<Option<std::collections::HashSet<(u64, u64)>>> =
         std::sync::Mutex::new(None);
-    let on =
-        *ON.get_or_init(|| std::env::var("SHOAL_FAULT_DROP_PROPOSE_REPLY").as_deref() == Ok("1"));
+    let on = crate::faults::get().drop_propose_reply;
     let routine = req.cmds.iter().all(|c| {
         matches!(
             c,

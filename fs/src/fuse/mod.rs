@@ -932,13 +932,8 @@ fn entry(node: &Node, reply: ReplyEntry, i: &Inode) {
     );
 }
 
-/// Fault injection for tests: `SHOAL_FAULT_SLOW_LOOKUP=MS` holds each lookup answered from the
-/// view for MS milliseconds between reading the view and replying, the window in which an
-/// invalidation of what it read can reach the kernel first. Unset in production.
+/// `Faults::slow_lookup`: the window in which an invalidation of what a lookup read can reach
+/// the kernel before its answer.
 fn slow_lookup() -> Option<Duration> {
-    static SLOW: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
-    *SLOW.get_or_init(|| {
-        let ms = std::env::var("SHOAL_FAULT_SLOW_LOOKUP").ok()?;
-        Some(Duration::from_millis(ms.parse().ok()?))
-    })
+    crate::faults::get().slow_lookup
 }
