@@ -349,17 +349,19 @@ fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&vs)?);
                 return Ok(());
             }
-            println!(
-                "{:<24} {:<7} {:>8} {:<20} {:>10} {:>10} {:>8} {:>8} {:<20}",
-                "NAME",
-                "STATE",
-                "ID",
-                "REMOVED",
-                "USED",
-                "QUOTA",
-                "ENTRIES",
-                "REPLICAS",
-                "MOUNTED ON"
+            let mut t = table(
+                &[
+                    "NAME",
+                    "STATE",
+                    "ID",
+                    "REMOVED",
+                    "USED",
+                    "QUOTA",
+                    "ENTRIES",
+                    "REPLICAS",
+                    "MOUNTED ON",
+                ],
+                &[2, 4, 5, 6, 7],
             );
             for v in vs {
                 let mounted: Vec<String> = v
@@ -372,24 +374,24 @@ fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
                         std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
                     humantime::format_rfc3339_seconds(at).to_string()
                 });
-                println!(
-                    "{:<24} {:<7} {:>8} {:<20} {:>10} {:>10} {:>8} {:>8} {:<20}",
+                t.add_row([
                     v.name,
                     v.state,
-                    v.id,
+                    v.id.to_string(),
                     removed,
                     bytesize::ByteSize(v.used).to_string(),
                     v.quota
                         .map_or("-".into(), |q| bytesize::ByteSize(q).to_string()),
-                    v.entries,
-                    v.replicas,
+                    v.entries.to_string(),
+                    v.replicas.to_string(),
                     if mounted.is_empty() {
                         "-".into()
                     } else {
                         mounted.join(", ")
-                    }
-                );
+                    },
+                ]);
             }
+            println!("{}", t.trim_fmt());
             return Ok(());
         }
         VolumeCommand::Inspect { data, name } => {
@@ -579,9 +581,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&members)?);
                 return Ok(());
             }
-            println!(
-                "{:<4} {:<16} {:<22} {:<8} {:<5} {:<30} LABELS",
-                "ID", "HOST", "ADDRESS", "ROLE", "STATE", "DISK USED"
+            let mut t = table(
+                &[
+                    "ID",
+                    "HOST",
+                    "ADDRESS",
+                    "ROLE",
+                    "STATE",
+                    "DISK USED",
+                    "LABELS",
+                ],
+                &[],
             );
             for m in members {
                 let disk = m.disk.map_or_else(
@@ -598,21 +608,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 let labels: Vec<String> =
                     m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                println!(
-                    "{:<4} {:<16} {:<22} {:<8} {:<5} {:<30} {}",
-                    m.id,
+                t.add_row([
+                    m.id.to_string(),
                     if m.hostname.is_empty() {
-                        "-"
+                        "-".into()
                     } else {
-                        &m.hostname
+                        m.hostname
                     },
                     m.addr,
                     m.role,
-                    if m.up { "up" } else { "down" },
+                    if m.up { "up" } else { "down" }.into(),
                     disk,
-                    labels.join(",")
-                );
+                    labels.join(","),
+                ]);
             }
+            println!("{}", t.trim_fmt());
             Ok(())
         }
         Command::Node {
@@ -963,5 +973,43 @@ fn fsck(data: &std::path::Path, repair: bool) -> anyhow::Result<()> {
         anyhow::bail!(
             "some blocks could not be repaired (a lost block's bytes are gone: restore its files from a backup)"
         )
+    }
+}
+
+/// A table as the CLI prints it: no borders, columns two spaces apart, the columns `right`
+/// right-aligned; each line starts with the first column, so `awk` and `grep '^NAME'` work.
+fn table(header: &[&str], right: &[usize]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.iter().copied());
+    for (i, column) in t.column_iter_mut().enumerate() {
+        column.set_padding((0, 2));
+        if right.contains(&i) {
+            column.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_start_each_line_with_the_first_column_and_align_numbers_right() {
+        let mut t = table(&["NAME", "STATE", "ID"], &[2]);
+        t.add_row(["data", "active", "7"]);
+        t.add_row(["logs-2", "trash", "1234"]);
+        let text = t.trim_fmt();
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "NAME    STATE     ID",
+                "data    active     7",
+                "logs-2  trash   1234",
+            ],
+            "{text}"
+        );
     }
 }
