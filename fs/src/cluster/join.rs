@@ -8,6 +8,8 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use backon::Retryable;
+
 use shoal_net::pki::PendingIdentity;
 use shoal_net::rpc::Peers;
 use shoal_net::token::JoinToken;
@@ -50,16 +52,24 @@ pub async fn join_over(
         secret: token.secret,
         csr: pending.csr_der.clone(),
     });
-    let mut answer = peers.call::<_, Response>(peer, &req).await;
-    for _ in 0..5 {
-        // The node turns away more than a few joins a second from one address.
-        if !answer.as_ref().is_err_and(|e| e.is_busy()) {
-            break;
+    // The node turns away more than a few joins a second from one address: try again on a
+    // new connection, a second or so later, five times.
+    let answer = (|| async {
+        let answer = peers.call::<_, Response>(peer, &req).await;
+        if answer.as_ref().is_err_and(|e| e.is_busy()) {
+            peers.forget(peer).await;
         }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        peers.forget(peer).await;
-        answer = peers.call::<_, Response>(peer, &req).await;
-    }
+        answer
+    })
+    .retry(
+        backon::ConstantBuilder::new()
+            .with_delay(std::time::Duration::from_secs(1))
+            .with_jitter()
+            .with_max_times(5),
+    )
+    .sleep(tokio::time::sleep)
+    .when(|e| e.is_busy())
+    .await;
     let reply = match answer {
         Ok(Response::Join(Ok(reply))) => reply,
         Ok(Response::Join(Err(why))) => return Err(NodeError::Join(why.to_string())),

@@ -478,21 +478,19 @@ pub async fn ensure_member(node: &Node) -> Result<(), NodeError> {
     // A node restarted after being leader believes it still leads until a quorum says
     // otherwise; a proposal it took meanwhile would wait on a log entry the real leader
     // overwrites. A read barrier settles who leads, and catches this node up.
+    use backon::Retryable;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match node.read_barrier().await {
-            Ok(()) => return Ok(()),
-            Err(e) if std::time::Instant::now() < deadline => {
-                debug!(error = %e, "waiting for a leader a quorum confirms");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => {
-                return Err(NodeError::Raft(format!(
-                    "no leader a quorum confirms within 60 s (is a majority of voters up?): {e}"
-                )));
-            }
-        }
-    }
+    (|| node.read_barrier())
+        .retry(crate::node::settle(Duration::from_millis(200)))
+        .sleep(tokio::time::sleep)
+        .when(|_| std::time::Instant::now() < deadline)
+        .notify(|e, _| debug!(error = %e, "waiting for a leader a quorum confirms"))
+        .await
+        .map_err(|e| {
+            NodeError::Raft(format!(
+                "no leader a quorum confirms within 60 s (is a majority of voters up?): {e}"
+            ))
+        })
 }
 
 impl Node {
@@ -557,19 +555,21 @@ impl Node {
     /// The read index a follower asked for. A round in which no quorum answered is tried
     /// again for a while (within the caller's call timeout) rather than failing its read.
     async fn read_index_for_peer(&self) -> Result<Option<u64>, Refusal> {
+        use backon::Retryable;
         use openraft::error::{CheckIsLeaderError, RaftError};
         let deadline = std::time::Instant::now() + shoal_net::rpc::CALL_TIMEOUT / 2;
-        loop {
-            match self.raft.get_read_log_id().await {
-                Ok((read, _)) => return Ok(read.map(|l| l.index)),
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))
-                    if std::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(Refusal::of_read(e)),
-            }
-        }
+        (|| self.raft.get_read_log_id())
+            .retry(crate::node::settle(Duration::from_millis(50)))
+            .sleep(tokio::time::sleep)
+            .when(|e| {
+                matches!(
+                    e,
+                    RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))
+                ) && std::time::Instant::now() < deadline
+            })
+            .await
+            .map(|(read, _)| read.map(|l| l.index))
+            .map_err(Refusal::of_read)
     }
 
     /// Signs a member's renewal request. The certificate names the node the connection was

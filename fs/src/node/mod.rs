@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use backon::Retryable;
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 use shoal_raft::{BlockId, FsError, Ino, Kv, MetaCommand, MetaRequest, Raft, Reply, StateView};
@@ -25,6 +26,16 @@ const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a proposal may wait for Raft before the caller gets an error (EIO): far beyond
 /// an election, short enough that no FUSE request hangs for good.
 const PROPOSE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How a node waits between attempts while the cluster settles (an election, a quorum coming
+/// back): `delay` plus up to as much again at random, so that the nodes asking do not ask in
+/// step. The caller's `when` decides when to stop.
+pub(crate) fn settle(delay: Duration) -> backon::ConstantBuilder {
+    backon::ConstantBuilder::new()
+        .with_delay(delay)
+        .with_jitter()
+        .without_max_times()
+}
 
 /// Disk space kept free for metadata: data writes fail with ENOSPC before the disk is full.
 pub const SPACE_RESERVE: u64 = 128 << 20;
@@ -658,17 +669,24 @@ impl Node {
         }
         let deadline = Instant::now() + FORWARD_PATIENCE;
         let index = loop {
-            match self.raft.get_read_log_id().await {
+            // A round in which no quorum answered (a follower restarting, connections being
+            // made again after a CA was retired, a moment of loss) is asked again: an
+            // election settles it within the same patience as a forward.
+            let read = (|| self.raft.get_read_log_id())
+                .retry(settle(Duration::from_millis(50)))
+                .sleep(tokio::time::sleep)
+                .when(|e| {
+                    matches!(
+                        e,
+                        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))
+                    ) && Instant::now() < deadline
+                })
+                .notify(
+                    |e, _| debug!(error = %e, "read index: no quorum answered yet; asking again"),
+                )
+                .await;
+            match read {
                 Ok((read, _)) => break read.map(|l| l.index),
-                // A quorum did not answer this round: a follower restarting, connections being
-                // made again (a CA retired), a moment of loss. An election settles it within
-                // the same patience as a forward.
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))
-                    if Instant::now() < deadline =>
-                {
-                    debug!(error = %e, "read index: no quorum answered yet; asking again");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
                     let asked = self
                         .ask_leader(&Request::ReadIndex, |r| match r {
@@ -708,32 +726,54 @@ impl Node {
         req: &crate::cluster::rpc::Request,
         answer: impl Fn(crate::cluster::rpc::Response) -> Option<Result<T, Refusal>>,
     ) -> OpResult<Option<T>> {
+        /// Why one attempt failed.
+        enum Failed {
+            /// The node we took for the leader refused.
+            Refused(Refusal),
+            /// No leader known, or it did not answer.
+            Unreachable(OpError),
+            /// An answer of another kind.
+            Unexpected,
+        }
         let deadline = Instant::now() + FORWARD_PATIENCE;
-        loop {
+        let attempt = || async {
             if self.raft.metrics().borrow().current_leader == Some(self.id) {
                 return Ok(None);
             }
             match self.to_leader(req).await.map(&answer) {
-                Ok(Some(Ok(v))) => return Ok(Some(v)),
-                Ok(Some(Err(e))) if Instant::now() < deadline && e.is_transient() => {
-                    // The node we took for the leader no longer is one, or no quorum answered
-                    // it this round.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Ok(Some(Err(e))) => return Err(OpError::Raft(format!("the leader refused: {e}"))),
-                Ok(None) => {
-                    return Err(OpError::Raft("unexpected response from the leader".into()));
-                }
-                Err(e) if Instant::now() < deadline => {
-                    debug!(error = %e, "asking the leader failed; waiting for a leader");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => {
-                    warn!(error = %e, "no leader answered within {FORWARD_PATIENCE:?}");
-                    return Err(e);
-                }
+                Ok(Some(Ok(v))) => Ok(Some(v)),
+                Ok(Some(Err(e))) => Err(Failed::Refused(e)),
+                Ok(None) => Err(Failed::Unexpected),
+                Err(e) => Err(Failed::Unreachable(e)),
             }
-        }
+        };
+        attempt
+            .retry(settle(Duration::from_millis(50)))
+            .sleep(tokio::time::sleep)
+            // The node we took for the leader no longer is one, or no quorum answered it this
+            // round, or there is none yet: an election settles it.
+            .when(|f| {
+                Instant::now() < deadline
+                    && match f {
+                        Failed::Refused(e) => e.is_transient(),
+                        Failed::Unreachable(_) => true,
+                        Failed::Unexpected => false,
+                    }
+            })
+            .notify(|f, _| {
+                if let Failed::Unreachable(e) = f {
+                    debug!(error = %e, "asking the leader failed; waiting for a leader");
+                }
+            })
+            .await
+            .map_err(|f| match f {
+                Failed::Refused(e) => OpError::Raft(format!("the leader refused: {e}")),
+                Failed::Unreachable(e) => {
+                    warn!(error = %e, "no leader answered within {FORWARD_PATIENCE:?}");
+                    e
+                }
+                Failed::Unexpected => OpError::Raft("unexpected response from the leader".into()),
+            })
     }
 
     /// Proposes one command and returns its reply.
