@@ -50,20 +50,70 @@ const FUSECTL: &str = "/sys/fs/fuse/connections";
 
 /// The mount point's line in /proc/self/mountinfo, if it is one: (fs type, source).
 pub fn mount_entry(path: &Path) -> Option<(String, String)> {
+    mountinfo(path).map(|m| (m.fs_type, m.source))
+}
+
+/// What /proc/self/mountinfo says of one mount.
+#[derive(Debug, PartialEq, Eq)]
+struct MountLine {
+    /// `st_dev` of the mount (its minor names a FUSE connection in fusectl).
+    dev: u64,
+    fs_type: String,
+    source: String,
+}
+
+/// The topmost mount at `path`, read without touching the mount itself (a stat would wait on a
+/// connection nobody serves).
+fn mountinfo(path: &Path) -> Option<MountLine> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_str()?;
+    find_mount(&info, path.to_str()?)
+}
+
+/// The last line of `info` (mountinfo's format, proc(5)) whose mount point is `want`.
+/// procfs 0.18 does not decode the octal escapes of mount points (a space is `\040`), so
+/// this does.
+fn find_mount(info: &str, want: &str) -> Option<MountLine> {
     info.lines().rev().find_map(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
-        let sep = fields.iter().position(|f| *f == "-")?;
-        let mnt = fields.get(4)?.replace("\\040", " ");
-        if mnt != want {
+        if unescape(fields.get(4)?) != want {
             return None;
         }
-        Some((
-            fields.get(sep + 1)?.to_string(),
-            fields.get(sep + 2)?.to_string(),
-        ))
+        let (major, minor) = fields.get(2)?.split_once(':')?;
+        // Optional fields end at a lone "-"; the fs type and source follow.
+        let sep = fields.iter().position(|f| *f == "-")?;
+        Some(MountLine {
+            dev: rustix::fs::makedev(major.parse().ok()?, minor.parse().ok()?),
+            fs_type: unescape(fields.get(sep + 1)?),
+            source: unescape(fields.get(sep + 2)?),
+        })
     })
+}
+
+/// Decodes the kernel's `\ooo` escapes (space, tab, newline, backslash, `#`).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| {
+                let n = d.iter().fold(0u32, |n, c| n * 8 + u32::from(c - b'0'));
+                u8::try_from(n).ok()
+            });
+        match octal {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether process `pid` runs: it exists and is not a zombie. A daemon killed while one of its
@@ -96,22 +146,9 @@ fn flock_holder(path: &Path) -> Option<i32> {
     })
 }
 
-/// The device number (`major:minor`) mountinfo gives the mount at `path`, read without
-/// touching the mount itself (a stat would wait on a connection nobody serves).
+/// The device number mountinfo gives the mount at `path`.
 fn mount_dev(path: &Path) -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_str()?;
-    info.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.get(4)?.replace("\\040", " ") != want {
-            return None;
-        }
-        let (major, minor) = fields.get(2)?.split_once(':')?;
-        Some(rustix::fs::makedev(
-            major.parse().ok()?,
-            minor.parse().ok()?,
-        ))
-    })
+    mountinfo(path).map(|m| m.dev)
 }
 
 /// A daemon killed (kill -9, a crash) while one of its threads waited in the kernel on its
@@ -339,5 +376,56 @@ impl MountHandle {
     /// Whether the kernel ended the session by itself (someone ran `umount`).
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:45 / /mnt/a\\040b rw,nosuid,nodev,relatime shared:20 - fuse.shoal shoal rw,user_id=0
+41 22 0:46 / /mnt/x rw,relatime - fuse.shoal shoal rw
+42 22 0:47 / /mnt/x rw,relatime master:3 - tmpfs tmp\\011fs rw
+";
+
+    fn check(path: &str, expected: Option<(u64, &str, &str)>) {
+        let found = find_mount(INFO, path);
+        let expected = expected.map(|(dev, fs_type, source)| MountLine {
+            dev,
+            fs_type: fs_type.into(),
+            source: source.into(),
+        });
+        assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn a_mount_point_with_a_space_is_found_by_its_real_name() {
+        check(
+            "/mnt/a b",
+            Some((rustix::fs::makedev(0, 45), "fuse.shoal", "shoal")),
+        );
+        check("/mnt/a\\040b", None);
+    }
+
+    #[test]
+    fn the_topmost_of_two_mounts_on_one_path_wins_and_its_source_is_decoded() {
+        check(
+            "/mnt/x",
+            Some((rustix::fs::makedev(0, 47), "tmpfs", "tmp\tfs")),
+        );
+    }
+
+    #[test]
+    fn a_path_that_is_no_mount_point_is_none() {
+        check("/mnt", None);
+    }
+
+    #[test]
+    fn escapes_decode_and_anything_else_stays() {
+        assert_eq!(unescape("a\\134b\\012c\\043d"), "a\\b\nc#d");
+        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+        assert_eq!(unescape("\\777"), "\\777");
     }
 }
