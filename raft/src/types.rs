@@ -581,7 +581,9 @@ pub enum XattrMode {
 /// A batch of commands proposed together: one Raft entry, applied in order.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct MetaRequest {
-    /// The proposer's clock when it proposed, used for every timestamp the batch sets.
+    /// The time every timestamp of the batch gets: the leader's clock, which overwrites the
+    /// proposer's when a forwarded proposal arrives (`cluster::handle`), so leases are renewed
+    /// and expired against one clock.
     pub now: Nanos,
     /// The proposer's session, which owns the locks the batch takes.
     pub session: u64,

@@ -290,7 +290,8 @@ fn raft_config(own_elections: bool) -> Result<Arc<openraft::Config>, NodeError> 
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
         // Entries kept behind a snapshot, for followers that lag a little.
         max_in_snapshot_log_to_keep: (every / 20).max(1),
-        // A whole snapshot goes in one RPC: give a large one time to cross a slow link.
+        // Each snapshot chunk (openraft sends a snapshot in chunks of 3 MiB) gets this long to
+        // cross a slow link, rather than the 2 s of other calls.
         install_snapshot_timeout: 30_000,
         ..Default::default()
     };
