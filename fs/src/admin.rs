@@ -452,15 +452,15 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                 },
                 AdminRequest::RotateToken => match node.rotate_token().await {
                     Ok(t) => AdminReply::Token(t.to_string()),
-                    Err(e) => AdminReply::Error(e),
+                    Err(e) => AdminReply::Error(e.to_string()),
                 },
                 AdminRequest::RotateCa => match node.rotate_ca().await {
                     Ok(t) => AdminReply::Token(t.to_string()),
-                    Err(e) => AdminReply::Error(e),
+                    Err(e) => AdminReply::Error(e.to_string()),
                 },
                 AdminRequest::RetireCa => match node.retire_ca().await {
                     Ok(()) => AdminReply::Done,
-                    Err(e) => AdminReply::Error(e),
+                    Err(e) => AdminReply::Error(e.to_string()),
                 },
                 AdminRequest::Fsck { after, limit, only } => {
                     match crate::cluster::fsck::check(&node, after, limit as usize, only).await {

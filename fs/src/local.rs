@@ -157,8 +157,7 @@ fn up(nodes: u32, dir: &Path, base_port: u16) -> anyhow::Result<()> {
             if k == 1 {
                 rt.block_on(node::init(&nd.data(), 4 << 20, Some(addr(1))))?;
             } else {
-                let token_path =
-                    shoal_fs::cluster::tls_dir(&NodeDir::new(dir, 1).data()).join("join-token");
+                let token_path = shoal_fs::cluster::token_path(&NodeDir::new(dir, 1).data());
                 let token = std::fs::read_to_string(&token_path)
                     .with_context(|| {
                         format!("reading node-1's join token {}", token_path.display())

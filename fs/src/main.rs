@@ -757,7 +757,7 @@ fn print_unreferenced(
 }
 
 fn token_of(data: &std::path::Path) -> anyhow::Result<String> {
-    let path = shoal_fs::cluster::tls_dir(data).join("join-token");
+    let path = shoal_fs::cluster::token_path(data);
     let token = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "reading {}: only the node that ran `shoal init --listen` has the join token",

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::node::{Node, NodeError, OpError};
 use rpc::{JoinReply, JoinRequest, RaftFailure, Refusal, Request, Response};
+pub use trust::CaError;
 
 /// How long a node certificate is valid, unless `SHOAL_CERT_VALIDITY_SECS` says otherwise on
 /// the node holding the CA (tests use a short one to exercise renewal).
@@ -134,12 +135,12 @@ impl Cluster {
 
     /// Saves `identity` and uses it from now on: for new connections either way, and for the
     /// trust of every handshake.
-    fn install(&self, identity: Identity) -> Result<(), String> {
+    fn install(&self, identity: Identity) -> Result<(), CaError> {
         identity
             .save(&tls_dir(&self.data))
-            .map_err(|e| e.to_string())?;
-        let server = shoal_net::quic::server_config(&identity).map_err(|e| e.to_string())?;
-        let client = shoal_net::quic::client_config(&identity).map_err(|e| e.to_string())?;
+            .map_err(CaError::pki("saving this node's certificate"))?;
+        let server = shoal_net::quic::server_config(&identity)?;
+        let client = shoal_net::quic::client_config(&identity)?;
         if let Some(endpoint) = self.peers.endpoint() {
             endpoint.set_server_config(Some(server));
         }
@@ -414,15 +415,18 @@ pub fn init_tls(data: &Path, config: &crate::node::ClusterConfig) -> Result<Join
         .save(&dir)
         .map_err(err)?;
     let token = JoinToken::new(ca.fingerprint());
-    save_token(data, &token)?;
+    save_token(data, &token).map_err(|e| NodeError::Io(token_path(data), e))?;
     Ok(token)
 }
 
 /// Keeps the current join token where `shoal token show` finds it (readable by root only).
-pub fn save_token(data: &Path, token: &JoinToken) -> Result<(), NodeError> {
-    let path = tls_dir(data).join("join-token");
-    shoal_net::durable::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
-        .map_err(|e| NodeError::Io(path, e))
+pub fn save_token(data: &Path, token: &JoinToken) -> std::io::Result<()> {
+    shoal_net::durable::write_atomic(&token_path(data), format!("{token}\n").as_bytes(), 0o600)
+}
+
+/// Where `save_token` keeps the token.
+pub fn token_path(data: &Path) -> PathBuf {
+    tls_dir(data).join("join-token")
 }
 
 /// Makes sure this node is in the membership (asking the peers it joined through to add it),
@@ -574,15 +578,15 @@ impl Node {
 
     /// Signs a member's renewal request. The certificate names the node the connection was
     /// authenticated as, whatever the request says.
-    fn sign_renewal(&self, peer: u64, csr: &[u8]) -> Result<rpc::Renewed, String> {
+    fn sign_renewal(&self, peer: u64, csr: &[u8]) -> Result<rpc::Renewed, CaError> {
         let signer = self
             .cluster()
             .and_then(|c| c.signer())
-            .ok_or("this node does not hold the cluster CA")?;
+            .ok_or(CaError::NotSigner)?;
         let cert = signer
             .ca
             .sign(csr, peer, cert_validity())
-            .map_err(|e| e.to_string())?;
+            .map_err(CaError::pki("signing the renewal"))?;
         info!(node = peer, "renewed a node certificate");
         Ok(rpc::Renewed {
             cert: cert.to_vec(),
@@ -592,18 +596,19 @@ impl Node {
     }
 
     /// Makes a new join token; tokens made before stop working. Only on the CA's node.
-    pub async fn rotate_token(&self) -> Result<JoinToken, String> {
+    pub async fn rotate_token(&self) -> Result<JoinToken, CaError> {
         let signer = self
             .cluster()
             .and_then(|c| c.signer())
-            .ok_or("only the node that ran `shoal init --listen` holds the CA and makes tokens")?;
+            .ok_or(CaError::NotTokenMaker)?;
         let token = JoinToken::new(signer.ca.fingerprint());
         self.run(MetaCommand::SetJoinSecret {
             hash: token.secret_hash(),
         })
         .await
-        .map_err(|e| e.to_string())?;
-        save_token(&self.data_dir, &token).map_err(|e| e.to_string())?;
+        .map_err(CaError::op("recording the new token"))?;
+        save_token(&self.data_dir, &token)
+            .map_err(CaError::io(token_path(&self.data_dir).display()))?;
         Ok(token)
     }
 }
@@ -677,9 +682,10 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
         Request::Join(j) => Response::Join(node.handle_join(j).await.map_err(Refusal::from)),
         Request::AddMember { id, addr } => Response::AddMember(node.add_member(id, addr).await),
         Request::RemoveMember { id } => Response::RemoveMember(node.remove_member(id).await),
-        Request::RenewCert { csr } => {
-            Response::RenewCert(node.sign_renewal(peer, &csr).map_err(Refusal::from))
-        }
+        Request::RenewCert { csr } => Response::RenewCert(
+            node.sign_renewal(peer, &csr)
+                .map_err(|e| Refusal::Failed(e.to_string())),
+        ),
         Request::PutBlock { id, data } => {
             Response::PutBlock(replicate::accept(&node, id, data).await)
         }
@@ -776,10 +782,10 @@ pub async fn renew_worker(node: Weak<Node>) {
 /// How often, in seconds, a node looks at the CA set in the state machine.
 const FOLLOW_EVERY: i64 = 2;
 
-async fn renew(node: &Node, c: &Cluster) -> Result<(), String> {
+async fn renew(node: &Node, c: &Cluster) -> Result<(), CaError> {
     let pending = {
         let id = c.identity.lock().expect("identity lock");
-        PendingIdentity::renew(&id).map_err(|e| e.to_string())?
+        PendingIdentity::renew(&id).map_err(CaError::pki("making a renewal request"))?
     };
     let req = Request::RenewCert {
         csr: pending.csr_der.clone(),
@@ -791,6 +797,7 @@ async fn renew(node: &Node, c: &Cluster) -> Result<(), String> {
         };
         let reply = if id == node.id {
             node.sign_renewal(node.id, &pending.csr_der)
+                .map_err(|e| e.to_string())
         } else {
             match c.peers.call::<_, Response>(addr, &req).await {
                 Ok(Response::RenewCert(r)) => r.map_err(|e| e.to_string()),
@@ -808,12 +815,12 @@ async fn renew(node: &Node, c: &Cluster) -> Result<(), String> {
         let trust = c.identity.lock().expect("identity lock").trust.clone();
         let mut renewed = pending
             .complete(got.cert.into(), got.ca.into())
-            .map_err(|e| e.to_string())?
+            .map_err(CaError::pki("the renewed certificate"))?
             .with_trust(trust);
         renewed.cross = got.cross.map(Into::into);
         c.install(renewed)?;
         info!("renewed this node's certificate");
         return Ok(());
     }
-    Err(last)
+    Err(CaError::NotRenewed(last))
 }

@@ -23,7 +23,65 @@ use shoal_raft::MetaCommand;
 use tracing::info;
 
 use super::{Cluster, tls_dir};
-use crate::node::Node;
+use crate::node::{Node, OpError};
+
+/// Why a certificate or CA operation failed (`shoal ca`, `shoal token rotate`, renewals and
+/// following the trust set).
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("this node is not part of a cluster")]
+    NoCluster,
+    #[error("only the node that ran `shoal init --listen` holds the CA: run this there")]
+    NotCaHolder,
+    #[error("only the node that ran `shoal init --listen` holds the CA and makes tokens")]
+    NotTokenMaker,
+    #[error("this node does not hold the cluster CA")]
+    NotSigner,
+    #[error("a CA rotation is already under way: finish it with `shoal ca retire` first")]
+    RotationUnderWay,
+    #[error("no CA rotation is under way: start one with `shoal ca rotate`")]
+    NoRotation,
+    #[error(
+        "not every member has a certificate from the new CA yet: {0}. Nodes renew within seconds of the rotation; a node that is down renews when it is back (or remove it with `shoal node rm`); then retire again"
+    )]
+    MembersBehind(String),
+    /// No member signed a renewal; the last one's answer.
+    #[error("{0}")]
+    NotRenewed(String),
+    #[error("{what}: {source}")]
+    Pki {
+        what: &'static str,
+        source: pki::PkiError,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Op { what: &'static str, source: OpError },
+    #[error(transparent)]
+    Quic(#[from] shoal_net::quic::QuicError),
+    #[error("metadata store: {0}")]
+    Store(#[from] shoal_raft::StoreError),
+}
+
+impl CaError {
+    pub(crate) fn pki(what: &'static str) -> impl FnOnce(pki::PkiError) -> CaError {
+        move |source| CaError::Pki { what, source }
+    }
+
+    pub(crate) fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> CaError {
+        move |source| CaError::Io {
+            what: what.to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn op(what: &'static str) -> impl FnOnce(OpError) -> CaError {
+        move |source| CaError::Op { what, source }
+    }
+}
 
 /// The CA a node signs with, and its cross-signed certificate after a rotation.
 pub struct Signer {
@@ -53,20 +111,20 @@ impl Signer {
     }
 
     /// Writes the signer into `dir` (made fresh), every file fsynced.
-    fn save(&self, dir: &Path) -> Result<(), String> {
+    fn save(&self, dir: &Path) -> Result<(), CaError> {
         let _ = std::fs::remove_dir_all(dir);
-        crate::private::create_data_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        crate::private::create_data_dir(dir).map_err(CaError::io(dir.display()))?;
         self.ca
             .save(&dir.join("ca.crt"), &dir.join("ca.key"))
-            .map_err(|e| e.to_string())?;
+            .map_err(CaError::pki("saving the new CA"))?;
         if let Some(cross) = &self.cross {
             let text = pem::encode(&pem::Pem::new("CERTIFICATE", cross.to_vec()));
             shoal_net::durable::write_atomic(&dir.join("cross.crt"), text.as_bytes(), 0o644)
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
+                .map_err(CaError::io(dir.display()))?;
         }
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| format!("{}: {e}", dir.display()))
+            .map_err(CaError::io(dir.display()))
     }
 }
 
@@ -83,7 +141,7 @@ fn trust_of(node: &Node, c: &Cluster) -> Vec<CertificateDer<'static>> {
 /// closes every connection so that each is made again under the new trust), and asks for a
 /// certificate from the signing CA if its own is from another. Run every few seconds and
 /// after each rotation step.
-pub async fn follow(node: &Node) -> Result<(), String> {
+pub async fn follow(node: &Node) -> Result<(), CaError> {
     let Some(c) = node.cluster() else {
         return Ok(());
     };
@@ -120,22 +178,21 @@ pub async fn follow(node: &Node) -> Result<(), String> {
 
 impl Node {
     /// `shoal ca rotate`: a new CA, trusted beside the old one, and a new join token for it.
-    pub async fn rotate_ca(&self) -> Result<JoinToken, String> {
-        let c = self.cluster().ok_or("this node is not part of a cluster")?;
-        let old = c
-            .signer()
-            .ok_or("only the node that ran `shoal init --listen` holds the CA: run this there")?;
+    pub async fn rotate_ca(&self) -> Result<JoinToken, CaError> {
+        let c = self.cluster().ok_or(CaError::NoCluster)?;
+        let old = c.signer().ok_or(CaError::NotCaHolder)?;
         let trust = trust_of(self, c);
         if trust.len() > 1 {
-            return Err(
-                "a CA rotation is already under way: finish it with `shoal ca retire` first".into(),
-            );
+            return Err(CaError::RotationUnderWay);
         }
         let new = old
             .ca
             .successor(&self.config.cluster_id)
-            .map_err(|e| e.to_string())?;
-        let cross = old.ca.cross_sign(&new).map_err(|e| e.to_string())?;
+            .map_err(CaError::pki("making the new CA"))?;
+        let cross = old
+            .ca
+            .cross_sign(&new)
+            .map_err(CaError::pki("cross-signing the new CA"))?;
         let next = Signer {
             ca: new,
             cross: Some(cross),
@@ -149,7 +206,7 @@ impl Node {
             cas: vec![next.ca.cert.to_vec(), old.ca.cert.to_vec()],
         })
         .await
-        .map_err(|e| format!("recording the new CA: {e}"))?;
+        .map_err(CaError::op("recording the new CA"))?;
         if dir.exists() {
             rustix::fs::renameat_with(
                 rustix::fs::CWD,
@@ -158,15 +215,18 @@ impl Node {
                 &dir,
                 rustix::fs::RenameFlags::EXCHANGE,
             )
-            .map_err(|e| format!("swapping in the new CA: {e}"))?;
+            .map_err(|e| CaError::Io {
+                what: "swapping in the new CA".into(),
+                source: e.into(),
+            })?;
             let retired = dir.with_extension(format!("retired-{}", crate::node::now_nanos()));
-            std::fs::rename(&staged, retired).map_err(|e| e.to_string())?;
+            std::fs::rename(&staged, retired).map_err(CaError::io("keeping the old CA"))?;
         } else {
-            std::fs::rename(&staged, &dir).map_err(|e| e.to_string())?;
+            std::fs::rename(&staged, &dir).map_err(CaError::io("putting the new CA in place"))?;
         }
         std::fs::File::open(tls_dir(&self.data_dir))
             .and_then(|d| d.sync_all())
-            .map_err(|e| e.to_string())?;
+            .map_err(CaError::io(tls_dir(&self.data_dir).display()))?;
         let fingerprint = next.ca.fingerprint();
         *c.signer.lock().expect("signer lock") = Some(Arc::new(next));
         info!(
@@ -181,14 +241,14 @@ impl Node {
 
     /// `shoal ca retire`: members stop accepting the old CA, once each of them holds a
     /// certificate from the new one.
-    pub async fn retire_ca(&self) -> Result<(), String> {
-        let c = self.cluster().ok_or("this node is not part of a cluster")?;
+    pub async fn retire_ca(&self) -> Result<(), CaError> {
+        let c = self.cluster().ok_or(CaError::NoCluster)?;
         let trust = trust_of(self, c);
         if trust.len() < 2 {
-            return Err("no CA rotation is under way: start one with `shoal ca rotate`".into());
+            return Err(CaError::NoRotation);
         }
         let signing = pki::fingerprint(&trust[0]);
-        let infos = self.view.nodes().map_err(|e| e.to_string())?;
+        let infos = self.view.nodes()?;
         let behind: Vec<String> = self
             .members()
             .into_iter()
@@ -196,16 +256,13 @@ impl Node {
             .map(|(id, _)| super::members::node_name(self, id))
             .collect();
         if !behind.is_empty() {
-            return Err(format!(
-                "not every member has a certificate from the new CA yet: {}. Nodes renew within seconds of the rotation; a node that is down renews when it is back (or remove it with `shoal node rm`); then retire again",
-                behind.join(", ")
-            ));
+            return Err(CaError::MembersBehind(behind.join(", ")));
         }
         self.run(MetaCommand::SetTrust {
             cas: vec![trust[0].to_vec()],
         })
         .await
-        .map_err(|e| format!("retiring the old CA: {e}"))?;
+        .map_err(CaError::op("retiring the old CA"))?;
         info!("retired the old cluster CA");
         follow(self).await
     }
