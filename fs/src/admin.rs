@@ -465,17 +465,21 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                 AdminRequest::Fsck { after, limit, only } => {
                     match crate::cluster::fsck::check(&node, after, limit as usize, only).await {
                         Ok(b) => AdminReply::Fsck(b),
-                        Err(e) => AdminReply::Error(e),
+                        Err(e) => AdminReply::Error(e.to_string()),
                     }
                 }
                 AdminRequest::FsckRepair(ids) => {
                     match crate::cluster::fsck::repair(&node, ids).await {
                         Ok(n) => AdminReply::Repaired(n),
-                        Err(e) => AdminReply::Error(e),
+                        Err(e) => AdminReply::Error(e.to_string()),
                     }
                 }
                 AdminRequest::Unreferenced { delete } => AdminReply::Unreferenced(
-                    crate::cluster::fsck::unreferenced(&node, delete).await,
+                    crate::cluster::fsck::unreferenced(&node, delete)
+                        .await
+                        .into_iter()
+                        .map(|(n, a)| (n, a.map_err(|e| e.to_string())))
+                        .collect(),
                 ),
                 AdminRequest::Failpoint { name, actions } => {
                     match shoal_raft::failpoint::arm(&name, &actions) {

@@ -17,9 +17,27 @@ use shoal_raft::{BlockId, Kv};
 
 use super::repair::{live_nodes, volume_policies};
 use super::replicate::{self, Policy};
-use super::rpc::{Request, Response};
+use super::rpc::{PeerError, Request, Response};
+use crate::blocks::BlockError;
 use crate::blocks::gc::{Unreferenced, scan_unreferenced};
-use crate::node::Node;
+use crate::node::{Node, OpError};
+
+/// Why a check, a repair or a count of unreferenced blocks stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FsckError {
+    #[error("waiting for the cluster's latest metadata: {0}")]
+    Barrier(OpError),
+    #[error("metadata store: {0}")]
+    Store(#[from] shoal_raft::StoreError),
+    #[error("block {id}: {source}")]
+    Block { id: BlockId, source: BlockError },
+    #[error("this node's block store: {0}")]
+    Disk(BlockError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("a block store task ended without finishing: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
 
 /// How long a member may take to read and verify a batch.
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -72,9 +90,9 @@ pub async fn check(
     after: Option<BlockId>,
     limit: usize,
     only: Vec<BlockId>,
-) -> Result<FsckBatch, String> {
-    node.read_barrier().await.map_err(|e| e.to_string())?;
-    let all = node.view.block_ids().map_err(|e| e.to_string())?;
+) -> Result<FsckBatch, FsckError> {
+    node.read_barrier().await.map_err(FsckError::Barrier)?;
+    let all = node.view.block_ids()?;
     let total = all.len() as u64;
     let (ids, next) = if only.is_empty() {
         let rest: Vec<BlockId> = all.into_iter().filter(|id| Some(*id) > after).collect();
@@ -158,7 +176,7 @@ async fn ask_everyone(node: &Node, ids: &[BlockId]) -> (Vec<(u64, Vec<bool>)>, V
 
 /// Puts a good copy of each block on every node that should hold one and lacks it. Returns
 /// the copies made.
-pub async fn repair(node: &Node, ids: Vec<BlockId>) -> Result<u64, String> {
+pub async fn repair(node: &Node, ids: Vec<BlockId>) -> Result<u64, FsckError> {
     let batch = check(node, None, 0, ids).await?;
     let mut made = 0;
     let addrs: std::collections::HashMap<u64, SocketAddr> = node
@@ -173,16 +191,15 @@ pub async fn repair(node: &Node, ids: Vec<BlockId>) -> Result<u64, String> {
         }
         let data = replicate::fetch(node, b.id, None)
             .await
-            .map_err(|e| format!("block {}: {e}", b.id))?;
+            .map_err(|source| FsckError::Block { id: b.id, source })?;
         for n in lacking {
             if n == node.id {
                 let (store, id, bytes) = (node.blocks.clone(), b.id, data.clone());
                 tokio::task::spawn_blocking(move || {
                     store.put(&id, &bytes).and_then(|_| store.sync_dirs([&id]))
                 })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+                .await?
+                .map_err(|source| FsckError::Block { id: b.id, source })?;
                 made += 1;
                 continue;
             }
@@ -199,8 +216,11 @@ pub async fn repair(node: &Node, ids: Vec<BlockId>) -> Result<u64, String> {
                 .await
             {
                 Ok(Response::PutBlock(Ok(()))) => made += 1,
-                Ok(other) => return Err(format!("node {n} refused block {}: {other:?}", b.id)),
-                Err(e) => return Err(format!("node {n} did not take block {}: {e}", b.id)),
+                Ok(Response::PutBlock(Err(refusal))) => {
+                    return Err(PeerError::Refused { node: n, refusal }.into());
+                }
+                Ok(other) => return Err(PeerError::unexpected(n, &other).into()),
+                Err(error) => return Err(PeerError::Unreachable { node: n, error }.into()),
             }
         }
     }
@@ -213,15 +233,14 @@ pub async fn repair(node: &Node, ids: Vec<BlockId>) -> Result<u64, String> {
 pub async fn unreferenced_here(
     node: &std::sync::Arc<Node>,
     delete: bool,
-) -> Result<Unreferenced, String> {
-    node.read_barrier().await.map_err(|e| e.to_string())?;
+) -> Result<Unreferenced, FsckError> {
+    node.read_barrier().await.map_err(FsckError::Barrier)?;
     let n = node.clone();
     let found = tokio::task::spawn_blocking(move || {
         scan_unreferenced(&n.blocks, &n.needed(), replicate::RECEIVED_GUARD, delete)
     })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    .await?
+    .map_err(FsckError::Disk)?;
     if delete && found.blocks > 0 {
         tracing::info!(
             blocks = found.blocks,
@@ -236,7 +255,7 @@ pub async fn unreferenced_here(
 pub async fn unreferenced(
     node: &std::sync::Arc<Node>,
     delete: bool,
-) -> Vec<(u64, Result<Unreferenced, String>)> {
+) -> Vec<(u64, Result<Unreferenced, FsckError>)> {
     let mut answers = vec![(node.id, unreferenced_here(node, delete).await)];
     let Some(cluster) = node.cluster() else {
         return answers;
@@ -246,7 +265,7 @@ pub async fn unreferenced(
         let addr = match addr {
             Ok(addr) => addr,
             Err(e) => {
-                answers.push((n, Err(e)));
+                answers.push((n, Err(e.into())));
                 continue;
             }
         };
@@ -256,9 +275,11 @@ pub async fn unreferenced(
                 .call_within::<_, Response>(addr, &Request::Unreferenced { delete }, VERIFY_TIMEOUT)
                 .await;
             let answer = match r {
-                Ok(Response::Unreferenced(a)) => a.map_err(|e| e.to_string()),
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(e) => Err(format!("did not answer: {e}")),
+                Ok(Response::Unreferenced(a)) => {
+                    a.map_err(|refusal| PeerError::Refused { node: n, refusal }.into())
+                }
+                Ok(other) => Err(PeerError::unexpected(n, &other).into()),
+                Err(error) => Err(PeerError::Unreachable { node: n, error }.into()),
             };
             (n, answer)
         });

@@ -253,15 +253,15 @@ impl Node {
 
     /// The other members with their addresses; a member whose address does not parse comes
     /// with that error, for the caller to report.
-    pub(crate) fn other_members(&self) -> Vec<(u64, Result<SocketAddr, String>)> {
+    pub(crate) fn other_members(&self) -> Vec<(u64, Result<SocketAddr, rpc::PeerError>)> {
         self.members()
             .into_iter()
             .filter(|(n, _)| *n != self.id)
-            .map(|(n, addr)| {
-                let parsed = addr
-                    .parse()
-                    .map_err(|e| format!("node {n}'s address {addr:?}: {e}"));
-                (n, parsed)
+            .map(|(node, addr)| {
+                let parsed =
+                    addr.parse()
+                        .map_err(|error| rpc::PeerError::BadAddress { node, addr, error });
+                (node, parsed)
             })
             .collect()
     }
@@ -705,7 +705,7 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
         Request::Unreferenced { delete } => Response::Unreferenced(
             fsck::unreferenced_here(&node, delete)
                 .await
-                .map_err(Refusal::from),
+                .map_err(|e| Refusal::Failed(e.to_string())),
         ),
         Request::DropGarbage { blocks } => Response::DropGarbage(
             crate::node::gc::drop_here(&node, blocks)

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use shoal_raft::{BlockId, FileKind, Ino, Kv};
 
 use super::replicate::{self, Policy};
-use super::rpc::{Request, Response};
+use super::rpc::{PeerError, Request, Response};
 use crate::node::{Node, now_nanos};
 
 const PERIOD: Duration = Duration::from_secs(3);
@@ -239,7 +239,7 @@ const DROP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Has every other member delete its copies of the garbage blocks `ids` (`gc::collect`);
 /// fails unless every member confirmed.
-pub(crate) async fn drop_garbage_elsewhere(node: &Node, ids: &[BlockId]) -> Result<(), String> {
+pub(crate) async fn drop_garbage_elsewhere(node: &Node, ids: &[BlockId]) -> Result<(), PeerError> {
     let Some(cluster) = node.cluster() else {
         return Ok(());
     };
@@ -258,21 +258,25 @@ pub(crate) async fn drop_garbage_elsewhere(node: &Node, ids: &[BlockId]) -> Resu
                 .await
             {
                 Ok(Response::DropGarbage(Ok(()))) => Ok(()),
-                Ok(Response::DropGarbage(Err(e))) => Err(format!("node {n}: {e}")),
-                Ok(other) => Err(format!("node {n} answered {other:?}")),
-                Err(e) => Err(format!("node {n}: {e}")),
+                Ok(Response::DropGarbage(Err(refusal))) => {
+                    Err(PeerError::Refused { node: n, refusal })
+                }
+                Ok(other) => Err(PeerError::unexpected(n, &other)),
+                Err(error) => Err(PeerError::Unreachable { node: n, error }),
             }
         });
     }
     let mut first_error = None;
     while let Some(joined) = set.join_next().await {
+        // A task that panicked confirmed nothing: the block stays listed either way, since
+        // only a full set of confirmations lets the caller forget it.
         match joined {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 first_error.get_or_insert(e);
             }
             Err(e) => {
-                first_error.get_or_insert(e.to_string());
+                first_error.get_or_insert(e.into());
             }
         }
     }

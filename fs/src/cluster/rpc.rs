@@ -227,6 +227,39 @@ impl From<&str> for Refusal {
     }
 }
 
+/// Another member did not do what this node asked of it.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("node {node}'s address {addr:?} does not parse: {error}")]
+    BadAddress {
+        node: u64,
+        addr: String,
+        error: std::net::AddrParseError,
+    },
+    #[error("node {node} did not answer: {error}")]
+    Unreachable {
+        node: u64,
+        error: shoal_net::rpc::RpcError,
+    },
+    #[error("node {node} refused: {refusal}")]
+    Refused { node: u64, refusal: Refusal },
+    #[error("node {node} answered {answer}")]
+    Unexpected { node: u64, answer: String },
+    /// The task asking a member ended without its answer (it panicked).
+    #[error("a request to another member ended without an answer: {0}")]
+    Lost(#[from] tokio::task::JoinError),
+}
+
+impl PeerError {
+    /// The answer `node` gave, when it is not the kind asked for.
+    pub fn unexpected(node: u64, answer: &Response) -> PeerError {
+        PeerError::Unexpected {
+            node,
+            answer: format!("{answer:?}"),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug)]
 pub enum Response {
     Append(Result<AppendEntriesResponse<u64>, RaftFailure>),
