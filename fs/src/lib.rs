@@ -3,21 +3,35 @@
 //!
 //! **Architecture invariant:** this crate depends on `shoal-raft` and `shoal-net`, never the
 //! reverse. POSIX semantics live in `ops` (below FUSE, testable without a mount); `fuse` only
-//! translates.
+//! translates, and is the only place errnos are made.
+//!
+//! The layers, from the kernel down:
+//! - `fuse`: the FUSE adapter, mounting, errnos.
+//! - `ops`: POSIX operations on a node, and open files with their buffered writes.
+//! - `node`: the node itself: Raft, proposals, sessions, garbage collection.
+//! - `cluster`: other nodes: the protocol, replication, repair, membership, trust, fsck.
+//! - `blocks`: this disk's block store and cache; it knows nothing of the node.
+//!
+//! Beside them, the surfaces an operator or Docker talks to: `admin` (the admin socket),
+//! `plugin` (Docker's volume protocol) and `volumes` (what both do with volumes).
+//! `node` and `cluster` still call each other: a node owns its cluster endpoint, and the
+//! endpoint's handlers act on the node.
 
-pub mod admin;
+pub mod fuse;
+pub mod ops;
+
+pub mod node;
+
 pub mod blocks;
 pub mod cluster;
+
+pub mod admin;
+pub mod plugin;
+pub mod volumes;
+
 pub mod faults;
-mod file;
-pub mod fuse;
 pub mod fuzz;
 mod invalidate;
-pub mod node;
-pub mod ops;
-pub mod plugin;
 pub mod private;
-mod raft_net;
-pub mod volumes;
 
 pub use node::{Node, NodeOptions};

@@ -16,10 +16,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::blocks::{BlockCache, BlockError, BlockStore};
 use crate::cluster::rpc::Refusal;
-use crate::file::OpenFile;
-use crate::raft_net::NoPeers;
+use crate::ops::file::OpenFile;
+use raft_net::NoPeers;
 
 pub mod gc;
+mod raft_net;
 
 /// How long a request waits for a leader to answer (an election takes one to two seconds).
 const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
@@ -540,7 +541,7 @@ impl Node {
         tokio::spawn(session_worker(Arc::downgrade(&node)));
         tokio::spawn(crate::cluster::repair::worker(Arc::downgrade(&node)));
 
-        tokio::spawn(crate::file::commit_worker(Arc::downgrade(&node)));
+        tokio::spawn(crate::ops::file::commit_worker(Arc::downgrade(&node)));
         tokio::spawn(gc::worker(Arc::downgrade(&node)));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");
         Ok(node)

@@ -16,8 +16,10 @@ use shoal_raft::{
 use tracing::{error, instrument, warn};
 
 use crate::blocks::{BlockError, read_range};
-use crate::file::OpenFile;
 use crate::node::{Node, OpError, OpResult};
+use file::OpenFile;
+
+pub(crate) mod file;
 
 /// Everything needed to create a directory entry.
 #[derive(Clone, Debug)]
