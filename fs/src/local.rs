@@ -26,6 +26,8 @@ pub enum LocalCommand {
         /// Node K listens on 127.0.0.1:(BASE_PORT + K)
         #[arg(long, default_value_t = 7440)]
         base_port: u16,
+        #[command(flatten)]
+        tunables: crate::Tunables,
     },
     /// Stop the local cluster's daemons and unmount their mounts
     Down {
@@ -40,7 +42,8 @@ pub fn run(cmd: LocalCommand) -> anyhow::Result<()> {
             nodes,
             dir,
             base_port,
-        } => up(nodes, &dir, base_port),
+            tunables,
+        } => up(nodes, &dir, base_port, tunables),
         LocalCommand::Down { dir } => down(&dir),
     }
 }
@@ -96,7 +99,7 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn up(nodes: u32, dir: &Path, base_port: u16) -> anyhow::Result<()> {
+fn up(nodes: u32, dir: &Path, base_port: u16, tunables: crate::Tunables) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 64 {
         bail!("--nodes must be from 1 to 64");
     }
@@ -136,7 +139,7 @@ fn up(nodes: u32, dir: &Path, base_port: u16) -> anyhow::Result<()> {
             }
         }
         if node::ClusterConfig::load(&nd.data()).is_ok() {
-            running.push((k, spawn_daemon(&exe, &nd)?));
+            running.push((k, spawn_daemon(&exe, &nd, &tunables)?));
         } else {
             fresh.push(k);
         }
@@ -155,7 +158,12 @@ fn up(nodes: u32, dir: &Path, base_port: u16) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", nd.root.display()))?;
         {
             if k == 1 {
-                rt.block_on(node::init(&nd.data(), 4 << 20, Some(addr(1))))?;
+                rt.block_on(node::init(
+                    &nd.data(),
+                    4 << 20,
+                    Some(addr(1)),
+                    tunables.cert_validity(),
+                ))?;
             } else {
                 let token_path = shoal_fs::cluster::token_path(&NodeDir::new(dir, 1).data());
                 let token = std::fs::read_to_string(&token_path)
@@ -172,7 +180,7 @@ fn up(nodes: u32, dir: &Path, base_port: u16) -> anyhow::Result<()> {
                 ))?;
             }
         }
-        let child = spawn_daemon(&exe, &nd)?;
+        let child = spawn_daemon(&exe, &nd, &tunables)?;
         wait_ready(child, &nd, k, &rt)?;
         println!(
             "node-{k} is up: mount {}, data {}, listening on {}",
@@ -198,7 +206,11 @@ fn up(nodes: u32, dir: &Path, base_port: u16) -> anyhow::Result<()> {
 }
 
 /// Starts a node's daemon in the background.
-fn spawn_daemon(exe: &Path, nd: &NodeDir) -> anyhow::Result<std::process::Child> {
+fn spawn_daemon(
+    exe: &Path,
+    nd: &NodeDir,
+    tunables: &crate::Tunables,
+) -> anyhow::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let log = std::fs::File::create(nd.log())
         .with_context(|| format!("creating {}", nd.log().display()))?;
@@ -210,6 +222,7 @@ fn spawn_daemon(exe: &Path, nd: &NodeDir) -> anyhow::Result<std::process::Child>
         .arg(nd.mnt())
         .arg("--plugin-socket")
         .arg(nd.root.join("plugin.sock"))
+        .args(tunables.args())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

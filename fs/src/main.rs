@@ -40,6 +40,8 @@ enum Command {
         /// with it `shoal init` also makes the cluster's CA and prints a join token
         #[arg(long)]
         listen: Option<SocketAddr>,
+        #[command(flatten)]
+        tunables: Tunables,
     },
     /// Join an existing cluster with a token from one of its nodes
     Join {
@@ -100,6 +102,8 @@ enum Command {
         /// collector runs this often, at most every 30 s): e.g. 60s, 10m
         #[arg(long, env = "SHOAL_GC_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
         gc_grace: std::time::Duration,
+        #[command(flatten)]
+        tunables: Tunables,
     },
     /// Check every block a file references: read and verified on every node, and on the nodes
     /// its policy places it on. Exits non-zero if a block is lost or short of copies
@@ -134,6 +138,35 @@ enum Command {
         #[command(subcommand)]
         command: DebugCommand,
     },
+}
+
+/// Knobs a cluster seldom needs, which the tests turn (through the environment, as they start
+/// whole clusters): `shoal init`, `shoal daemon` and `shoal local up` take them.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub(crate) struct Tunables {
+    /// Raft log entries between two snapshots of the metadata
+    #[arg(long, env = "SHOAL_SNAPSHOT_EVERY", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_every: u64,
+    /// How long, in seconds, the node certificates this node signs are valid (on the node
+    /// holding the CA); every node renews its own at half of it
+    #[arg(long, env = "SHOAL_CERT_VALIDITY_SECS", default_value_t = 7 * 86_400, value_parser = clap::value_parser!(u64).range(2..))]
+    pub cert_validity_secs: u64,
+}
+
+impl Tunables {
+    pub fn cert_validity(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.cert_validity_secs)
+    }
+
+    /// The same knobs as command-line arguments, for a daemon started by `shoal local up`.
+    pub fn args(&self) -> [String; 4] {
+        [
+            "--snapshot-every".into(),
+            self.snapshot_every.to_string(),
+            "--cert-validity-secs".into(),
+            self.cert_validity_secs.to_string(),
+        ]
+    }
 }
 
 #[derive(Subcommand)]
@@ -485,10 +518,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             block_size,
             listen,
+            tunables,
         } => {
             let block_size = check_block_size(block_size)?;
             init_tracing("warn");
-            let config = runtime()?.block_on(node::init(&data, block_size, listen))?;
+            let config = runtime()?.block_on(node::init(
+                &data,
+                block_size,
+                listen,
+                tunables.cert_validity(),
+            ))?;
             println!(
                 "initialized cluster {} with node {} in {}\nstart it with: shoal daemon --data {} --mount /mnt/shoal",
                 config.cluster_id,
@@ -665,6 +704,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_plugin,
             allow_suid_dev,
             gc_grace,
+            tunables,
         } => {
             init_tracing(&log);
             if !(1..=64).contains(&fuse_threads) {
@@ -673,6 +713,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let options = NodeOptions {
                 cache_bytes: cache_size.as_u64(),
                 gc_grace,
+                snapshot_every: tunables.snapshot_every,
+                cert_validity: tunables.cert_validity(),
                 ..NodeOptions::default()
             };
             runtime()?.block_on(daemon::run(daemon::DaemonArgs {

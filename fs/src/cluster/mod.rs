@@ -32,15 +32,10 @@ use crate::node::{Node, NodeError, OpError};
 use rpc::{JoinReply, JoinRequest, RaftFailure, Refusal, Request, Response};
 pub use trust::CaError;
 
-/// How long a node certificate is valid, unless `SHOAL_CERT_VALIDITY_SECS` says otherwise on
-/// the node holding the CA (tests use a short one to exercise renewal).
-pub fn cert_validity() -> Duration {
-    std::env::var("SHOAL_CERT_VALIDITY_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(7 * 86400))
-}
+/// How long a node certificate is valid unless the daemon is told otherwise
+/// (`NodeOptions::cert_validity`, `--cert-validity-secs`; tests use a short one to exercise
+/// renewal).
+pub const CERT_VALIDITY: Duration = Duration::from_secs(7 * 86400);
 fn slow_append(node: u64) -> Option<Duration> {
     crate::faults::for_node(crate::faults::get().slow_append, node)
 }
@@ -345,7 +340,7 @@ impl Node {
         };
         let cert = signer
             .ca
-            .sign(&req.csr, node_id, cert_validity())
+            .sign(&req.csr, node_id, self.options.cert_validity)
             .map_err(|e| e.to_string())?;
         info!(node = node_id, "signed the certificate of a joining node");
         let trust = match self.view.trust().map_err(|e| e.to_string())? {
@@ -395,7 +390,11 @@ impl Node {
 }
 
 /// Creates the cluster's CA and node 1's certificate in `DATA/tls`, and the first join token.
-pub fn init_tls(data: &Path, config: &crate::node::ClusterConfig) -> Result<JoinToken, NodeError> {
+pub fn init_tls(
+    data: &Path,
+    config: &crate::node::ClusterConfig,
+    validity: Duration,
+) -> Result<JoinToken, NodeError> {
     let dir = tls_dir(data);
     let err = |source| NodeError::Tls {
         what: "creating the cluster CA",
@@ -407,7 +406,7 @@ pub fn init_tls(data: &Path, config: &crate::node::ClusterConfig) -> Result<Join
         .map_err(err)?;
     let pending = PendingIdentity::generate().map_err(err)?;
     let cert = ca
-        .sign(&pending.csr_der, config.node_id, cert_validity())
+        .sign(&pending.csr_der, config.node_id, validity)
         .map_err(err)?;
     pending
         .complete(cert, ca.cert.clone())
@@ -585,7 +584,7 @@ impl Node {
             .ok_or(CaError::NotSigner)?;
         let cert = signer
             .ca
-            .sign(csr, peer, cert_validity())
+            .sign(csr, peer, self.options.cert_validity)
             .map_err(CaError::pki("signing the renewal"))?;
         info!(node = peer, "renewed a node certificate");
         Ok(rpc::Renewed {
@@ -762,7 +761,7 @@ pub async fn renew_worker(node: Weak<Node>) {
                 .not_after()
                 .unwrap_or(0);
             let now = crate::node::now_nanos() / 1_000_000_000;
-            let half = (cert_validity().as_secs() / 2) as i64;
+            let half = (node.options.cert_validity.as_secs() / 2) as i64;
             if not_after - now > half {
                 Duration::from_secs((not_after - now - half).clamp(1, FOLLOW_EVERY) as u64)
             } else {

@@ -93,6 +93,11 @@ pub struct NodeOptions {
     pub commit_interval: Duration,
     /// Unreferenced blocks younger than this are left alone by the garbage collector.
     pub gc_grace: Duration,
+    /// Raft log entries between two snapshots of the state machine.
+    pub snapshot_every: u64,
+    /// How long the certificates this node signs (holding the CA) are valid; every node renews
+    /// its own at half of it.
+    pub cert_validity: Duration,
     /// Talk to the other nodes over this in-memory network instead of QUIC (the deterministic
     /// tests' `testkit`); `None` in the daemon.
     pub network: Option<Arc<shoal_net::memory::MemoryNetwork>>,
@@ -105,6 +110,8 @@ impl Default for NodeOptions {
             commit_bytes: 32 << 20,
             commit_interval: Duration::from_secs(1),
             gc_grace: Duration::from_secs(60),
+            snapshot_every: 20_000,
+            cert_validity: crate::cluster::CERT_VALIDITY,
             network: None,
         }
     }
@@ -268,20 +275,10 @@ pub struct Node {
     _lock: std::fs::File,
 }
 
-/// Log entries between two snapshots of the state machine. `SHOAL_SNAPSHOT_EVERY` overrides
-/// it (tests use a small value so that a node that was down catches up by snapshot).
-fn snapshot_every() -> u64 {
-    std::env::var("SHOAL_SNAPSHOT_EVERY")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(20_000)
-}
-
 /// openraft's configuration. A node of a cluster elects after a pre-vote
 /// (`cluster::election`), so openraft's own election timer is on only for a node without one.
-fn raft_config(own_elections: bool) -> Result<Arc<openraft::Config>, NodeError> {
-    let every = snapshot_every();
+fn raft_config(own_elections: bool, every: u64) -> Result<Arc<openraft::Config>, NodeError> {
+    let every = every.max(1);
     let config = openraft::Config {
         cluster_name: "shoal".into(),
         heartbeat_interval: 100,
@@ -323,6 +320,7 @@ async fn open_raft(
     data: &Path,
     cluster: Option<&crate::cluster::Cluster>,
     hook: Option<shoal_raft::ApplyHook>,
+    snapshot_every: u64,
 ) -> Result<(Raft, StateView, Arc<shoal_raft::headroom::Headroom>), NodeError> {
     // The data dir's LOCK is ours, so a busy sled lock can only be this process's previous Raft
     // instance still shutting down (init, then start): wait for it briefly.
@@ -349,9 +347,9 @@ async fn open_raft(
             let network = crate::cluster::network::QuicNetwork {
                 peers: c.peers.clone(),
             };
-            Raft::new(id, raft_config(false)?, network, log, sm).await
+            Raft::new(id, raft_config(false, snapshot_every)?, network, log, sm).await
         }
-        None => Raft::new(id, raft_config(true)?, NoPeers, log, sm).await,
+        None => Raft::new(id, raft_config(true, snapshot_every)?, NoPeers, log, sm).await,
     }
     .map_err(|e| NodeError::Raft(e.to_string()))?;
     Ok((raft, view, headroom))
@@ -371,6 +369,7 @@ pub async fn init(
     data: &Path,
     block_size: u32,
     listen: Option<std::net::SocketAddr>,
+    cert_validity: Duration,
 ) -> Result<ClusterConfig, NodeError> {
     crate::private::create_data_dir(data).map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
     if let Ok(existing) = ClusterConfig::load(data) {
@@ -388,10 +387,17 @@ pub async fn init(
         peers: Vec::new(),
     };
     let token = match listen {
-        Some(_) => Some(crate::cluster::init_tls(data, &config)?),
+        Some(_) => Some(crate::cluster::init_tls(data, &config, cert_validity)?),
         None => None,
     };
-    let (raft, _, _) = open_raft(config.node_id, data, None, None).await?;
+    let (raft, _, _) = open_raft(
+        config.node_id,
+        data,
+        None,
+        None,
+        NodeOptions::default().snapshot_every,
+    )
+    .await?;
     let addr = config.listen.clone().unwrap_or_default();
     let members = BTreeMap::from([(config.node_id, BasicNode::new(addr))]);
     raft.initialize(members)
@@ -471,8 +477,14 @@ impl Node {
         let (purge_tx, purge_rx) = mpsc::unbounded_channel();
         let invalidator = crate::invalidate::Invalidator::start(notifier.clone());
         let hook = invalidator.hook(session.clone(), locks_changed.clone(), purge_tx.clone());
-        let (raft, view, headroom) =
-            open_raft(config.node_id, data, cluster.as_deref(), Some(hook)).await?;
+        let (raft, view, headroom) = open_raft(
+            config.node_id,
+            data,
+            cluster.as_deref(),
+            Some(hook),
+            options.snapshot_every,
+        )
+        .await?;
         let node = Arc::new(Node {
             id: config.node_id,
             cache: Arc::new(BlockCache::new(options.cache_bytes)),

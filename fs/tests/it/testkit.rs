@@ -19,9 +19,14 @@ pub struct DataDir {
 impl DataDir {
     pub async fn new() -> DataDir {
         let dir = tempfile::tempdir().unwrap();
-        node::init(&dir.path().join("data"), BLOCK, None)
-            .await
-            .unwrap();
+        node::init(
+            &dir.path().join("data"),
+            BLOCK,
+            None,
+            shoal_fs::cluster::CERT_VALIDITY,
+        )
+        .await
+        .unwrap();
         DataDir { dir }
     }
 

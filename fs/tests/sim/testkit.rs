@@ -48,7 +48,14 @@ impl Cluster {
             dir,
             nodes: Vec::new(),
         };
-        node::init(&c.data(1), BLOCK, Some(addr(1))).await.unwrap();
+        node::init(
+            &c.data(1),
+            BLOCK,
+            Some(addr(1)),
+            shoal_fs::cluster::CERT_VALIDITY,
+        )
+        .await
+        .unwrap();
         c.nodes.push(Some(c.start(1).await));
         let token_file = shoal_fs::cluster::tls_dir(&c.data(1)).join("join-token");
         for k in 2..=n {
