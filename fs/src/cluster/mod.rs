@@ -321,29 +321,27 @@ impl Node {
         }
     }
 
-    async fn handle_join(&self, req: JoinRequest) -> Result<JoinReply, String> {
-        let cluster = self.cluster().ok_or("this node is not part of a cluster")?;
-        let signer = cluster.signer().ok_or(
-            "this node does not hold the cluster CA: join through the node that ran `shoal init`",
-        )?;
-        let expected = self.view.join_secret().map_err(|e| e.to_string())?;
+    async fn handle_join(&self, req: JoinRequest) -> Result<JoinReply, CaError> {
+        let cluster = self.cluster().ok_or(CaError::NoCluster)?;
+        let signer = cluster.signer().ok_or(CaError::NotJoinPoint)?;
+        let expected = self.view.join_secret()?;
         if expected != Some(*blake3::hash(&req.secret).as_bytes()) {
-            return Err("the join token is not valid (wrong or rotated): get the current one with `shoal token show`".into());
+            return Err(CaError::BadToken);
         }
         let node_id = match self
             .run(MetaCommand::AllocNodeId)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(CaError::op("allocating a node id"))?
         {
             Reply::NodeId(id) => id,
-            other => return Err(format!("unexpected reply {other:?}")),
+            other => return Err(CaError::Unexpected(format!("{other:?}"))),
         };
         let cert = signer
             .ca
             .sign(&req.csr, node_id, self.options.cert_validity)
-            .map_err(|e| e.to_string())?;
+            .map_err(CaError::pki("signing the joining node's certificate"))?;
         info!(node = node_id, "signed the certificate of a joining node");
-        let trust = match self.view.trust().map_err(|e| e.to_string())? {
+        let trust = match self.view.trust()? {
             Some(cas) => cas,
             None => vec![signer.ca.cert.to_vec()],
         };
@@ -627,7 +625,11 @@ fn revoked(id: u64) -> String {
 async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
     let Some(peer) = peer else {
         return match req {
-            Request::Join(j) => Response::Join(node.handle_join(j).await.map_err(Refusal::from)),
+            Request::Join(j) => Response::Join(
+                node.handle_join(j)
+                    .await
+                    .map_err(|e| Refusal::Failed(e.to_string())),
+            ),
             _ => Response::Denied(
                 "only members of this cluster may call it; join with `shoal join` first".into(),
             ),
@@ -678,7 +680,11 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
             Response::Propose(answer)
         }
         Request::ReadIndex => Response::ReadIndex(node.read_index_for_peer().await),
-        Request::Join(j) => Response::Join(node.handle_join(j).await.map_err(Refusal::from)),
+        Request::Join(j) => Response::Join(
+            node.handle_join(j)
+                .await
+                .map_err(|e| Refusal::Failed(e.to_string())),
+        ),
         Request::AddMember { id, addr } => Response::AddMember(node.add_member(id, addr).await),
         Request::RemoveMember { id } => Response::RemoveMember(node.remove_member(id).await),
         Request::RenewCert { csr } => Response::RenewCert(

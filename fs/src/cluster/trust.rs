@@ -37,6 +37,14 @@ pub enum CaError {
     NotTokenMaker,
     #[error("this node does not hold the cluster CA")]
     NotSigner,
+    #[error("this node does not hold the cluster CA: join through the node that ran `shoal init`")]
+    NotJoinPoint,
+    #[error(
+        "the join token is not valid (wrong or rotated): get the current one with `shoal token show`"
+    )]
+    BadToken,
+    #[error("unexpected reply {0}")]
+    Unexpected(String),
     #[error("a CA rotation is already under way: finish it with `shoal ca retire` first")]
     RotationUnderWay,
     #[error("no CA rotation is under way: start one with `shoal ca rotate`")]
