@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test shoal has: formatting and clippy (warnings are errors, so raft/clippy.toml's ban on
-# clocks and randomness in the state machine holds), unit and integration tests (real FUSE mounts, kill -9 durability,
+# clocks and randomness in the state machine holds), cargo deny (licenses, bans, sources), unit and integration tests (real FUSE mounts, kill -9 durability,
 # crashes at every failpoint),
 # pjdfstest against the mount, fsx, the Docker plugin against real dockerds, and the benchmark runner's quick mode against every peer
 # (a smoke test: no assertion on speed). Needs root; see ci/require.sh for what else.
