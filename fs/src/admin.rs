@@ -487,7 +487,7 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                             info!(failpoint = name, actions, "failpoint armed");
                             AdminReply::Done
                         }
-                        Err(e) => AdminReply::Error(e),
+                        Err(e) => AdminReply::Error(e.to_string()),
                     }
                 }
                 AdminRequest::Status => {

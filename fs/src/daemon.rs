@@ -28,7 +28,7 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         .context("clearing the previous daemon's mount")?;
     // Check the mount point before starting anything, so a bad --mount fails fast.
     fuse::mount::prepare(args.mount)?;
-    shoal_raft::failpoint::arm_from_env().map_err(anyhow::Error::msg)?;
+    shoal_raft::failpoint::arm_from_env()?;
     let node = Node::start(args.data, args.options).await?;
     let handle = fuse::mount(
         node.clone(),

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Creates a data directory (and missing parents) readable by root only.
 pub fn create_data_dir(path: &Path) -> io::Result<()> {
@@ -16,26 +16,47 @@ pub fn create_data_dir(path: &Path) -> io::Result<()> {
         .create(path)
 }
 
+/// Why a data directory is not safe to run a node on.
+#[derive(Debug, thiserror::Error)]
+pub enum UnsafeDir {
+    #[error("{}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: io::Error },
+    #[error(
+        "{} belongs to uid {owner}, not to the user running shoal (uid {me}): `chown {me} {}`",
+        path.display(),
+        path.display()
+    )]
+    Owner { path: PathBuf, owner: u32, me: u32 },
+    #[error(
+        "{} can be written by other users (mode {mode:o}), who could replace the node's keys or its admin socket: `chmod go-w {}`",
+        path.display(),
+        path.display()
+    )]
+    Writable { path: PathBuf, mode: u32 },
+}
+
 /// Why `path` is not safe to run a node on, if it is not: it belongs to another user, or group
 /// or others may write to it.
-pub fn check_data_dir(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn check_data_dir(path: &Path) -> Result<(), UnsafeDir> {
+    let path_buf = || path.to_path_buf();
+    let meta = std::fs::metadata(path).map_err(|source| UnsafeDir::Unreadable {
+        path: path_buf(),
+        source,
+    })?;
     let me = rustix::process::geteuid().as_raw();
     if meta.uid() != me {
-        return Err(format!(
-            "{} belongs to uid {}, not to the user running shoal (uid {me}): `chown {me} {}`",
-            path.display(),
-            meta.uid(),
-            path.display()
-        ));
+        return Err(UnsafeDir::Owner {
+            path: path_buf(),
+            owner: meta.uid(),
+            me,
+        });
     }
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
-        return Err(format!(
-            "{} can be written by other users (mode {mode:o}), who could replace the node's keys or its admin socket: `chmod go-w {}`",
-            path.display(),
-            path.display()
-        ));
+        return Err(UnsafeDir::Writable {
+            path: path_buf(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -94,12 +115,12 @@ mod tests {
         assert_eq!(mode, 0o700);
         check_data_dir(&data).unwrap();
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let err = check_data_dir(&data).unwrap_err();
+        let err = check_data_dir(&data).unwrap_err().to_string();
         assert!(err.contains("chmod go-w"), "{err}");
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
         check_data_dir(&data).unwrap();
         std::os::unix::fs::chown(&data, Some(65534), None).unwrap();
-        let err = check_data_dir(&data).unwrap_err();
+        let err = check_data_dir(&data).unwrap_err().to_string();
         assert!(err.contains("belongs to uid 65534"), "{err}");
     }
 

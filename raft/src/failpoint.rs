@@ -81,36 +81,53 @@ fn crash(name: &str) {
     }
 }
 
+/// Why a failpoint could not be armed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FailpointError {
+    #[error("no failpoint {name:?}; there are: {known}")]
+    Unknown { name: String, known: String },
+    /// `fail` refused the actions.
+    #[error("failpoint {name}: {why}")]
+    Actions { name: String, why: String },
+    #[error("this shoal was built without failpoints: build it with `--features failpoints`")]
+    NotBuilt,
+    #[error("SHOAL_FAILPOINTS: {0:?} is not name=actions (e.g. log-before-flush=return)")]
+    Spec(String),
+}
+
 /// Arms failpoint `name` with `actions` (`fail`'s syntax: `return`, `pause`, `off`,
 /// `2*off->return` …).
-pub fn arm(name: &str, actions: &str) -> Result<(), String> {
+pub fn arm(name: &str, actions: &str) -> Result<(), FailpointError> {
     if !ALL.iter().any(|(n, _)| *n == name) {
         let names: Vec<&str> = ALL.iter().map(|(n, _)| *n).collect();
-        return Err(format!(
-            "no failpoint {name:?}; there are: {}",
-            names.join(", ")
-        ));
+        return Err(FailpointError::Unknown {
+            name: name.to_string(),
+            known: names.join(", "),
+        });
     }
     #[cfg(feature = "failpoints")]
     {
-        fail::cfg(name, actions).map_err(|e| format!("failpoint {name}: {e}"))
+        fail::cfg(name, actions).map_err(|why| FailpointError::Actions {
+            name: name.to_string(),
+            why,
+        })
     }
     #[cfg(not(feature = "failpoints"))]
     {
         let _ = actions;
-        Err("this shoal was built without failpoints: build it with `--features failpoints`".into())
+        Err(FailpointError::NotBuilt)
     }
 }
 
 /// Arms the failpoints `SHOAL_FAILPOINTS` names (`name=actions;name=actions`), if it is set.
-pub fn arm_from_env() -> Result<(), String> {
+pub fn arm_from_env() -> Result<(), FailpointError> {
     let Ok(spec) = std::env::var("SHOAL_FAILPOINTS") else {
         return Ok(());
     };
     for part in spec.split(';').filter(|p| !p.trim().is_empty()) {
-        let (name, actions) = part.split_once('=').ok_or_else(|| {
-            format!("SHOAL_FAILPOINTS: {part:?} is not name=actions (e.g. log-before-flush=return)")
-        })?;
+        let (name, actions) = part
+            .split_once('=')
+            .ok_or_else(|| FailpointError::Spec(part.to_string()))?;
         arm(name.trim(), actions.trim())?;
     }
     Ok(())

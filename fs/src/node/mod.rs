@@ -132,7 +132,7 @@ pub enum NodeError {
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
     #[error("refusing to run on an unsafe data directory: {0}")]
-    Unsafe(String),
+    Unsafe(#[from] crate::private::UnsafeDir),
     #[error("metadata store: {0}")]
     Store(#[from] shoal_raft::StoreError),
     #[error("block store: {0}")]
