@@ -7,15 +7,17 @@
 //!
 //! The layers, from the kernel down:
 //! - `fuse`: the FUSE adapter, mounting, errnos.
-//! - `ops`: POSIX operations on a node, and open files with their buffered writes.
-//! - `node`: the node itself: Raft, proposals, sessions, garbage collection.
+//! - `ops`: POSIX operations on a node.
+//! - `node`: the node itself: open files and their buffered writes, Raft, proposals, sessions,
+//!   garbage collection.
 //! - `cluster`: other nodes: the protocol, replication, repair, membership, trust, fsck.
 //! - `blocks`: this disk's block store and cache; it knows nothing of the node.
 //!
 //! Beside them, the surfaces an operator or Docker talks to: `admin` (the admin socket),
 //! `plugin` (Docker's volume protocol) and `volumes` (what both do with volumes).
-//! `node` and `cluster` still call each other: a node owns its cluster endpoint, and the
-//! endpoint's handlers act on the node.
+//! `fuse`, `ops` and `node` call only downward, and `blocks` calls nothing above it. `node` and
+//! `cluster` still call each other: a node owns its cluster endpoint, and the endpoint's
+//! handlers act on the node.
 
 pub mod fuse;
 pub mod ops;

@@ -16,9 +16,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::blocks::{BlockCache, BlockError, BlockStore};
 use crate::cluster::rpc::Refusal;
-use crate::ops::file::OpenFile;
+use file::OpenFile;
 use raft_net::NoPeers;
 
+pub(crate) mod file;
 pub mod gc;
 mod raft_net;
 
@@ -27,6 +28,12 @@ const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a proposal may wait for Raft before the caller gets an error (EIO): far beyond
 /// an election, short enough that no FUSE request hangs for good.
 const PROPOSE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A read of the metadata store that failed: logged, and an EIO for the caller.
+pub(crate) fn store_err(e: shoal_raft::StoreError) -> OpError {
+    error!(error = %e, "metadata store read failed");
+    OpError::Store(e)
+}
 
 /// How a node waits between attempts while the cluster settles (an election, a quorum coming
 /// back): `delay` plus up to as much again at random, so that the nodes asking do not ask in
@@ -553,7 +560,7 @@ impl Node {
         tokio::spawn(session_worker(Arc::downgrade(&node)));
         tokio::spawn(crate::cluster::repair::worker(Arc::downgrade(&node)));
 
-        tokio::spawn(crate::ops::file::commit_worker(Arc::downgrade(&node)));
+        tokio::spawn(file::commit_worker(Arc::downgrade(&node)));
         tokio::spawn(gc::worker(Arc::downgrade(&node)));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");
         Ok(node)

@@ -16,10 +16,9 @@ use shoal_raft::{
 use tracing::{error, instrument, warn};
 
 use crate::blocks::{BlockError, read_range};
+use crate::node::file::OpenFile;
+use crate::node::store_err;
 use crate::node::{Node, OpError, OpResult};
-use file::OpenFile;
-
-pub(crate) mod file;
 
 /// Everything needed to create a directory entry.
 #[derive(Clone, Debug)]
@@ -68,11 +67,6 @@ pub struct StatFs {
 
 pub const SEEK_DATA: i32 = 3;
 pub const SEEK_HOLE: i32 = 4;
-
-pub(crate) fn store_err(e: shoal_raft::StoreError) -> OpError {
-    error!(error = %e, "metadata store read failed");
-    OpError::Store(e)
-}
 
 fn inode_reply(r: Reply) -> OpResult<Inode> {
     match r {

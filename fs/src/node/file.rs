@@ -301,12 +301,12 @@ impl OpenFile {
         let used = node
             .view
             .volume_usage(self.volume)
-            .map_err(crate::ops::store_err)?
+            .map_err(crate::node::store_err)?
             .map_or(0, |u| u.bytes);
         let committed = node
             .view
             .inode(self.ino)
-            .map_err(crate::ops::store_err)?
+            .map_err(crate::node::store_err)?
             .map_or(0, |i| i.size);
         let end = end.max(self.buffered_end().unwrap_or(0));
         if used.saturating_add(end.saturating_sub(committed)) > quota {
