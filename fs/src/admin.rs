@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use shoal_net::frame;
 use tokio::net::UnixStream;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use shoal_raft::FsError;
 
@@ -418,90 +418,98 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
         let (mut conn, _) = listener.accept().await?;
         let node = node.clone();
         let mount = mount.clone();
-        tokio::spawn(async move {
-            let req: AdminRequest = match frame::read_within(&mut conn, MAX_REQUEST).await {
-                Ok(r) => r,
-                Err(e) => {
-                    debug!(error = %e, "bad admin request");
-                    let _ =
-                        frame::write(&mut conn, &AdminReply::Error(format!("bad request: {e}")))
-                            .await;
-                    return;
-                }
-            };
-            let reply = match req {
-                AdminRequest::Members => match members(&node) {
-                    Ok(m) => AdminReply::Members(m),
-                    Err(e) => AdminReply::Error(e),
-                },
-                AdminRequest::Volume(req) => match volume(&node, req).await {
+        tokio::spawn(
+            async move {
+                let req: AdminRequest = match frame::read_within(&mut conn, MAX_REQUEST).await {
                     Ok(r) => r,
-                    Err(e) => AdminReply::Error(e.to_string()),
-                },
-                AdminRequest::Label {
-                    node: id,
-                    key,
-                    value,
-                } => match label(&node, id, key, value).await {
-                    Ok(()) => AdminReply::Done,
-                    Err(e) => AdminReply::Error(e),
-                },
-                AdminRequest::RemoveNode(id) => match node.remove_member(id).await {
-                    Ok(()) => AdminReply::Done,
-                    Err(e) => AdminReply::Error(e.to_string()),
-                },
-                AdminRequest::RotateToken => match node.rotate_token().await {
-                    Ok(t) => AdminReply::Token(t.to_string()),
-                    Err(e) => AdminReply::Error(e.to_string()),
-                },
-                AdminRequest::RotateCa => match node.rotate_ca().await {
-                    Ok(t) => AdminReply::Token(t.to_string()),
-                    Err(e) => AdminReply::Error(e.to_string()),
-                },
-                AdminRequest::RetireCa => match node.retire_ca().await {
-                    Ok(()) => AdminReply::Done,
-                    Err(e) => AdminReply::Error(e.to_string()),
-                },
-                AdminRequest::Fsck { after, limit, only } => {
-                    match crate::cluster::fsck::check(&node, after, limit as usize, only).await {
-                        Ok(b) => AdminReply::Fsck(b),
-                        Err(e) => AdminReply::Error(e.to_string()),
+                    Err(e) => {
+                        debug!(error = %e, "bad admin request");
+                        let _ = frame::write(
+                            &mut conn,
+                            &AdminReply::Error(format!("bad request: {e}")),
+                        )
+                        .await;
+                        return;
                     }
-                }
-                AdminRequest::FsckRepair(ids) => {
-                    match crate::cluster::fsck::repair(&node, ids).await {
-                        Ok(n) => AdminReply::Repaired(n),
+                };
+                let reply = match req {
+                    AdminRequest::Members => match members(&node) {
+                        Ok(m) => AdminReply::Members(m),
+                        Err(e) => AdminReply::Error(e),
+                    },
+                    AdminRequest::Volume(req) => match volume(&node, req).await {
+                        Ok(r) => r,
                         Err(e) => AdminReply::Error(e.to_string()),
-                    }
-                }
-                AdminRequest::Unreferenced { delete } => AdminReply::Unreferenced(
-                    crate::cluster::fsck::unreferenced(&node, delete)
-                        .await
-                        .into_iter()
-                        .map(|(n, a)| (n, a.map_err(|e| e.to_string())))
-                        .collect(),
-                ),
-                AdminRequest::Failpoint { name, actions } => {
-                    match shoal_raft::failpoint::arm(&name, &actions) {
-                        Ok(()) => {
-                            info!(failpoint = name, actions, "failpoint armed");
-                            AdminReply::Done
+                    },
+                    AdminRequest::Label {
+                        node: id,
+                        key,
+                        value,
+                    } => match label(&node, id, key, value).await {
+                        Ok(()) => AdminReply::Done,
+                        Err(e) => AdminReply::Error(e),
+                    },
+                    AdminRequest::RemoveNode(id) => match node.remove_member(id).await {
+                        Ok(()) => AdminReply::Done,
+                        Err(e) => AdminReply::Error(e.to_string()),
+                    },
+                    AdminRequest::RotateToken => match node.rotate_token().await {
+                        Ok(t) => AdminReply::Token(t.to_string()),
+                        Err(e) => AdminReply::Error(e.to_string()),
+                    },
+                    AdminRequest::RotateCa => match node.rotate_ca().await {
+                        Ok(t) => AdminReply::Token(t.to_string()),
+                        Err(e) => AdminReply::Error(e.to_string()),
+                    },
+                    AdminRequest::RetireCa => match node.retire_ca().await {
+                        Ok(()) => AdminReply::Done,
+                        Err(e) => AdminReply::Error(e.to_string()),
+                    },
+                    AdminRequest::Fsck { after, limit, only } => {
+                        match crate::cluster::fsck::check(&node, after, limit as usize, only).await
+                        {
+                            Ok(b) => AdminReply::Fsck(b),
+                            Err(e) => AdminReply::Error(e.to_string()),
                         }
-                        Err(e) => AdminReply::Error(e.to_string()),
                     }
-                }
-                AdminRequest::Status => {
-                    let n = node.clone();
-                    match tokio::task::spawn_blocking(move || status(&n, mount.as_deref())).await {
-                        Ok(s) => AdminReply::Status(Box::new(s)),
-                        Err(e) => AdminReply::Error(e.to_string()),
+                    AdminRequest::FsckRepair(ids) => {
+                        match crate::cluster::fsck::repair(&node, ids).await {
+                            Ok(n) => AdminReply::Repaired(n),
+                            Err(e) => AdminReply::Error(e.to_string()),
+                        }
                     }
+                    AdminRequest::Unreferenced { delete } => AdminReply::Unreferenced(
+                        crate::cluster::fsck::unreferenced(&node, delete)
+                            .await
+                            .into_iter()
+                            .map(|(n, a)| (n, a.map_err(|e| e.to_string())))
+                            .collect(),
+                    ),
+                    AdminRequest::Failpoint { name, actions } => {
+                        match shoal_raft::failpoint::arm(&name, &actions) {
+                            Ok(()) => {
+                                info!(failpoint = name, actions, "failpoint armed");
+                                AdminReply::Done
+                            }
+                            Err(e) => AdminReply::Error(e.to_string()),
+                        }
+                    }
+                    AdminRequest::Status => {
+                        let n = node.clone();
+                        match tokio::task::spawn_blocking(move || status(&n, mount.as_deref()))
+                            .await
+                        {
+                            Ok(s) => AdminReply::Status(Box::new(s)),
+                            Err(e) => AdminReply::Error(e.to_string()),
+                        }
+                    }
+                };
+                if let Err(e) = frame::write(&mut conn, &reply).await {
+                    warn!(error = %e, "admin reply failed");
                 }
-            };
-            if let Err(e) = frame::write(&mut conn, &reply).await {
-                warn!(error = %e, "admin reply failed");
             }
-        });
+            .in_current_span(),
+        );
     }
 }
 

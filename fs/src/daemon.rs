@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use shoal_fs::node::{Node, NodeOptions};
 use shoal_fs::{admin, fuse};
@@ -37,14 +37,20 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         args.fuse_threads,
         args.allow_suid_dev,
     )?;
-    let admin = tokio::spawn(admin::serve(node.clone(), Some(handle.mountpoint.clone())));
+    let admin = tokio::spawn(
+        admin::serve(node.clone(), Some(handle.mountpoint.clone())).instrument(node.span().clone()),
+    );
     let plugin = args.plugin_socket.map(|socket| {
         let (node, mount, socket) = (node.clone(), handle.mountpoint.clone(), socket.to_path_buf());
-        tokio::spawn(async move {
-            if let Err(e) = shoal_fs::plugin::serve(node, mount, socket.clone()).await {
-                tracing::error!(socket = %socket.display(), error = %e, "the Docker volume plugin stopped");
+        let span = node.span().clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = shoal_fs::plugin::serve(node, mount, socket.clone()).await {
+                    tracing::error!(socket = %socket.display(), error = %e, "the Docker volume plugin stopped");
+                }
             }
-        })
+            .instrument(span),
+        )
     });
     info!(mount = %handle.mountpoint.display(), data = %args.data.display(), "shoal is serving");
 

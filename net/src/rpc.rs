@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::frame::{self, FrameError};
 use crate::quic::{self, QuicError};
@@ -243,7 +243,7 @@ async fn answer<Req, Resp, F, Fut>(
             if frame::write_bytes(&mut send, &bytes).await.is_ok() {
                 let _ = send.finish();
             }
-        });
+        }.in_current_span());
     }
 }
 
@@ -294,14 +294,17 @@ impl QuicTransport {
         let endpoint = self.endpoint.clone();
         let config = self.client.lock().expect("client config lock").clone();
         let conns = self.conns.clone();
-        let handshake = tokio::spawn(async move {
-            let c = match config {
-                Some(config) => quic::connect_with(&endpoint, config, addr).await?,
-                None => quic::connect(&endpoint, addr).await?,
-            };
-            conns.lock().await.insert(addr, c.clone());
-            Ok::<_, QuicError>(c)
-        });
+        let handshake = tokio::spawn(
+            async move {
+                let c = match config {
+                    Some(config) => quic::connect_with(&endpoint, config, addr).await?,
+                    None => quic::connect(&endpoint, addr).await?,
+                };
+                conns.lock().await.insert(addr, c.clone());
+                Ok::<_, QuicError>(c)
+            }
+            .in_current_span(),
+        );
         match handshake.await {
             Ok(r) => Ok(r?),
             Err(e) => Err(RpcError::Connect(QuicError::Connect(addr, e.to_string()))),

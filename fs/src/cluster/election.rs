@@ -28,7 +28,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info};
 
 use super::rpc::{Request, Response};
 use crate::node::Node;
@@ -192,19 +192,22 @@ async fn ask(node: &Node, others: &[u64], req: &PreVote) -> usize {
         let Ok(addr) = addr else { continue };
         let peers = cluster.peers.clone();
         let req = Request::PreVote(req.clone());
-        calls.spawn(async move {
-            match peers.call::<_, Response>(addr, &req).await {
-                Ok(Response::PreVote(granted)) => granted,
-                Ok(other) => {
-                    debug!(peer = id, ?other, "pre-vote refused");
-                    false
-                }
-                Err(e) => {
-                    debug!(peer = id, error = %e, "pre-vote not answered");
-                    false
+        calls.spawn(
+            async move {
+                match peers.call::<_, Response>(addr, &req).await {
+                    Ok(Response::PreVote(granted)) => granted,
+                    Ok(other) => {
+                        debug!(peer = id, ?other, "pre-vote refused");
+                        false
+                    }
+                    Err(e) => {
+                        debug!(peer = id, error = %e, "pre-vote not answered");
+                        false
+                    }
                 }
             }
-        });
+            .in_current_span(),
+        );
     }
     let mut granted = 0;
     while let Some(answer) = calls.join_next().await {

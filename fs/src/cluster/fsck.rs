@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_raft::{BlockId, Kv};
+use tracing::Instrument;
 
 use super::repair::{live_nodes, volume_policies};
 use super::replicate::{self, Policy};
@@ -154,12 +155,15 @@ async fn ask_everyone(node: &Node, ids: &[BlockId]) -> (Vec<(u64, Vec<bool>)>, V
             cluster.peers.clone(),
             Request::HasBlocks { ids: ids.to_vec() },
         );
-        set.spawn(async move {
-            let r = peers
-                .call_within::<_, Response>(addr, &req, VERIFY_TIMEOUT)
-                .await;
-            (n, r)
-        });
+        set.spawn(
+            async move {
+                let r = peers
+                    .call_within::<_, Response>(addr, &req, VERIFY_TIMEOUT)
+                    .await;
+                (n, r)
+            }
+            .in_current_span(),
+        );
     }
     while let Some(joined) = set.join_next().await {
         match joined {
@@ -270,19 +274,26 @@ pub async fn unreferenced(
             }
         };
         let peers = cluster.peers.clone();
-        set.spawn(async move {
-            let r = peers
-                .call_within::<_, Response>(addr, &Request::Unreferenced { delete }, VERIFY_TIMEOUT)
-                .await;
-            let answer = match r {
-                Ok(Response::Unreferenced(a)) => {
-                    a.map_err(|refusal| PeerError::Refused { node: n, refusal }.into())
-                }
-                Ok(other) => Err(PeerError::unexpected(n, &other).into()),
-                Err(error) => Err(PeerError::Unreachable { node: n, error }.into()),
-            };
-            (n, answer)
-        });
+        set.spawn(
+            async move {
+                let r = peers
+                    .call_within::<_, Response>(
+                        addr,
+                        &Request::Unreferenced { delete },
+                        VERIFY_TIMEOUT,
+                    )
+                    .await;
+                let answer = match r {
+                    Ok(Response::Unreferenced(a)) => {
+                        a.map_err(|refusal| PeerError::Refused { node: n, refusal }.into())
+                    }
+                    Ok(other) => Err(PeerError::unexpected(n, &other).into()),
+                    Err(error) => Err(PeerError::Unreachable { node: n, error }.into()),
+                };
+                (n, answer)
+            }
+            .in_current_span(),
+        );
     }
     while let Some(joined) = set.join_next().await {
         if let Ok(a) = joined {

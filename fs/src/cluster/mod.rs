@@ -26,7 +26,7 @@ use shoal_net::pki::{Ca, Identity, PendingIdentity};
 use shoal_net::rpc::Peers;
 use shoal_net::token::JoinToken;
 use shoal_raft::{MetaCommand, Reply};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::node::{Node, NodeError, OpError};
 use rpc::{JoinReply, JoinRequest, RaftFailure, Refusal, Request, Response};
@@ -166,47 +166,55 @@ impl Cluster {
             .clone();
         let cluster = Arc::downgrade(self);
         let limits = Arc::new(shoal_net::rpc::Limits::new(Request::max_frame));
-        tokio::spawn(async move {
-            while let Some(incoming) = endpoint.accept().await {
-                let node = node.clone();
-                let limits = limits.clone();
-                let cluster = cluster.clone();
-                tokio::spawn(async move {
-                    let conn = match incoming.await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            debug!(error = %e, "refused a connection");
-                            return;
-                        }
-                    };
-                    let peer = shoal_net::quic::peer_node_id(&conn);
-                    let revoked_peer = peer.filter(|id| {
-                        node.upgrade()
-                            .is_some_and(|n| n.view.is_revoked(*id).unwrap_or(true))
-                    });
-                    if let Some(id) = revoked_peer {
-                        debug!(peer = id, "closing the connection of a removed node");
-                        conn.close(4u32.into(), revoked(id).as_bytes());
-                        return;
-                    }
-                    if let Some(c) = cluster.upgrade() {
-                        let mut incoming = c.incoming.lock().expect("incoming lock");
-                        incoming.retain(|c| c.close_reason().is_none());
-                        incoming.push(conn.clone());
-                    }
-                    shoal_net::rpc::serve(conn, limits, move |peer, req| {
-                        let node = node.clone();
+        tokio::spawn(
+            async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    let node = node.clone();
+                    let limits = limits.clone();
+                    let cluster = cluster.clone();
+                    tokio::spawn(
                         async move {
-                            match node.upgrade() {
-                                Some(node) => handle(node, peer, req).await,
-                                None => Response::Denied("the node is shutting down".into()),
+                            let conn = match incoming.await {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    debug!(error = %e, "refused a connection");
+                                    return;
+                                }
+                            };
+                            let peer = shoal_net::quic::peer_node_id(&conn);
+                            let revoked_peer = peer.filter(|id| {
+                                node.upgrade()
+                                    .is_some_and(|n| n.view.is_revoked(*id).unwrap_or(true))
+                            });
+                            if let Some(id) = revoked_peer {
+                                debug!(peer = id, "closing the connection of a removed node");
+                                conn.close(4u32.into(), revoked(id).as_bytes());
+                                return;
                             }
+                            if let Some(c) = cluster.upgrade() {
+                                let mut incoming = c.incoming.lock().expect("incoming lock");
+                                incoming.retain(|c| c.close_reason().is_none());
+                                incoming.push(conn.clone());
+                            }
+                            shoal_net::rpc::serve(conn, limits, move |peer, req| {
+                                let node = node.clone();
+                                async move {
+                                    match node.upgrade() {
+                                        Some(node) => serve_one(node, peer, req).await,
+                                        None => {
+                                            Response::Denied("the node is shutting down".into())
+                                        }
+                                    }
+                                }
+                            })
+                            .await;
                         }
-                    })
-                    .await;
-                });
+                        .in_current_span(),
+                    );
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 }
 
@@ -227,7 +235,7 @@ fn serve_memory(net: &MemoryNetwork, listen: SocketAddr, node_id: u64, node: Wea
                     {
                         Response::Denied(revoked(peer.unwrap_or_default()))
                     }
-                    (Some(n), Ok(req)) => handle(n, peer, req).await,
+                    (Some(n), Ok(req)) => serve_one(n, peer, req).await,
                 };
                 postcard::to_stdvec(&resp).unwrap_or_default()
             })
@@ -615,6 +623,15 @@ fn revoked(id: u64) -> String {
     format!(
         "node {id} was removed from this cluster and its certificate revoked: stop its daemon, delete its data directory, and join again with a new token"
     )
+}
+
+/// Serves one request in the serving node's span, whoever's task runs it (on the in-memory
+/// network the caller's task does).
+async fn serve_one(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
+    let span = node.span().clone();
+    span.in_scope(|| handle(node, peer, req))
+        .instrument(span)
+        .await
 }
 
 #[tracing::instrument(

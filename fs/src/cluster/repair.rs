@@ -11,7 +11,7 @@ use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use std::collections::HashMap;
 
@@ -252,19 +252,22 @@ pub(crate) async fn drop_garbage_elsewhere(node: &Node, ids: &[BlockId]) -> Resu
                 blocks: ids.to_vec(),
             },
         );
-        set.spawn(async move {
-            match peers
-                .call_within::<_, Response>(addr, &req, DROP_TIMEOUT)
-                .await
-            {
-                Ok(Response::DropGarbage(Ok(()))) => Ok(()),
-                Ok(Response::DropGarbage(Err(refusal))) => {
-                    Err(PeerError::Refused { node: n, refusal })
+        set.spawn(
+            async move {
+                match peers
+                    .call_within::<_, Response>(addr, &req, DROP_TIMEOUT)
+                    .await
+                {
+                    Ok(Response::DropGarbage(Ok(()))) => Ok(()),
+                    Ok(Response::DropGarbage(Err(refusal))) => {
+                        Err(PeerError::Refused { node: n, refusal })
+                    }
+                    Ok(other) => Err(PeerError::unexpected(n, &other)),
+                    Err(error) => Err(PeerError::Unreachable { node: n, error }),
                 }
-                Ok(other) => Err(PeerError::unexpected(n, &other)),
-                Err(error) => Err(PeerError::Unreachable { node: n, error }),
             }
-        });
+            .in_current_span(),
+        );
     }
     let mut first_error = None;
     while let Some(joined) = set.join_next().await {

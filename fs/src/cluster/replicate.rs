@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shoal_raft::{BlockId, Kv};
 use tokio::task::JoinSet;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::rpc::{Refusal, Request, Response};
 use crate::blocks::BlockError;
@@ -189,7 +189,9 @@ pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> 
             id: *id,
             data: data.clone(),
         };
-        tasks.push(tokio::spawn(copy.run(order, healthy, want, need)));
+        tasks.push(tokio::spawn(
+            copy.run(order, healthy, want, need).in_current_span(),
+        ));
     }
     let mut short = Vec::new();
     for t in tasks {
@@ -224,27 +226,30 @@ impl CopyJob {
             id,
             data: self.data.to_vec(),
         };
-        copies.spawn(async move {
-            let answer = cluster
-                .peers
-                .call_within::<_, Response>(addr, &req, BLOCK_TIMEOUT)
-                .await;
-            let landed = match answer {
-                Ok(Response::PutBlock(Ok(()))) => true,
-                Ok(other) => {
-                    warn!(block = %id, node = n, response = ?other, "replica refused");
-                    false
+        copies.spawn(
+            async move {
+                let answer = cluster
+                    .peers
+                    .call_within::<_, Response>(addr, &req, BLOCK_TIMEOUT)
+                    .await;
+                let landed = match answer {
+                    Ok(Response::PutBlock(Ok(()))) => true,
+                    Ok(other) => {
+                        warn!(block = %id, node = n, response = ?other, "replica refused");
+                        false
+                    }
+                    Err(e) => {
+                        warn!(block = %id, node = n, error = %e, "replica unreachable");
+                        false
+                    }
+                };
+                if landed {
+                    cluster.slow.clear(n);
                 }
-                Err(e) => {
-                    warn!(block = %id, node = n, error = %e, "replica unreachable");
-                    false
-                }
-            };
-            if landed {
-                cluster.slow.clear(n);
+                (n, landed)
             }
-            (n, landed)
-        });
+            .in_current_span(),
+        );
     }
 
     /// Copies to the first `want` of `order` (of its `healthy` leaders, and of the others only
@@ -379,17 +384,22 @@ pub async fn accept(
     // Until the layout naming it is applied here, or the guard's time is up (the writer's
     // commit failed): a block kept longer would escape collection once its file is deleted.
     let weak = std::sync::Arc::downgrade(node);
-    tokio::spawn(async move {
-        let until = tokio::time::Instant::now() + RECEIVED_GUARD;
-        loop {
-            tokio::time::sleep(GUARD_POLL).await;
-            let Some(node) = weak.upgrade() else { return };
-            if tokio::time::Instant::now() >= until || node.view.block_refs(&id).unwrap_or(0) > 0 {
-                node.unguard_blocks(&[id]);
-                return;
+    tokio::spawn(
+        async move {
+            let until = tokio::time::Instant::now() + RECEIVED_GUARD;
+            loop {
+                tokio::time::sleep(GUARD_POLL).await;
+                let Some(node) = weak.upgrade() else { return };
+                if tokio::time::Instant::now() >= until
+                    || node.view.block_refs(&id).unwrap_or(0) > 0
+                {
+                    node.unguard_blocks(&[id]);
+                    return;
+                }
             }
         }
-    });
+        .in_current_span(),
+    );
     let store = node.blocks.clone();
     tokio::task::spawn_blocking(move || {
         store.put(&id, &data)?;

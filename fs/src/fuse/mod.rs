@@ -23,7 +23,7 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use shoal_raft::{FileKind, FsError, Ino, Inode, Nanos, SetAttr, XattrMode};
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::node::{Node, OpError, now_nanos};
 use crate::ops::{NewEntry, WriteAck, range_lock};
@@ -154,7 +154,8 @@ impl ShoalFs {
         F: FnOnce(Arc<Node>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.node.clone()));
+        self.rt
+            .spawn(f(self.node.clone()).instrument(self.node.span().clone()));
     }
 
     fn new_entry(
@@ -184,12 +185,16 @@ impl ShoalFs {
         Fut: std::future::Future<Output = Result<(), OpError>> + Send + 'static,
     {
         let fut = fut(self.node.clone());
-        self.rt.spawn(async move {
-            match fut.await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
+        let span = self.node.span().clone();
+        self.rt.spawn(
+            async move {
+                match fut.await {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(errno(&e)),
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 
     fn listing(&self, fh: FileHandle) -> Option<DirListing> {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use shoal_raft::{BlockId, FsError, Ino, MetaCommand, Slice};
-use tracing::{debug, error, warn};
+use tracing::{Instrument, debug, error, warn};
 
 use crate::blocks::BlockStore;
 use crate::node::{Node, OpError, OpResult};
@@ -323,7 +323,9 @@ impl OpenFile {
         let file = self.clone();
         let rt = node.rt.clone();
         let node = node.clone();
-        rt.spawn(async move {
+        let span = node.span().clone();
+        rt.spawn(
+            async move {
             file.commit_queued.store(false, Ordering::Release);
             if let Err(e) = file.commit(&node).await {
                 if e.is_no_space() {
@@ -335,7 +337,9 @@ impl OpenFile {
                 }
                 file.bufs().error.get_or_insert(Arc::new(e));
             }
-        });
+        }
+            .instrument(span),
+        );
     }
 }
 

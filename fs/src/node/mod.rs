@@ -12,7 +12,7 @@ use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 use shoal_raft::{BlockId, FsError, Ino, Kv, MetaCommand, MetaRequest, Raft, Reply, StateView};
 use tokio::sync::{Notify, mpsc};
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::blocks::{BlockCache, BlockError, BlockStore};
 use crate::cluster::rpc::Refusal;
@@ -278,6 +278,10 @@ pub struct Node {
     pub(crate) headroom: Arc<shoal_raft::headroom::Headroom>,
     /// The cluster network, for a node started with a listen address.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The root span of everything this node does (`node` = its id): its workers, the tasks
+    /// of its FUSE requests and of the requests it serves run in it, so the log of several
+    /// nodes in one process (the simulation) tells them apart.
+    span: tracing::Span,
     /// Held for the whole life of the node: the data directory's lock file.
     _lock: std::fs::File,
 }
@@ -523,16 +527,25 @@ impl Node {
             notifier,
             invalidator,
             _lock: lock,
+            span: tracing::info_span!("node", id = config.node_id),
             config,
         });
+        let span = node.span.clone();
         if let Some(c) = &node.cluster {
-            c.serve(Arc::downgrade(&node));
-            tokio::spawn(crate::cluster::election::worker(Arc::downgrade(&node)));
+            span.in_scope(|| c.serve(Arc::downgrade(&node)));
+            tokio::spawn(
+                crate::cluster::election::worker(Arc::downgrade(&node)).instrument(span.clone()),
+            );
             // Before anything waits on the cluster: a restarted node may hold a certificate
             // that expires soon, and the others cannot reach it once it has.
-            tokio::spawn(crate::cluster::renew_worker(Arc::downgrade(&node)));
+            tokio::spawn(
+                crate::cluster::renew_worker(Arc::downgrade(&node)).instrument(span.clone()),
+            );
             let announcing = node.clone();
-            tokio::spawn(async move { crate::cluster::announce_restart(&announcing).await });
+            tokio::spawn(
+                async move { crate::cluster::announce_restart(&announcing).await }
+                    .instrument(span.clone()),
+            );
             crate::cluster::ensure_member(&node).await?;
         } else {
             wait_leader(&node.raft, node.id).await?;
@@ -556,12 +569,14 @@ impl Node {
             ),
             Err(e) => warn!(error = %e, "startup sweep of unreferenced blocks failed"),
         }
-        tokio::spawn(purge_worker(Arc::downgrade(&node), purge_rx));
-        tokio::spawn(session_worker(Arc::downgrade(&node)));
-        tokio::spawn(crate::cluster::repair::worker(Arc::downgrade(&node)));
+        tokio::spawn(purge_worker(Arc::downgrade(&node), purge_rx).instrument(span.clone()));
+        tokio::spawn(session_worker(Arc::downgrade(&node)).instrument(span.clone()));
+        tokio::spawn(
+            crate::cluster::repair::worker(Arc::downgrade(&node)).instrument(span.clone()),
+        );
 
-        tokio::spawn(file::commit_worker(Arc::downgrade(&node)));
-        tokio::spawn(gc::worker(Arc::downgrade(&node)));
+        tokio::spawn(file::commit_worker(Arc::downgrade(&node)).instrument(span.clone()));
+        tokio::spawn(gc::worker(Arc::downgrade(&node)).instrument(span.clone()));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");
         Ok(node)
     }
@@ -906,6 +921,11 @@ impl Node {
         {
             debug!(volume = name, error = %e, "dropping a volume's cached entry failed");
         }
+    }
+
+    /// The node's root span; tasks started for it run in it.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     /// This daemon run's current session.
