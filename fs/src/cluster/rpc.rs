@@ -221,12 +221,6 @@ impl From<String> for Refusal {
     }
 }
 
-impl From<&str> for Refusal {
-    fn from(why: &str) -> Refusal {
-        Refusal::Failed(why.to_string())
-    }
-}
-
 /// Another member did not do what this node asked of it.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
