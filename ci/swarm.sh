@@ -292,7 +292,7 @@ for k in 1 2; do
   if [ "$have" = 59 ]; then
     # Known defect, open (see the faults issue): in one run of eight here, one line of sw1
     # was missing (no torn or repeated line) after sw3 came back with a higher term and forced
-    # an election. Since the pre-vote (cluster::election) sw3 keeps its term while cut off and
+    # an election. Since the pre-vote (node::election) sw3 keeps its term while cut off and
     # its return forces none; the cause of the lost line is not known. Reported, not hidden;
     # anything more fails.
     short=$((short + 1))

@@ -11,8 +11,8 @@ use tracing::{Instrument, debug, info, warn};
 
 use shoal_raft::FsError;
 
-pub use crate::cluster::members::{Disk, Member};
-use crate::cluster::members::{members, node_name};
+pub use crate::node::members::{Disk, Member};
+use crate::node::members::{members, node_name};
 use crate::node::{Node, OpError};
 use crate::volumes::VolumeError;
 
@@ -130,7 +130,7 @@ pub enum AdminReply {
     Retention(u64),
     Done,
     Token(String),
-    Fsck(crate::cluster::fsck::FsckBatch),
+    Fsck(crate::node::fsck::FsckBatch),
     /// Block copies made by `FsckRepair`.
     Repaired(u64),
     /// Each member's unreferenced blocks, or why it did not answer.
@@ -293,7 +293,7 @@ fn volume_info(node: &Node, v: shoal_raft::Volume) -> Result<VolumeInfo, VolumeE
         replicas: v
             .options
             .replicas
-            .unwrap_or(crate::cluster::replicate::REPLICAS as u32),
+            .unwrap_or(crate::node::replicate::REPLICAS as u32),
         placement: v.options.placement_text(),
         from: v.options.from.clone(),
         created: secs(v.created),
@@ -466,20 +466,19 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                         Err(e) => AdminReply::Error(e.to_string()),
                     },
                     AdminRequest::Fsck { after, limit, only } => {
-                        match crate::cluster::fsck::check(&node, after, limit as usize, only).await
-                        {
+                        match crate::node::fsck::check(&node, after, limit as usize, only).await {
                             Ok(b) => AdminReply::Fsck(b),
                             Err(e) => AdminReply::Error(e.to_string()),
                         }
                     }
                     AdminRequest::FsckRepair(ids) => {
-                        match crate::cluster::fsck::repair(&node, ids).await {
+                        match crate::node::fsck::repair(&node, ids).await {
                             Ok(n) => AdminReply::Repaired(n),
                             Err(e) => AdminReply::Error(e.to_string()),
                         }
                     }
                     AdminRequest::Unreferenced { delete } => AdminReply::Unreferenced(
-                        crate::cluster::fsck::unreferenced(&node, delete)
+                        crate::node::fsck::unreferenced(&node, delete)
                             .await
                             .into_iter()
                             .map(|(n, a)| (n, a.map_err(|e| e.to_string())))

@@ -9,15 +9,15 @@
 //! - `fuse`: the FUSE adapter, mounting, errnos.
 //! - `ops`: POSIX operations on a node.
 //! - `node`: the node itself: open files and their buffered writes, Raft, proposals, sessions,
-//!   garbage collection.
-//! - `cluster`: other nodes: the protocol, replication, repair, membership, trust, fsck.
+//!   garbage collection, and what it does with other nodes: answering them, replication,
+//!   repair, membership, elections, trust, fsck.
+//! - `cluster`: this node's end of the network: the endpoint, its identity, the protocol; it
+//!   serves through a `Handler` and knows nothing of the node.
 //! - `blocks`: this disk's block store and cache; it knows nothing of the node.
 //!
 //! Beside them, the surfaces an operator or Docker talks to: `admin` (the admin socket),
 //! `plugin` (Docker's volume protocol) and `volumes` (what both do with volumes).
-//! `fuse`, `ops` and `node` call only downward, and `blocks` calls nothing above it. `node` and
-//! `cluster` still call each other: a node owns its cluster endpoint, and the endpoint's
-//! handlers act on the node.
+//! Each layer calls only downward.
 
 pub mod fuse;
 pub mod ops;

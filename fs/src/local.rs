@@ -172,7 +172,7 @@ fn up(nodes: u32, dir: &Path, base_port: u16, tunables: crate::Tunables) -> anyh
                     })?
                     .trim()
                     .parse()?;
-                rt.block_on(shoal_fs::cluster::join::join(
+                rt.block_on(shoal_fs::node::join::join(
                     &nd.data(),
                     token,
                     addr(1),

@@ -552,7 +552,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing("warn");
             let token: JoinToken = token.parse()?;
             let config =
-                runtime()?.block_on(shoal_fs::cluster::join::join(&data, token, peer, listen))?;
+                runtime()?.block_on(shoal_fs::node::join::join(&data, token, peer, listen))?;
             println!(
                 "joined cluster {} as node {}\nstart it with: shoal daemon --data {} --mount /mnt/shoal",
                 config.cluster_id,
@@ -887,7 +887,7 @@ const FSCK_BATCH: u32 = 64;
 /// `shoal fsck`: walks every referenced block through the daemon in batches, with a progress
 /// bar, lists what is wrong, and with `repair` fixes what can be fixed and checks it again.
 fn fsck(data: &std::path::Path, repair: bool) -> anyhow::Result<()> {
-    use shoal_fs::cluster::fsck::{BlockCheck, FsckBatch};
+    use shoal_fs::node::fsck::{BlockCheck, FsckBatch};
     let rt = runtime()?;
     let ask = |req: AdminRequest| -> anyhow::Result<FsckBatch> {
         match rt.block_on(admin::request(data, req))? {

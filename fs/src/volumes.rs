@@ -7,7 +7,7 @@ use shoal_raft::{
 };
 use tracing::info;
 
-use crate::cluster::members::{members, node_name};
+use crate::node::members::{members, node_name};
 use crate::node::{Node, OpError};
 
 /// Why a volume command was refused, worded for the Docker user who reads it (the plugin's

@@ -1,6 +1,5 @@
 //! The requests nodes send each other, one enum for the whole protocol.
 
-use openraft::BasicNode;
 use openraft::error::{
     CheckIsLeaderError, ClientWriteError, InstallSnapshotError, RaftError, SnapshotMismatch,
 };
@@ -8,8 +7,18 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{BasicNode, LogId};
 use serde::{Deserialize, Serialize};
 use shoal_raft::{BlockId, MetaRequest, MetaResponse, TypeConfig};
+
+/// A voter asks: would you vote for me if I started an election now? (`node::election`)
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct PreVote {
+    /// The term the candidate's election would have.
+    pub term: u64,
+    /// The candidate's last log entry.
+    pub last_log: Option<LogId<u64>>,
+}
 
 #[derive(Serialize, Deserialize, Debug)]
 pub enum Request {
@@ -62,8 +71,8 @@ pub enum Request {
     DropGarbage {
         blocks: Vec<BlockId>,
     },
-    /// Would the receiver vote for the caller in an election now (`cluster::election`)?
-    PreVote(super::election::PreVote),
+    /// Would the receiver vote for the caller in an election now (`node::election`)?
+    PreVote(PreVote),
 }
 
 impl Request {
@@ -128,7 +137,7 @@ pub struct JoinReply {
     pub ca: Vec<u8>,
     /// `ca` signed by the CA before it, during a CA rotation.
     pub cross: Option<Vec<u8>>,
-    /// The CAs members accept (see `cluster::trust`).
+    /// The CAs members accept (see `node::trust`).
     pub trust: Vec<Vec<u8>>,
     pub cluster_id: String,
     pub block_size: u32,

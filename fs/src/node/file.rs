@@ -237,8 +237,8 @@ impl OpenFile {
                 // The layout may name the blocks only once the replicas have them.
                 let copies: Vec<(BlockId, Bytes)> =
                     packed.iter().map(|(id, p)| (*id, p.data.clone())).collect();
-                let policy = crate::cluster::replicate::Policy::of_volume(node, self.volume);
-                crate::cluster::replicate::push(node, &copies, &policy).await?;
+                let policy = crate::node::replicate::Policy::of_volume(node, self.volume);
+                crate::node::replicate::push(node, &copies, &policy).await?;
                 shoal_raft::failpoint::hit("commit-before-propose");
                 let slices = packed.into_iter().flat_map(|(_, p)| p.slices).collect();
                 node.run(MetaCommand::Write {

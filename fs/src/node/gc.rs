@@ -52,7 +52,7 @@ pub async fn collect(node: &Node, grace: Duration) -> OpResult<usize> {
     }
     // The garbage list is what tells the other members to delete their copies: it forgets a
     // block only once every member has (a member down keeps it listed until it is back).
-    if let Err(e) = crate::cluster::repair::drop_garbage_elsewhere(node, &deleted).await {
+    if let Err(e) = crate::node::repair::drop_garbage_elsewhere(node, &deleted).await {
         debug!(blocks = n, error = %e, "garbage deleted here, not yet on every member; kept on the list");
         return Ok(n);
     }

@@ -19,9 +19,22 @@ use crate::cluster::rpc::Refusal;
 use file::OpenFile;
 use raft_net::NoPeers;
 
+pub mod election;
 pub(crate) mod file;
+pub mod fsck;
 pub mod gc;
+pub mod join;
+pub mod members;
+mod membership;
 mod raft_net;
+pub mod repair;
+pub mod replicate;
+mod serve;
+pub mod trust;
+
+pub use membership::ensure_member;
+pub use serve::VOTERS;
+pub use trust::CaError;
 
 /// How long a request waits for a leader to answer (an election takes one to two seconds).
 const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
@@ -146,15 +159,10 @@ pub enum NodeError {
     Blocks(#[from] BlockError),
     #[error("raft: {0}")]
     Raft(String),
-    /// The node's certificates and keys (`DATA/tls`): made, loaded or saved.
-    #[error("{what}: {source}")]
-    Tls {
-        what: &'static str,
-        source: shoal_net::pki::PkiError,
-    },
-    /// The node's QUIC endpoint could not be set up.
-    #[error("the cluster endpoint: {0}")]
-    Quic(#[from] shoal_net::quic::QuicError),
+    /// The node's certificates and keys (`DATA/tls`) or its QUIC endpoint: made, loaded, saved
+    /// or set up.
+    #[error(transparent)]
+    Tls(#[from] crate::cluster::TlsError),
     #[error("joining the cluster failed: {0}")]
     Join(String),
 }
@@ -287,14 +295,14 @@ pub struct Node {
 }
 
 /// openraft's configuration. A node of a cluster elects after a pre-vote
-/// (`cluster::election`), so openraft's own election timer is on only for a node without one.
+/// (`node::election`), so openraft's own election timer is on only for a node without one.
 fn raft_config(own_elections: bool, every: u64) -> Result<Arc<openraft::Config>, NodeError> {
     let every = every.max(1);
     let config = openraft::Config {
         cluster_name: "shoal".into(),
         heartbeat_interval: 100,
-        election_timeout_min: crate::cluster::election::ELECTION_TIMEOUT_MIN,
-        election_timeout_max: crate::cluster::election::ELECTION_TIMEOUT_MAX,
+        election_timeout_min: election::ELECTION_TIMEOUT_MIN,
+        election_timeout_max: election::ELECTION_TIMEOUT_MAX,
         enable_elect: own_elections,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
         // Entries kept behind a snapshot, for followers that lag a little.
@@ -398,7 +406,7 @@ pub async fn init(
         peers: Vec::new(),
     };
     let token = match listen {
-        Some(_) => Some(crate::cluster::init_tls(data, &config, cert_validity)?),
+        Some(_) => Some(membership::init_tls(data, &config, cert_validity)?),
         None => None,
     };
     let (raft, _, _) = open_raft(
@@ -533,20 +541,16 @@ impl Node {
         let span = node.span.clone();
         if let Some(c) = &node.cluster {
             span.in_scope(|| c.serve(Arc::downgrade(&node)));
-            tokio::spawn(
-                crate::cluster::election::worker(Arc::downgrade(&node)).instrument(span.clone()),
-            );
+            tokio::spawn(election::worker(Arc::downgrade(&node)).instrument(span.clone()));
             // Before anything waits on the cluster: a restarted node may hold a certificate
             // that expires soon, and the others cannot reach it once it has.
-            tokio::spawn(
-                crate::cluster::renew_worker(Arc::downgrade(&node)).instrument(span.clone()),
-            );
+            tokio::spawn(trust::renew_worker(Arc::downgrade(&node)).instrument(span.clone()));
             let announcing = node.clone();
             tokio::spawn(
-                async move { crate::cluster::announce_restart(&announcing).await }
+                async move { membership::announce_restart(&announcing).await }
                     .instrument(span.clone()),
             );
-            crate::cluster::ensure_member(&node).await?;
+            ensure_member(&node).await?;
         } else {
             wait_leader(&node.raft, node.id).await?;
         }
@@ -560,7 +564,7 @@ impl Node {
         // it. A block no layout names is a leftover of a crash between writing a block and
         // committing it, unless another node pushed it lately and has yet to propose the
         // layout that names it: blocks younger than that guard wait for the hourly sweep.
-        let min_age = crate::cluster::replicate::RECEIVED_GUARD;
+        let min_age = replicate::RECEIVED_GUARD;
         match crate::blocks::gc::sweep_unreferenced(&node.blocks, &node.needed(), min_age) {
             Ok(0) => {}
             Ok(n) => info!(
@@ -571,9 +575,7 @@ impl Node {
         }
         tokio::spawn(purge_worker(Arc::downgrade(&node), purge_rx).instrument(span.clone()));
         tokio::spawn(session_worker(Arc::downgrade(&node)).instrument(span.clone()));
-        tokio::spawn(
-            crate::cluster::repair::worker(Arc::downgrade(&node)).instrument(span.clone()),
-        );
+        tokio::spawn(repair::worker(Arc::downgrade(&node)).instrument(span.clone()));
 
         tokio::spawn(file::commit_worker(Arc::downgrade(&node)).instrument(span.clone()));
         tokio::spawn(gc::worker(Arc::downgrade(&node)).instrument(span.clone()));

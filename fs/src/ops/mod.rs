@@ -473,7 +473,7 @@ impl Node {
                         if damaged {
                             error!(block = %s.block, error = %e, "local replica is damaged; reading another and repairing");
                         }
-                        let block = crate::cluster::replicate::fetch(self, s.block, Some(s.block_len))
+                        let block = crate::node::replicate::fetch(self, s.block, Some(s.block_len))
                             .await
                             .inspect_err(|e| {
                                 self.blocks_lost.fetch_add(1, Ordering::Relaxed);

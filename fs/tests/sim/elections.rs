@@ -1,5 +1,5 @@
 //! Elections on the in-memory network: a node cut off from the others keeps its term, so it
-//! unseats no leader when it comes back (pre-vote, `cluster::election`), and the survivors of
+//! unseats no leader when it comes back (pre-vote, `node::election`), and the survivors of
 //! a dead leader elect one of themselves each time.
 
 use std::time::{Duration, Instant};
@@ -131,7 +131,7 @@ async fn the_survivors_of_a_dead_leader_elect_one_of_themselves_every_time() {
         let killed = Instant::now();
         c.kill(dead).await;
         // A liveness bound, not a speed figure: 0.9's fixed timeouts could split the two
-        // survivors' votes for much longer (see `cluster::election`).
+        // survivors' votes for much longer (see `node::election`).
         let (new, new_term) = agreed_leader(&c, &rest, Duration::from_secs(15)).await;
         times.push(killed.elapsed());
         assert!(

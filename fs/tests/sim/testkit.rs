@@ -66,7 +66,7 @@ impl Cluster {
                 .unwrap();
             let stranger = Peers::over(c.net.port(None));
             let config =
-                shoal_fs::cluster::join::join_over(&c.data(k), token, addr(1), addr(k), &stranger)
+                shoal_fs::node::join::join_over(&c.data(k), token, addr(1), addr(k), &stranger)
                     .await
                     .unwrap();
             assert_eq!(

@@ -18,10 +18,10 @@ use tracing::Instrument;
 
 use super::repair::{live_nodes, volume_policies};
 use super::replicate::{self, Policy};
-use super::rpc::{PeerError, Request, Response};
+use super::{Node, OpError};
 use crate::blocks::BlockError;
 use crate::blocks::gc::{Unreferenced, scan_unreferenced};
-use crate::node::{Node, OpError};
+use crate::cluster::rpc::{PeerError, Request, Response};
 
 /// Why a check, a repair or a count of unreferenced blocks stopped.
 #[derive(Debug, thiserror::Error)]

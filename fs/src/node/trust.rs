@@ -14,16 +14,19 @@
 //! `cross.crt` after a rotation), swapped whole with `renameat2(RENAME_EXCHANGE)`; a cluster
 //! that never rotated signs with `DATA/tls/ca.crt` and `ca.key` from `shoal init`.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use shoal_net::pki::{self, Ca, CertificateDer};
+use shoal_net::pki::{self, CertificateDer, PendingIdentity};
 use shoal_net::token::JoinToken;
 use shoal_raft::MetaCommand;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::{Cluster, tls_dir};
-use crate::node::{Node, OpError};
+use super::{Node, OpError};
+use crate::cluster::rpc::{Request, Response};
+use crate::cluster::signer::{Signer, signer_dir};
+use crate::cluster::{Cluster, TlsError, save_token, tls_dir, token_path};
 
 /// Why a certificate or CA operation failed (`shoal ca`, `shoal token rotate`, renewals and
 /// following the trust set).
@@ -56,83 +59,26 @@ pub enum CaError {
     /// No member signed a renewal; the last one's answer.
     #[error("{0}")]
     NotRenewed(String),
-    #[error("{what}: {source}")]
-    Pki {
-        what: &'static str,
-        source: pki::PkiError,
-    },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    /// Certificates, keys or the endpoint's TLS: made, saved or put to use.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("{what}: {source}")]
     Op { what: &'static str, source: OpError },
-    #[error(transparent)]
-    Quic(#[from] shoal_net::quic::QuicError),
     #[error("metadata store: {0}")]
     Store(#[from] shoal_raft::StoreError),
 }
 
 impl CaError {
     pub(crate) fn pki(what: &'static str) -> impl FnOnce(pki::PkiError) -> CaError {
-        move |source| CaError::Pki { what, source }
+        move |source| CaError::Tls(TlsError::pki(what)(source))
     }
 
     pub(crate) fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> CaError {
-        move |source| CaError::Io {
-            what: what.to_string(),
-            source,
-        }
+        move |source| CaError::Tls(TlsError::io(what)(source))
     }
 
     pub(crate) fn op(what: &'static str) -> impl FnOnce(OpError) -> CaError {
         move |source| CaError::Op { what, source }
-    }
-}
-
-/// The CA a node signs with, and its cross-signed certificate after a rotation.
-pub struct Signer {
-    pub ca: Ca,
-    pub cross: Option<CertificateDer<'static>>,
-}
-
-fn signer_dir(data: &Path) -> PathBuf {
-    tls_dir(data).join("signer")
-}
-
-impl Signer {
-    /// The node's signing CA, if it holds one.
-    pub fn load(data: &Path) -> Option<Signer> {
-        let dir = signer_dir(data);
-        if dir.exists() {
-            let ca = Ca::load(&dir.join("ca.crt"), &dir.join("ca.key")).ok()?;
-            let cross = std::fs::read_to_string(dir.join("cross.crt"))
-                .ok()
-                .and_then(|t| pem::parse(t).ok())
-                .map(|p| CertificateDer::from(p.into_contents()));
-            return Some(Signer { ca, cross });
-        }
-        let tls = tls_dir(data);
-        let ca = Ca::load(&tls.join("ca.crt"), &tls.join("ca.key")).ok()?;
-        Some(Signer { ca, cross: None })
-    }
-
-    /// Writes the signer into `dir` (made fresh), every file fsynced.
-    fn save(&self, dir: &Path) -> Result<(), CaError> {
-        let _ = std::fs::remove_dir_all(dir);
-        crate::private::create_data_dir(dir).map_err(CaError::io(dir.display()))?;
-        self.ca
-            .save(&dir.join("ca.crt"), &dir.join("ca.key"))
-            .map_err(CaError::pki("saving the new CA"))?;
-        if let Some(cross) = &self.cross {
-            let text = pem::encode(&pem::Pem::new("CERTIFICATE", cross.to_vec()));
-            shoal_net::durable::write_atomic(&dir.join("cross.crt"), text.as_bytes(), 0o644)
-                .map_err(CaError::io(dir.display()))?;
-        }
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(CaError::io(dir.display()))
     }
 }
 
@@ -179,7 +125,7 @@ pub async fn follow(node: &Node) -> Result<(), CaError> {
     }
     if pki::fingerprint(&trust[0]) != issuer {
         info!("this node's certificate is from a CA that no longer signs: asking for a new one");
-        super::renew(node, c).await?;
+        renew(node, c).await?;
     }
     Ok(())
 }
@@ -223,10 +169,7 @@ impl Node {
                 &dir,
                 rustix::fs::RenameFlags::EXCHANGE,
             )
-            .map_err(|e| CaError::Io {
-                what: "swapping in the new CA".into(),
-                source: e.into(),
-            })?;
+            .map_err(|e| CaError::io("swapping in the new CA")(e.into()))?;
             let retired = dir.with_extension(format!("retired-{}", crate::node::now_nanos()));
             std::fs::rename(&staged, retired).map_err(CaError::io("keeping the old CA"))?;
         } else {
@@ -236,7 +179,7 @@ impl Node {
             .and_then(|d| d.sync_all())
             .map_err(CaError::io(tls_dir(&self.data_dir).display()))?;
         let fingerprint = next.ca.fingerprint();
-        *c.signer.lock().expect("signer lock") = Some(Arc::new(next));
+        c.set_signer(Arc::new(next));
         info!(
             ca = hex::encode(&fingerprint[..6]),
             "rotated the cluster CA: members now accept the old and the new"
@@ -274,4 +217,102 @@ impl Node {
         info!("retired the old cluster CA");
         follow(self).await
     }
+
+    /// Makes a new join token; tokens made before stop working. Only on the CA's node.
+    pub async fn rotate_token(&self) -> Result<JoinToken, CaError> {
+        let signer = self
+            .cluster()
+            .and_then(|c| c.signer())
+            .ok_or(CaError::NotTokenMaker)?;
+        let token = JoinToken::new(signer.ca.fingerprint());
+        self.run(MetaCommand::SetJoinSecret {
+            hash: token.secret_hash(),
+        })
+        .await
+        .map_err(CaError::op("recording the new token"))?;
+        save_token(&self.data_dir, &token)
+            .map_err(CaError::io(token_path(&self.data_dir).display()))?;
+        Ok(token)
+    }
+}
+
+/// Renews this node's certificate when half its validity has passed: asks each member in turn
+/// (only the CA's node can sign), saves the new certificate and uses it for new connections.
+pub async fn renew_worker(node: Weak<Node>) {
+    loop {
+        let wait = {
+            let Some(node) = node.upgrade() else { return };
+            let Some(c) = node.cluster() else { return };
+            // A CA rotation or retirement in the state machine is followed within seconds.
+            if let Err(e) = follow(&node).await {
+                warn!(error = %e, "following the cluster's CA set failed; trying again");
+            }
+            let not_after = c
+                .identity
+                .lock()
+                .expect("identity lock")
+                .not_after()
+                .unwrap_or(0);
+            let now = crate::node::now_nanos() / 1_000_000_000;
+            let half = (node.options.cert_validity.as_secs() / 2) as i64;
+            if not_after - now > half {
+                Duration::from_secs((not_after - now - half).clamp(1, FOLLOW_EVERY) as u64)
+            } else {
+                match renew(&node, c).await {
+                    Ok(()) => Duration::from_secs(1),
+                    Err(e) => {
+                        warn!(error = %e, "renewing this node's certificate failed; retrying");
+                        Duration::from_secs(5)
+                    }
+                }
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// How often, in seconds, a node looks at the CA set in the state machine.
+const FOLLOW_EVERY: i64 = 2;
+
+async fn renew(node: &Node, c: &Cluster) -> Result<(), CaError> {
+    let pending = {
+        let id = c.identity.lock().expect("identity lock");
+        PendingIdentity::renew(&id).map_err(CaError::pki("making a renewal request"))?
+    };
+    let req = Request::RenewCert {
+        csr: pending.csr_der.clone(),
+    };
+    let mut last = String::from("no member holds the CA");
+    for (id, addr) in node.members() {
+        let Ok(addr) = addr.parse::<SocketAddr>() else {
+            continue;
+        };
+        let reply = if id == node.id {
+            node.sign_renewal(node.id, &pending.csr_der)
+                .map_err(|e| e.to_string())
+        } else {
+            match c.peers.call::<_, Response>(addr, &req).await {
+                Ok(Response::RenewCert(r)) => r.map_err(|e| e.to_string()),
+                Ok(other) => Err(format!("unexpected response {other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let got = match reply {
+            Ok(got) => got,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        let trust = c.identity.lock().expect("identity lock").trust.clone();
+        let mut renewed = pending
+            .complete(got.cert.into(), got.ca.into())
+            .map_err(CaError::pki("the renewed certificate"))?
+            .with_trust(trust);
+        renewed.cross = got.cross.map(Into::into);
+        c.install(renewed)?;
+        info!("renewed this node's certificate");
+        return Ok(());
+    }
+    Err(CaError::NotRenewed(last))
 }

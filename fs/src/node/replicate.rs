@@ -11,9 +11,9 @@ use shoal_raft::{BlockId, Kv};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, warn};
 
-use super::rpc::{Refusal, Request, Response};
+use super::{Node, OpError, OpResult};
 use crate::blocks::BlockError;
-use crate::node::{Node, OpError, OpResult};
+use crate::cluster::rpc::{Refusal, Request, Response};
 
 /// How many copies of each block the cluster keeps, at most.
 pub const REPLICAS: usize = 3;
@@ -137,32 +137,6 @@ fn by_health(
 const NEED_PATIENCE: Duration = Duration::from_secs(10);
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
-/// How long block copies skip a peer that a commit stopped waiting for, unless a copy to it
-/// lands meanwhile.
-const SLOW_FOR: Duration = Duration::from_secs(5);
-
-/// Peers that left a commit waiting past `SLOW_COPY`: for `SLOW_FOR`, or until a copy to them
-/// lands, block copies go to them only when no healthy node can take one, so a frozen or
-/// partitioned member costs one commit `SLOW_COPY`, not every commit until its lease ends.
-#[derive(Default)]
-pub struct SlowPeers(std::sync::Mutex<std::collections::HashMap<u64, Instant>>);
-
-impl SlowPeers {
-    fn is_slow(&self, n: u64) -> bool {
-        let m = self.0.lock().expect("slow peers lock");
-        m.get(&n).is_some_and(|until| Instant::now() < *until)
-    }
-
-    fn mark(&self, n: u64) {
-        let mut m = self.0.lock().expect("slow peers lock");
-        m.insert(n, Instant::now() + SLOW_FOR);
-    }
-
-    fn clear(&self, n: u64) {
-        self.0.lock().expect("slow peers lock").remove(&n);
-    }
-}
-
 /// Copies blocks this node just stored to the other nodes the policy wants (R-1 of them, or R
 /// when this node is not one the policy allows), trying further candidates when one fails.
 /// Returns once each block is durable on as many nodes as could take it, except that a member
@@ -212,7 +186,7 @@ pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> 
 }
 
 struct CopyJob {
-    cluster: std::sync::Arc<super::Cluster>,
+    cluster: std::sync::Arc<crate::cluster::Cluster>,
     id: BlockId,
     data: Bytes,
 }

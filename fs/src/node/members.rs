@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::node::Node;
+use super::Node;
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Member {

@@ -14,9 +14,9 @@ use shoal_net::pki::PendingIdentity;
 use shoal_net::rpc::Peers;
 use shoal_net::token::JoinToken;
 
-use super::rpc::{JoinRequest, Request, Response};
-use super::tls_dir;
-use crate::node::{ClusterConfig, NodeError};
+use super::{ClusterConfig, NodeError};
+use crate::cluster::rpc::{JoinRequest, Request, Response};
+use crate::cluster::{TlsError, tls_dir};
 
 pub async fn join(
     data: &Path,
@@ -24,7 +24,7 @@ pub async fn join(
     peer: SocketAddr,
     listen: SocketAddr,
 ) -> Result<ClusterConfig, NodeError> {
-    let endpoint = shoal_net::quic::join_endpoint(token.ca_fingerprint)?;
+    let endpoint = shoal_net::quic::join_endpoint(token.ca_fingerprint).map_err(TlsError::from)?;
     join_over(data, token, peer, listen, &Peers::new(endpoint)).await
 }
 
@@ -44,10 +44,7 @@ pub async fn join_over(
     }
     crate::private::create_data_dir(&tls_dir(data))
         .map_err(|e| NodeError::Io(data.to_path_buf(), e))?;
-    let pending = PendingIdentity::generate().map_err(|source| NodeError::Tls {
-        what: "making this node's key",
-        source,
-    })?;
+    let pending = PendingIdentity::generate().map_err(TlsError::pki("making this node's key"))?;
     let req = Request::Join(JoinRequest {
         secret: token.secret,
         csr: pending.csr_der.clone(),
@@ -83,18 +80,12 @@ pub async fn join_over(
     };
     let mut identity = pending
         .complete(reply.cert.into(), reply.ca.into())
-        .map_err(|source| NodeError::Tls {
-            what: "the certificate the cluster signed",
-            source,
-        })?
+        .map_err(TlsError::pki("the certificate the cluster signed"))?
         .with_trust(reply.trust.into_iter().map(Into::into).collect());
     identity.cross = reply.cross.map(Into::into);
     identity
         .save(&tls_dir(data))
-        .map_err(|source| NodeError::Tls {
-            what: "saving this node's certificate",
-            source,
-        })?;
+        .map_err(TlsError::pki("saving this node's certificate"))?;
     let config = ClusterConfig {
         node_id: reply.node_id,
         cluster_id: reply.cluster_id,

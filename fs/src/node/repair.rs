@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use shoal_raft::{BlockId, FileKind, Ino, Kv};
 
 use super::replicate::{self, Policy};
-use super::rpc::{PeerError, Request, Response};
-use crate::node::{Node, now_nanos};
+use super::{Node, now_nanos};
+use crate::cluster::rpc::{PeerError, Request, Response};
 
 const PERIOD: Duration = Duration::from_secs(3);
 

@@ -25,13 +25,12 @@ use std::time::Duration;
 
 use openraft::{LogId, ServerState};
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info};
 
-use super::rpc::{Request, Response};
-use crate::node::Node;
+use super::Node;
+use crate::cluster::rpc::{PreVote, Request, Response};
 
 /// openraft's election timeout bounds (milliseconds): see `node::raft_config`.
 pub const ELECTION_TIMEOUT_MIN: u64 = 300;
@@ -41,15 +40,6 @@ pub const ELECTION_TIMEOUT_MAX: u64 = 600;
 const LEASE: Duration = Duration::from_millis(ELECTION_TIMEOUT_MAX);
 /// How often the worker looks at its node's Raft state.
 const TICK: Duration = Duration::from_millis(50);
-
-/// A voter asks: would you vote for me if I started an election now?
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct PreVote {
-    /// The term the candidate's election would have.
-    pub term: u64,
-    /// The candidate's last log entry.
-    pub last_log: Option<LogId<u64>>,
-}
 
 /// What this node's Raft says about leaders it heard from, read in one step.
 struct Seen {
