@@ -315,7 +315,10 @@ impl OpenFile {
         Ok(())
     }
 
-    /// Commits in the background; a failure is kept for the next flush or fsync to report.
+    /// Commits in the background. A failure that dropped data (the session was fenced, the
+    /// quota was hit, writes were dropped before an unlock) is kept for the next fsync or
+    /// close to report. Any other leaves the data buffered: it is only logged, the next tick
+    /// tries again, and an fsync meanwhile commits for itself and reports what it meets.
     pub(crate) fn commit_in_background(self: &Arc<Self>, node: &Arc<Node>) {
         if self.commit_queued.swap(true, Ordering::AcqRel) {
             return;
@@ -326,18 +329,32 @@ impl OpenFile {
         let span = node.span().clone();
         rt.spawn(
             async move {
-            file.commit_queued.store(false, Ordering::Release);
-            if let Err(e) = file.commit(&node).await {
-                if e.is_no_space() {
-                    // `Node::check_space` logs a full disk, at most every 10 s; a line per
-                    // file and retry here flooded the log (one a second per open file).
-                    debug!(ino = file.ino, "background commit refused: the data disk is full");
-                } else {
-                    warn!(ino = file.ino, error = %e, "background commit failed; the next fsync or close reports it");
-                }
-                file.bufs().error.get_or_insert(Arc::new(e));
+                file.commit_queued.store(false, Ordering::Release);
+                let lost = match file.commit(&node).await {
+                    Ok(()) => return,
+                    // Taken from the file by this commit: put back as it was, unreported.
+                    Err(OpError::Earlier(e)) => e,
+                    Err(
+                        e @ (OpError::Fenced
+                        | OpError::Unlanded
+                        | OpError::Fs(FsError::QuotaExceeded)),
+                    ) => {
+                        warn!(ino = file.ino, error = %e, "background commit dropped buffered writes; the next fsync or close reports it");
+                        Arc::new(e)
+                    }
+                    Err(e) if e.is_no_space() => {
+                        // `Node::check_space` logs a full disk, at most every 10 s; a line per
+                        // file and retry here flooded the log (one a second per open file).
+                        debug!(ino = file.ino, "background commit refused: the data disk is full");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(ino = file.ino, error = %e, "background commit failed; the data stays buffered and is tried again");
+                        return;
+                    }
+                };
+                file.bufs().error.get_or_insert(lost);
             }
-        }
             .instrument(span),
         );
     }

@@ -302,19 +302,23 @@ async fn faults(c: Arc<tokio::sync::RwLock<Cluster>>, seed: u64, steps: u32) -> 
     log
 }
 
-/// Every name in the root and the bytes of its file, as `node` has them after a read barrier.
-async fn tree(node: &Node) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    node.read_barrier().await.unwrap();
+/// Every name in the root and the bytes of its file, as `node` has them after a read barrier;
+/// or the error of a read or close (a commit a fault interrupted that fails again right after
+/// healing, before the peers are tried again: its data stays buffered).
+async fn tree(node: &Node) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, shoal_fs::node::OpError> {
+    node.read_barrier().await?;
     let mut out = BTreeMap::new();
-    for (ino, kind, name) in node.readdir(ROOT_INO).unwrap() {
+    for (ino, kind, name) in node.readdir(ROOT_INO)? {
         if kind != FileKind::File || name == b"." || name == b".." {
             continue;
         }
-        let size = node.getattr(ino).unwrap().size as usize;
+        let size = node.getattr(ino)?.size as usize;
         let committed = node.view.inode(ino).unwrap().map(|i| i.size);
-        node.open(ino).await.unwrap();
-        let bytes = node.read(ino, 0, size).await.unwrap();
-        node.release(ino, None).await.unwrap();
+        node.open(ino).await?;
+        let bytes = node.read(ino, 0, size).await;
+        let released = node.release(ino, None).await;
+        let bytes = bytes?;
+        released?;
         if committed != Some(bytes.len() as u64) {
             eprintln!(
                 "node {}: {} (inode {ino}) reads {} bytes, its committed size is {committed:?}",
@@ -325,7 +329,7 @@ async fn tree(node: &Node) -> BTreeMap<Vec<u8>, Vec<u8>> {
         }
         out.insert(name, bytes);
     }
-    out
+    Ok(out)
 }
 
 async fn run(seed: u64) {
@@ -353,23 +357,28 @@ async fn run(seed: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let trees = loop {
         let mut trees = Vec::new();
+        let mut failed = Vec::new();
         for k in 1..=3 {
             let node = c.node(k);
-            trees.push(
-                tokio::time::timeout(Duration::from_secs(60), tree(&node))
-                    .await
-                    .unwrap_or_else(|_| {
-                        panic!("node {k} did not answer within 60 s after healing")
-                    }),
-            );
+            match tokio::time::timeout(Duration::from_secs(60), tree(&node))
+                .await
+                .unwrap_or_else(|_| panic!("node {k} did not answer within 60 s after healing"))
+            {
+                Ok(t) => trees.push(t),
+                Err(e) => failed.push(format!("node {k}: {e}")),
+            }
         }
-        let diff = differences(&trees);
+        let diff = if failed.is_empty() {
+            differences(&trees)
+        } else {
+            failed
+        };
         if diff.is_empty() {
             break trees;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "30 s after healing, the nodes still differ: {diff:?}; faults: {}",
+            "30 s after healing, the nodes still differ or fail: {diff:?}; faults: {}",
             schedule.join("; ")
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
