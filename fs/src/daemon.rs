@@ -20,6 +20,8 @@ pub struct DaemonArgs<'a> {
     pub allow_suid_dev: bool,
     /// Where to serve the Docker volume plugin, if anywhere.
     pub plugin_socket: Option<&'a Path>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
@@ -29,6 +31,14 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
     // Check the mount point before starting anything, so a bad --mount fails fast.
     fuse::mount::prepare(args.mount)?;
     shoal_raft::failpoint::arm_from_env()?;
+    let metrics = match args.metrics {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "--metrics {addr}: cannot listen there (in use, or not an address of this host?)"
+            )
+        })?),
+        None => None,
+    };
     let node = Node::start(args.data, args.options).await?;
     let handle = fuse::mount(
         node.clone(),
@@ -52,6 +62,20 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
             .instrument(span),
         )
     });
+    if let Some(listener) = metrics {
+        let addr = listener.local_addr().ok();
+        let node = node.clone();
+        let span = node.span().clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = shoal_fs::metrics::serve(node, listener).await {
+                    tracing::error!(addr = ?addr, error = %e, "the metrics endpoint stopped");
+                }
+            }
+            .instrument(span),
+        );
+        info!(addr = ?addr, "serving Prometheus metrics on /metrics");
+    }
     info!(mount = %handle.mountpoint.display(), data = %args.data.display(), "shoal is serving");
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -34,6 +34,7 @@ pub mod volumes;
 pub mod faults;
 pub mod fuzz;
 mod invalidate;
+pub mod metrics;
 pub mod private;
 
 pub use node::{Node, NodeOptions};

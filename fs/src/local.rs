@@ -26,6 +26,9 @@ pub enum LocalCommand {
         /// Node K listens on 127.0.0.1:(BASE_PORT + K)
         #[arg(long, default_value_t = 7440)]
         base_port: u16,
+        /// Serve each node's Prometheus metrics: node K on http://127.0.0.1:(PORT + K)/metrics
+        #[arg(long, value_name = "PORT")]
+        metrics_port: Option<u16>,
         #[command(flatten)]
         tunables: crate::Tunables,
     },
@@ -42,8 +45,17 @@ pub fn run(cmd: LocalCommand) -> anyhow::Result<()> {
             nodes,
             dir,
             base_port,
+            metrics_port,
             tunables,
-        } => up(nodes, &dir, base_port, tunables),
+        } => up(
+            nodes,
+            &dir,
+            Ports {
+                base: base_port,
+                metrics: metrics_port,
+            },
+            tunables,
+        ),
         LocalCommand::Down { dir } => down(&dir),
     }
 }
@@ -99,12 +111,30 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn up(nodes: u32, dir: &Path, base_port: u16, tunables: crate::Tunables) -> anyhow::Result<()> {
+/// Where node K listens: QUIC on `base + K`, metrics (if served) on `metrics + K`.
+struct Ports {
+    base: u16,
+    metrics: Option<u16>,
+}
+
+impl Ports {
+    fn metrics(&self, k: u32) -> Option<std::net::SocketAddr> {
+        self.metrics.map(|m| ([127, 0, 0, 1], m + k as u16).into())
+    }
+}
+
+fn up(nodes: u32, dir: &Path, ports: Ports, tunables: crate::Tunables) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 64 {
         bail!("--nodes must be from 1 to 64");
     }
+    let base_port = ports.base;
     if u32::from(base_port) + nodes > 65535 {
         bail!("--base-port {base_port} leaves no room for {nodes} nodes");
+    }
+    if let Some(m) = ports.metrics
+        && u32::from(m) + nodes > 65535
+    {
+        bail!("--metrics-port {m} leaves no room for {nodes} nodes");
     }
     if !rustix::process::geteuid().is_root() {
         bail!(
@@ -139,7 +169,7 @@ fn up(nodes: u32, dir: &Path, base_port: u16, tunables: crate::Tunables) -> anyh
             }
         }
         if node::ClusterConfig::load(&nd.data()).is_ok() {
-            running.push((k, spawn_daemon(&exe, &nd, &tunables)?));
+            running.push((k, spawn_daemon(&exe, &nd, ports.metrics(k), &tunables)?));
         } else {
             fresh.push(k);
         }
@@ -147,9 +177,10 @@ fn up(nodes: u32, dir: &Path, base_port: u16, tunables: crate::Tunables) -> anyh
     for (k, child) in running {
         wait_ready(child, &NodeDir::new(dir, k), k, &rt)?;
         println!(
-            "node-{k} is up: mount {}, listening on {}",
+            "node-{k} is up: mount {}, listening on {}{}",
             NodeDir::new(dir, k).mnt().display(),
-            addr(k)
+            addr(k),
+            metrics_note(ports.metrics(k))
         );
     }
     for k in fresh {
@@ -180,13 +211,14 @@ fn up(nodes: u32, dir: &Path, base_port: u16, tunables: crate::Tunables) -> anyh
                 ))?;
             }
         }
-        let child = spawn_daemon(&exe, &nd, &tunables)?;
+        let child = spawn_daemon(&exe, &nd, ports.metrics(k), &tunables)?;
         wait_ready(child, &nd, k, &rt)?;
         println!(
-            "node-{k} is up: mount {}, data {}, listening on {}",
+            "node-{k} is up: mount {}, data {}, listening on {}{}",
             nd.mnt().display(),
             nd.data().display(),
-            addr(k)
+            addr(k),
+            metrics_note(ports.metrics(k))
         );
     }
     let first = NodeDir::new(dir, 1);
@@ -205,10 +237,17 @@ fn up(nodes: u32, dir: &Path, base_port: u16, tunables: crate::Tunables) -> anyh
     Ok(())
 }
 
+fn metrics_note(metrics: Option<std::net::SocketAddr>) -> String {
+    metrics
+        .map(|m| format!(", metrics http://{m}/metrics"))
+        .unwrap_or_default()
+}
+
 /// Starts a node's daemon in the background.
 fn spawn_daemon(
     exe: &Path,
     nd: &NodeDir,
+    metrics: Option<std::net::SocketAddr>,
     tunables: &crate::Tunables,
 ) -> anyhow::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
@@ -222,6 +261,7 @@ fn spawn_daemon(
         .arg(nd.mnt())
         .arg("--plugin-socket")
         .arg(nd.root.join("plugin.sock"))
+        .args(metrics.map(|m| format!("--metrics={m}")))
         .args(tunables.args())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -102,6 +102,10 @@ enum Command {
         /// collector runs this often, at most every 30 s): e.g. 60s, 10m
         #[arg(long, env = "SHOAL_GC_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
         gc_grace: std::time::Duration,
+        /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9477 (not served
+        /// unless given; they name volumes and nodes, so keep them off public addresses)
+        #[arg(long, env = "SHOAL_METRICS", value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
         #[command(flatten)]
         tunables: Tunables,
     },
@@ -704,6 +708,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_plugin,
             allow_suid_dev,
             gc_grace,
+            metrics,
             tunables,
         } => {
             init_tracing(&log);
@@ -724,6 +729,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 fuse_threads,
                 allow_suid_dev,
                 plugin_socket: (!no_plugin).then_some(plugin_socket.as_path()),
+                metrics,
             }))
         }
         Command::Volume { command } => volume_command(command),

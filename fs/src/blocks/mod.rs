@@ -7,6 +7,7 @@ pub mod gc;
 pub mod store;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use quick_cache::Weighter;
@@ -29,6 +30,9 @@ impl Weighter<(BlockId, u32), Bytes> for ByLen {
 pub struct BlockCache {
     chunks: Cache<(BlockId, u32), Bytes, ByLen>,
     indexes: Cache<BlockId, Arc<ChunkIndex>>,
+    /// Reads `copy_cached` answered, and those it could not.
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 impl BlockCache {
@@ -37,6 +41,8 @@ impl BlockCache {
         BlockCache {
             chunks: Cache::with_weighter(items, capacity_bytes.max(1), ByLen),
             indexes: Cache::new(64 << 10),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
@@ -60,14 +66,26 @@ impl BlockCache {
         match pieces {
             Some(pieces) => {
                 copy_pieces(&pieces, from / CHUNK, from, out);
+                self.hits.fetch_add(1, Ordering::Relaxed);
                 true
             }
-            None => false,
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                false
+            }
         }
     }
 
     pub fn weight(&self) -> u64 {
         self.chunks.weight()
+    }
+
+    /// Reads served from the cache, and reads that were not, since the node started.
+    pub fn hits(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
     }
 }
 

@@ -25,6 +25,7 @@ use fuser::{
 use shoal_raft::{FileKind, FsError, Ino, Inode, Nanos, SetAttr, XattrMode};
 use tracing::{Instrument, debug, warn};
 
+use crate::metrics::OpTimer;
 use crate::node::{Node, OpError, now_nanos};
 use crate::ops::{NewEntry, WriteAck, range_lock};
 
@@ -149,17 +150,26 @@ impl ShoalFs {
     }
 
     /// Runs `f` on tokio with a clone of the node.
-    fn spawn<F, Fut>(&self, f: F)
+    /// Runs `f` on tokio with a clone of the node; the operation's timer `t` stops when it
+    /// is done (it has replied).
+    fn spawn<F, Fut>(&self, t: OpTimer, f: F)
     where
         F: FnOnce(Arc<Node>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt
-            .spawn(f(self.node.clone()).instrument(self.node.span().clone()));
+        let fut = f(self.node.clone());
+        self.rt.spawn(
+            async move {
+                fut.await;
+                drop(t);
+            }
+            .instrument(self.node.span().clone()),
+        );
     }
 
     fn new_entry(
         &self,
+        t: OpTimer,
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
@@ -172,7 +182,7 @@ impl ShoalFs {
             gid: req.gid(),
             ..e
         };
-        self.spawn(move |node| async move {
+        self.spawn(t, move |node| async move {
             match node.create(parent.0, &name, e).await {
                 Ok(i) => reply.entry(&TTL, &attr(&i), Generation(i.generation)),
                 Err(e) => reply.error(errno(&e)),
@@ -180,7 +190,7 @@ impl ShoalFs {
         });
     }
 
-    fn reply_empty<Fut>(&self, reply: ReplyEmpty, fut: impl FnOnce(Arc<Node>) -> Fut)
+    fn reply_empty<Fut>(&self, t: OpTimer, reply: ReplyEmpty, fut: impl FnOnce(Arc<Node>) -> Fut)
     where
         Fut: std::future::Future<Output = Result<(), OpError>> + Send + 'static,
     {
@@ -192,6 +202,7 @@ impl ShoalFs {
                     Ok(()) => reply.ok(),
                     Err(e) => reply.error(errno(&e)),
                 }
+                drop(t);
             }
             .instrument(span),
         );
@@ -235,6 +246,7 @@ impl Filesystem for ShoalFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let t = self.node.metrics.fuse_op("lookup");
         let name = name.as_bytes().to_vec();
         match self.node.lookup(parent.0, &name) {
             Ok(i) => {
@@ -245,7 +257,7 @@ impl Filesystem for ShoalFs {
             }
             Err(OpError::Fs(FsError::NotFound)) if self.node.cluster().is_some() => {
                 // Maybe created on another node and not applied here yet: ask the leader.
-                self.spawn(move |node| async move {
+                self.spawn(t, move |node| async move {
                     match node.lookup_linearizable(parent.0, &name).await {
                         Ok(i) => entry(&node, reply, &i),
                         Err(e) => reply.error(errno(&e)),
@@ -257,6 +269,7 @@ impl Filesystem for ShoalFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _t = self.node.metrics.fuse_op("getattr");
         match self.node.getattr(ino.0) {
             Ok(i) => reply.attr(&TTL, &attr(&i)),
             Err(e) => reply.error(errno(&e)),
@@ -281,6 +294,7 @@ impl Filesystem for ShoalFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let t = self.node.metrics.fuse_op("setattr");
         let change = SetAttr {
             perm: mode.map(|m| m & 0o7777),
             uid,
@@ -290,7 +304,7 @@ impl Filesystem for ShoalFs {
             mtime: mtime.map(time_or_now),
             ctime: None,
         };
-        self.spawn(move |node| async move {
+        self.spawn(t, move |node| async move {
             match node.setattr(ino.0, change).await {
                 Ok(i) => reply.attr(&TTL, &attr(&i)),
                 Err(e) => reply.error(errno(&e)),
@@ -299,6 +313,7 @@ impl Filesystem for ShoalFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _t = self.node.metrics.fuse_op("readlink");
         match self.node.getattr(ino.0) {
             Ok(i) if i.kind == FileKind::Symlink => reply.data(&i.target),
             Ok(_) => reply.error(Errno::EINVAL),
@@ -316,6 +331,7 @@ impl Filesystem for ShoalFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let t = self.node.metrics.fuse_op("mknod");
         let Some(kind) =
             kind_of_mode(mode).filter(|k| !matches!(k, FileKind::Dir | FileKind::Symlink))
         else {
@@ -330,7 +346,7 @@ impl Filesystem for ShoalFs {
             rdev,
             target: Vec::new(),
         };
-        self.new_entry(req, parent, name, e, reply);
+        self.new_entry(t, req, parent, name, e, reply);
     }
 
     fn mkdir(
@@ -342,6 +358,7 @@ impl Filesystem for ShoalFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let t = self.node.metrics.fuse_op("mkdir");
         shoal_raft::failpoint::hit("fuse-mkdir");
         let e = NewEntry {
             kind: FileKind::Dir,
@@ -351,19 +368,21 @@ impl Filesystem for ShoalFs {
             rdev: 0,
             target: Vec::new(),
         };
-        self.new_entry(req, parent, name, e, reply);
+        self.new_entry(t, req, parent, name, e, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let t = self.node.metrics.fuse_op("unlink");
         let name = name.as_bytes().to_vec();
-        self.reply_empty(reply, move |node| async move {
+        self.reply_empty(t, reply, move |node| async move {
             node.unlink(parent.0, &name).await
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let t = self.node.metrics.fuse_op("rmdir");
         let name = name.as_bytes().to_vec();
-        self.reply_empty(reply, move |node| async move {
+        self.reply_empty(t, reply, move |node| async move {
             node.rmdir(parent.0, &name).await
         });
     }
@@ -376,6 +395,7 @@ impl Filesystem for ShoalFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        let t = self.node.metrics.fuse_op("symlink");
         let e = NewEntry {
             kind: FileKind::Symlink,
             perm: 0o777,
@@ -384,7 +404,7 @@ impl Filesystem for ShoalFs {
             rdev: 0,
             target: target.as_os_str().as_bytes().to_vec(),
         };
-        self.new_entry(req, parent, link_name, e, reply);
+        self.new_entry(t, req, parent, link_name, e, reply);
     }
 
     fn rename(
@@ -397,6 +417,7 @@ impl Filesystem for ShoalFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let t = self.node.metrics.fuse_op("rename");
         if flags.contains(RenameFlags::RENAME_WHITEOUT)
             || flags.contains(RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE)
         {
@@ -408,7 +429,7 @@ impl Filesystem for ShoalFs {
             exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
         };
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
-        self.reply_empty(reply, move |node| async move {
+        self.reply_empty(t, reply, move |node| async move {
             node.rename(parent.0, &name, newparent.0, &newname, flags)
                 .await
         });
@@ -422,8 +443,9 @@ impl Filesystem for ShoalFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let t = self.node.metrics.fuse_op("link");
         let newname = newname.as_bytes().to_vec();
-        self.spawn(move |node| async move {
+        self.spawn(t, move |node| async move {
             match node.link(ino.0, newparent.0, &newname).await {
                 Ok(i) => reply.entry(&TTL, &attr(&i), Generation(i.generation)),
                 Err(e) => reply.error(errno(&e)),
@@ -432,8 +454,9 @@ impl Filesystem for ShoalFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let t = self.node.metrics.fuse_op("open");
         let seq = self.fh();
-        self.spawn(move |node| async move {
+        self.spawn(t, move |node| async move {
             let epoch = node.epoch();
             match node.open(ino.0).await {
                 Ok((i, _)) if i.kind == FileKind::Dir => reply.error(Errno::EISDIR),
@@ -454,7 +477,8 @@ impl Filesystem for ShoalFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(move |node| async move {
+        let t = self.node.metrics.fuse_op("read");
+        self.spawn(t, move |node| async move {
             match node.read(ino.0, offset, size as usize).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(&e)),
@@ -474,6 +498,7 @@ impl Filesystem for ShoalFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let t = self.node.metrics.fuse_op("write");
         if let Some(e) = self.fenced(fh) {
             reply.error(e);
             return;
@@ -485,7 +510,7 @@ impl Filesystem for ShoalFs {
                 reply.written(len);
                 file.commit_in_background(&self.node);
             }
-            Ok(WriteAck::CommitFirst(file)) => self.spawn(move |node| async move {
+            Ok(WriteAck::CommitFirst(file)) => self.spawn(t, move |node| async move {
                 match file.commit(&node).await {
                     Ok(()) => reply.written(len),
                     Err(e) => reply.error(errno(&e)),
@@ -503,10 +528,11 @@ impl Filesystem for ShoalFs {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let t = self.node.metrics.fuse_op("flush");
         // A fenced handle's close still drops its process's locks (and commits what newer
         // handles wrote), then reports the fencing.
         let fenced = self.fenced(fh);
-        self.reply_empty(reply, move |node| async move {
+        self.reply_empty(t, reply, move |node| async move {
             node.flush(ino.0, lock_owner.0).await?;
             match fenced {
                 Some(_) => Err(OpError::Fenced),
@@ -525,8 +551,9 @@ impl Filesystem for ShoalFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let t = self.node.metrics.fuse_op("release");
         let flock_owner = lock_owner.map(|o| o.0);
-        self.reply_empty(reply, move |node| async move {
+        self.reply_empty(t, reply, move |node| async move {
             node.release(ino.0, flock_owner).await
         });
     }
@@ -539,14 +566,20 @@ impl Filesystem for ShoalFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let t = self.node.metrics.fuse_op("fsync");
         if let Some(e) = self.fenced(fh) {
             reply.error(e);
             return;
         }
-        self.reply_empty(reply, move |node| async move { node.commit(ino.0).await });
+        self.reply_empty(
+            t,
+            reply,
+            move |node| async move { node.commit(ino.0).await },
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _t = self.node.metrics.fuse_op("opendir");
         match self.node.readdir(ino.0) {
             Ok(list) => {
                 let fh = self.fh();
@@ -568,6 +601,7 @@ impl Filesystem for ShoalFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _t = self.node.metrics.fuse_op("readdir");
         let Some(list) = self.listing(fh) else {
             reply.error(Errno::EBADF);
             return;
@@ -593,6 +627,7 @@ impl Filesystem for ShoalFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _t = self.node.metrics.fuse_op("readdirplus");
         let Some(list) = self.listing(fh) else {
             reply.error(Errno::EBADF);
             return;
@@ -624,6 +659,7 @@ impl Filesystem for ShoalFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = self.node.metrics.fuse_op("releasedir");
         self.dirs.lock().expect("dirs lock").remove(&fh.0);
         reply.ok();
     }
@@ -636,6 +672,7 @@ impl Filesystem for ShoalFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = self.node.metrics.fuse_op("fsyncdir");
         // Namespace changes are durable in the Raft log before they return.
         match self.node.getattr(ino.0) {
             Ok(_) => reply.ok(),
@@ -644,6 +681,7 @@ impl Filesystem for ShoalFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _t = self.node.metrics.fuse_op("statfs");
         match self.node.statfs(ino.0) {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, 255, s.bsize,
@@ -662,6 +700,7 @@ impl Filesystem for ShoalFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let t = self.node.metrics.fuse_op("setxattr");
         let mode = match flags {
             0 => XattrMode::Set,
             libc::XATTR_CREATE => XattrMode::Create,
@@ -677,27 +716,31 @@ impl Filesystem for ShoalFs {
             return;
         }
         let value = value.to_vec();
-        self.reply_empty(reply, move |node| async move {
+        self.reply_empty(t, reply, move |node| async move {
             node.setxattr(ino.0, &name, &value, mode).await
         });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _t = self.node.metrics.fuse_op("getxattr");
         reply_xattr(self.node.getxattr(ino.0, name.as_bytes()), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _t = self.node.metrics.fuse_op("listxattr");
         reply_xattr(self.node.listxattr(ino.0), size, reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let t = self.node.metrics.fuse_op("removexattr");
         let name = name.as_bytes().to_vec();
-        self.reply_empty(reply, move |node| async move {
+        self.reply_empty(t, reply, move |node| async move {
             node.removexattr(ino.0, &name).await
         });
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _t = self.node.metrics.fuse_op("access");
         // With default_permissions the kernel checks permissions; this only checks existence.
         match self.node.getattr(ino.0) {
             Ok(_) => reply.ok(),
@@ -715,6 +758,7 @@ impl Filesystem for ShoalFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let t = self.node.metrics.fuse_op("create");
         let name = name.as_bytes().to_vec();
         let e = NewEntry {
             kind: FileKind::File,
@@ -725,7 +769,7 @@ impl Filesystem for ShoalFs {
             target: Vec::new(),
         };
         let seq = self.fh();
-        self.spawn(move |node| async move {
+        self.spawn(t, move |node| async move {
             let epoch = node.epoch();
             let created = node
                 .create(parent.0, &name, e)
@@ -767,6 +811,7 @@ impl Filesystem for ShoalFs {
         pid: u32,
         reply: ReplyLock,
     ) {
+        let _t = self.node.metrics.fuse_op("getlk");
         let Some((probe, _)) = range_lock(self.node.lock_owner(lock_owner.0), pid, typ, start, end)
         else {
             reply.error(Errno::EINVAL);
@@ -798,6 +843,7 @@ impl Filesystem for ShoalFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
+        let t = self.node.metrics.fuse_op("setlk");
         let Some((lock, unlock)) =
             range_lock(self.node.lock_owner(lock_owner.0), pid, typ, start, end)
         else {
@@ -808,7 +854,7 @@ impl Filesystem for ShoalFs {
             reply.error(e);
             return;
         }
-        self.reply_empty(reply, move |node| async move {
+        self.reply_empty(t, reply, move |node| async move {
             node.setlk(ino.0, lock, unlock, sleep).await
         });
     }
@@ -823,11 +869,12 @@ impl Filesystem for ShoalFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let t = self.node.metrics.fuse_op("fallocate");
         if let Some(e) = self.fenced(fh) {
             reply.error(e);
             return;
         }
-        self.reply_empty(reply, move |node| async move {
+        self.reply_empty(t, reply, move |node| async move {
             node.fallocate(ino.0, offset, length, mode).await
         });
     }
@@ -841,6 +888,7 @@ impl Filesystem for ShoalFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _t = self.node.metrics.fuse_op("lseek");
         if offset < 0 {
             reply.error(Errno::EINVAL);
             return;
@@ -862,6 +910,7 @@ impl Filesystem for ShoalFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
+        let _t = self.node.metrics.fuse_op("ioctl");
         // Not a terminal, nor anything else an ioctl could ask of: what a local filesystem
         // answers to the probes programs make on every open (Python's isatty, for one). Quiet:
         // fuser's default logs a warning for each.
@@ -881,12 +930,13 @@ impl Filesystem for ShoalFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let t = self.node.metrics.fuse_op("copy_file_range");
         if let Some(e) = self.fenced(fh_out) {
             reply.error(e);
             return;
         }
         let len = len.min(1 << 30);
-        self.spawn(move |node| async move {
+        self.spawn(t, move |node| async move {
             match node
                 .copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len)
                 .await

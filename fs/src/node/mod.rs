@@ -284,6 +284,8 @@ pub struct Node {
     /// Space kept on the data disk for metadata, given back when the disk fills up: while it
     /// is, file data is refused (see `shoal_raft::headroom`).
     pub(crate) headroom: Arc<shoal_raft::headroom::Headroom>,
+    /// What the node counts as it works, for `/metrics` (`crate::metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The cluster network, for a node started with a listen address.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The root span of everything this node does (`node` = its id): its workers, the tasks
@@ -531,6 +533,7 @@ impl Node {
             next_seq: AtomicU64::new(1),
             in_flight: Mutex::new(Default::default()),
             locks_changed,
+            metrics: Default::default(),
             cluster,
             notifier,
             invalidator,
@@ -632,12 +635,16 @@ impl Node {
             match written {
                 Ok(resp) => {
                     tracing::Span::current().record("log_index", resp.log_id.index);
+                    self.metrics.proposal(false);
                     return Ok(resp.data.results);
                 }
                 Err(openraft::error::RaftError::APIError(
                     openraft::error::ClientWriteError::ForwardToLeader(_),
                 )) if let Some(copy) = copy => match self.forward(copy).await? {
-                    Ok(resp) => return Ok(resp.results),
+                    Ok(resp) => {
+                        self.metrics.proposal(true);
+                        return Ok(resp.results);
+                    }
                     // This node was elected while the proposal waited: propose it here.
                     Err(back) => req = back,
                 },
@@ -933,6 +940,20 @@ impl Node {
     /// This daemon run's current session.
     pub fn session(&self) -> u64 {
         self.session.load(Ordering::Acquire)
+    }
+
+    /// How long ago, by this node's clock against the leader's stamps, this node's session
+    /// lease was last renewed; `None` while the view holds no lease of it.
+    pub fn session_age(&self) -> Option<Duration> {
+        let own = self.session();
+        let (_, _, until) = self
+            .view
+            .sessions()
+            .ok()?
+            .into_iter()
+            .find(|(s, _, _)| *s == own)?;
+        let renewed = until - shoal_raft::SESSION_LEASE;
+        Some(Duration::from_nanos((now_nanos() - renewed).max(0) as u64))
     }
 
     pub fn dirty_bytes(&self) -> u64 {

@@ -160,6 +160,7 @@ pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> 
         let need = want.min(1);
         let copy = CopyJob {
             cluster: cluster.clone(),
+            metrics: node.metrics.clone(),
             id: *id,
             data: data.clone(),
         };
@@ -187,6 +188,7 @@ pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> 
 
 struct CopyJob {
     cluster: std::sync::Arc<crate::cluster::Cluster>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     id: BlockId,
     data: Bytes,
 }
@@ -195,7 +197,8 @@ impl CopyJob {
     /// Starts a copy to one node; it reports the node and whether the copy landed. A copy
     /// that lands clears the node's slow mark, even after the commit stopped waiting for it.
     fn start(&self, copies: &mut JoinSet<(u64, bool)>, (n, addr): (u64, SocketAddr)) {
-        let (cluster, id) = (self.cluster.clone(), self.id);
+        let (cluster, metrics, id) = (self.cluster.clone(), self.metrics.clone(), self.id);
+        let bytes = self.data.len() as u64;
         let req = Request::PutBlock {
             id,
             data: self.data.to_vec(),
@@ -219,6 +222,7 @@ impl CopyJob {
                 };
                 if landed {
                     cluster.slow.clear(n);
+                    metrics.replicated("out", bytes);
                 }
                 (n, landed)
             }
@@ -318,6 +322,7 @@ pub async fn fetch(node: &Node, id: BlockId, len: Option<u32>) -> Result<Bytes, 
         {
             Ok(Response::GetBlock(Ok(data))) => {
                 if BlockId::of(&data) == id {
+                    node.metrics.replicated("in", data.len() as u64);
                     return Ok(Bytes::from(data));
                 }
                 warn!(block = %id, node = n, "a replica sent bytes that do not match the block's hash");
@@ -375,13 +380,16 @@ pub async fn accept(
         .in_current_span(),
     );
     let store = node.blocks.clone();
+    let bytes = data.len() as u64;
     tokio::task::spawn_blocking(move || {
         store.put(&id, &data)?;
         store.sync_dirs([&id])
     })
     .await
     .map_err(|e| Refusal::Failed(e.to_string()))?
-    .map_err(|e| Refusal::Failed(e.to_string()))
+    .map_err(|e| Refusal::Failed(e.to_string()))?;
+    node.metrics.replicated("in", bytes);
+    Ok(())
 }
 
 pub async fn serve_get(node: &Node, id: BlockId, len: Option<u32>) -> Result<Vec<u8>, String> {

@@ -15,6 +15,8 @@ pub(crate) struct LocalCluster {
     env: Vec<(String, String)>,
     /// A node whose data directory is a small filesystem of its own, unmounted on drop.
     small_disk: Option<u32>,
+    /// Node K serves Prometheus metrics on 127.0.0.1:(this + K), when set.
+    metrics_port: Option<u16>,
 }
 
 /// A base port whose nine ports above are free now. Tests run in parallel, and beside the
@@ -48,9 +50,57 @@ impl LocalCluster {
             base_port,
             env,
             small_disk: None,
+            metrics_port: None,
         };
         c.local_up(nodes);
         c
+    }
+
+    /// A cluster whose daemons serve Prometheus metrics (`LocalCluster::scrape`).
+    pub(crate) fn up_with_metrics(nodes: u32) -> LocalCluster {
+        let base_port = free_base_port();
+        let mut metrics = free_base_port();
+        while metrics == base_port {
+            metrics = free_base_port();
+        }
+        let c = LocalCluster {
+            dir: tempfile::tempdir().unwrap(),
+            base_port,
+            env: Vec::new(),
+            small_disk: None,
+            metrics_port: Some(metrics),
+        };
+        c.local_up(nodes);
+        c
+    }
+
+    /// Node `k`'s metrics: `GET /metrics` over plain HTTP/1.1, every sample line as
+    /// `name{labels}` → value; an error when the node does not answer.
+    pub(crate) fn scrape(
+        &self,
+        k: u32,
+    ) -> std::io::Result<std::collections::BTreeMap<String, f64>> {
+        use std::io::{Read, Write};
+        let port = self.metrics_port.expect("a cluster started with metrics") + k as u16;
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(std::io::Error::other(format!("metrics answered {head:?}")));
+        }
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect())
     }
 
     /// A cluster whose node `k` keeps its data on a tmpfs of `bytes`, so a test can fill it.
@@ -60,6 +110,7 @@ impl LocalCluster {
             base_port: free_base_port(),
             env: Vec::new(),
             small_disk: None,
+            metrics_port: None,
         };
         fs::create_dir_all(c.data(k)).unwrap();
         let options = std::ffi::CString::new(format!("size={bytes},mode=0700")).unwrap();
@@ -100,6 +151,7 @@ impl LocalCluster {
                 "--dir",
             ])
             .arg(self.dir.path())
+            .args(self.metrics_port.map(|p| format!("--metrics-port={p}")))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .envs(env.iter().copied())
             .output()

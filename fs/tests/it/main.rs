@@ -6,6 +6,7 @@ mod cluster;
 mod daemon;
 mod durability;
 mod local_cluster;
+mod metrics;
 mod mount;
 mod node_ops;
 mod security;

@@ -1,0 +1,145 @@
+//! The Prometheus endpoint (`--metrics`): its values move with what the nodes do, on every
+//! node at once, and they tell an operator about a node that died and came back.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::time::Duration;
+
+use crate::cluster::{LocalCluster, eventually_within};
+
+type Scrape = BTreeMap<String, f64>;
+
+fn get(m: &Scrape, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+fn scrape(c: &LocalCluster, k: u32) -> Scrape {
+    c.scrape(k)
+        .unwrap_or_else(|e| panic!("node {k}'s metrics: {e}"))
+}
+
+/// Writes `len` bytes of `seed` to `path` and fsyncs them.
+fn write_fsynced(path: &std::path::Path, seed: u8, len: usize) {
+    let mut f = fs::File::create(path).unwrap();
+    let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn metrics_move_on_every_node_while_three_write_at_once_and_tell_of_a_node_that_came_back() {
+    const MIB: usize = 1 << 20;
+    let c = LocalCluster::up_with_metrics(3);
+    let before: Vec<Scrape> = (1..=3).map(|k| scrape(&c, k)).collect();
+
+    // Three hosts write and fsync a file each at the same moment, then read the others'.
+    std::thread::scope(|s| {
+        for k in 1..=3u32 {
+            let c = &c;
+            s.spawn(move || write_fsynced(&c.mnt(k).join(format!("from-{k}")), k as u8, 4 * MIB));
+        }
+    });
+    for k in 1..=3u32 {
+        for other in (1..=3u32).filter(|o| *o != k) {
+            let got = fs::read(c.mnt(k).join(format!("from-{other}"))).unwrap();
+            assert_eq!(got.len(), 4 * MIB, "node {k} reads node {other}'s file");
+        }
+    }
+
+    let after: Vec<Scrape> = (1..=3).map(|k| scrape(&c, k)).collect();
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        let k = i + 1;
+        let moved = |key: &str| get(a, key) - get(b, key);
+        assert!(
+            moved(r#"shoal_fuse_ops_total{op="write"}"#) >= 1.0,
+            "node {k}: writes counted"
+        );
+        assert!(
+            moved(r#"shoal_fuse_ops_total{op="fsync"}"#) >= 1.0,
+            "node {k}: fsyncs counted"
+        );
+        assert!(
+            moved(r#"shoal_fuse_op_seconds_count{op="fsync"}"#) >= 1.0
+                && moved(r#"shoal_fuse_op_seconds_sum{op="fsync"}"#) > 0.0,
+            "node {k}: fsync latency observed"
+        );
+        assert!(
+            moved("shoal_commit_seconds_count") >= 1.0,
+            "node {k}: commits timed"
+        );
+        // R = 3 on three nodes: each node's 4 MiB went to both others, and it took theirs.
+        assert!(
+            moved(r#"shoal_replicated_bytes_total{direction="out"}"#) >= (8 * MIB) as f64,
+            "node {k}: bytes replicated out: {}",
+            moved(r#"shoal_replicated_bytes_total{direction="out"}"#)
+        );
+        assert!(
+            moved(r#"shoal_replicated_bytes_total{direction="in"}"#) >= (8 * MIB) as f64,
+            "node {k}: bytes replicated in: {}",
+            moved(r#"shoal_replicated_bytes_total{direction="in"}"#)
+        );
+        assert!(
+            moved("shoal_raft_applied_index") >= 3.0,
+            "node {k}: Raft applied"
+        );
+        assert!(
+            get(a, "shoal_blocks_stored") >= 3.0,
+            "node {k}: holds the three files' blocks"
+        );
+        assert!(
+            get(a, "shoal_session_lease_age_seconds") < 5.0,
+            "node {k}: lease renewed within the lease"
+        );
+        let proposals = moved(r#"shoal_proposals_total{path="local"}"#)
+            + moved(r#"shoal_proposals_total{path="forwarded"}"#);
+        assert!(proposals >= 1.0, "node {k}: proposals counted");
+    }
+    let leaders: Vec<f64> = after.iter().map(|m| get(m, "shoal_raft_leader")).collect();
+    assert!(
+        leaders.iter().all(|l| *l == leaders[0] && *l > 0.0),
+        "every node names one leader: {leaders:?}"
+    );
+    let leading: f64 = after.iter().map(|m| get(m, "shoal_raft_is_leader")).sum();
+    assert_eq!(leading, 1.0, "exactly one node says it leads");
+
+    // A follower dies; the others go on writing, and their endpoints go on answering.
+    let leader = leaders[0] as u32;
+    let victim = (1..=3u32).find(|k| *k != leader).unwrap();
+    let writer = (1..=3u32).find(|k| *k != victim).unwrap();
+    c.kill9(victim);
+    assert!(
+        c.scrape(victim).is_err(),
+        "a dead node's endpoint does not answer"
+    );
+    for n in 0..4u8 {
+        write_fsynced(&c.mnt(writer).join(format!("while-down-{n}")), n, MIB);
+    }
+    for k in (1..=3u32).filter(|k| *k != victim) {
+        let m = scrape(&c, k);
+        assert!(
+            get(&m, "shoal_raft_leader") == leader as f64,
+            "node {k} still names the leader"
+        );
+    }
+
+    // Back: it repairs the blocks written while it was down, and the metrics say so.
+    c.local_up(3);
+    eventually_within(
+        "the restarted node fetched what it missed and says so",
+        Duration::from_secs(60),
+        || {
+            c.scrape(victim).is_ok_and(|m| {
+                get(&m, "shoal_blocks_repaired_total") >= 4.0
+                    && get(&m, "shoal_blocks_missing") == 0.0
+                    && get(&m, "shoal_raft_leader") == leader as f64
+            })
+        },
+    );
+    let m = scrape(&c, victim);
+    assert!(
+        get(&m, "shoal_blocks_stored") >= 7.0,
+        "the restarted node holds every file's blocks: {}",
+        get(&m, "shoal_blocks_stored")
+    );
+}
