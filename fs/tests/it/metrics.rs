@@ -95,6 +95,28 @@ fn metrics_move_on_every_node_while_three_write_at_once_and_tell_of_a_node_that_
             + moved(r#"shoal_proposals_total{path="forwarded"}"#);
         assert!(proposals >= 1.0, "node {k}: proposals counted");
     }
+    // A volume with a quota, written on one node: every node reports its use.
+    let out = c.shoal_at(1, &["volume", "create", "vm", "-o", "size=64MiB"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    write_fsynced(&c.mnt(2).join("volumes/vm/data"), 7, 3 * MIB);
+    for k in 1..=3u32 {
+        eventually_within(
+            "every node reports the volume's use",
+            Duration::from_secs(10),
+            || {
+                c.scrape(k).is_ok_and(|m| {
+                    get(&m, r#"shoal_volume_quota_bytes{volume="vm"}"#) == (64 * MIB) as f64
+                        && get(&m, r#"shoal_volume_bytes{volume="vm"}"#) == (3 * MIB) as f64
+                        && get(&m, r#"shoal_volume_inodes{volume="vm"}"#) == 2.0
+                })
+            },
+        );
+    }
+
     let leaders: Vec<f64> = after.iter().map(|m| get(m, "shoal_raft_leader")).collect();
     assert!(
         leaders.iter().all(|l| *l == leaders[0] && *l > 0.0),
@@ -138,7 +160,7 @@ fn metrics_move_on_every_node_while_three_write_at_once_and_tell_of_a_node_that_
     );
     let m = scrape(&c, victim);
     assert!(
-        get(&m, "shoal_blocks_stored") >= 7.0,
+        get(&m, "shoal_blocks_stored") >= 8.0,
         "the restarted node holds every file's blocks: {}",
         get(&m, "shoal_blocks_stored")
     );
