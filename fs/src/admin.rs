@@ -56,6 +56,8 @@ pub enum AdminRequest {
         name: String,
         actions: String,
     },
+    /// Every member's re-replication (`shoal node rm` waits until none lacks a copy).
+    Repair,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -135,6 +137,8 @@ pub enum AdminReply {
     Repaired(u64),
     /// Each member's unreferenced blocks, or why it did not answer.
     Unreferenced(Vec<(u64, Result<crate::blocks::gc::Unreferenced, String>)>),
+    /// Each member's re-replication, or why it did not answer.
+    Repair(Vec<(u64, Result<crate::cluster::rpc::RepairState, String>)>),
     Error(String),
 }
 
@@ -357,6 +361,14 @@ pub struct Status {
     /// refused until the disk has room again (`shoal_raft::headroom`).
     #[serde(default)]
     pub headroom_spent: bool,
+    /// What the node counted since it started (`shoal status --watch` shows the rates).
+    #[serde(default)]
+    pub totals: crate::metrics::Totals,
+    /// Block reads served from the cache, and those that were not.
+    #[serde(default)]
+    pub cache_hits: u64,
+    #[serde(default)]
+    pub cache_misses: u64,
 }
 
 pub fn socket_path(data: &Path) -> PathBuf {
@@ -404,6 +416,9 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
             .repair_fetched
             .load(std::sync::atomic::Ordering::Relaxed),
         lost: node.blocks_lost.load(std::sync::atomic::Ordering::Relaxed),
+        totals: node.metrics.totals(),
+        cache_hits: node.cache.hits().0,
+        cache_misses: node.cache.hits().1,
     }
 }
 
@@ -479,6 +494,13 @@ pub async fn serve(node: Arc<Node>, mount: Option<PathBuf>) -> std::io::Result<(
                     }
                     AdminRequest::Unreferenced { delete } => AdminReply::Unreferenced(
                         crate::node::fsck::unreferenced(&node, delete)
+                            .await
+                            .into_iter()
+                            .map(|(n, a)| (n, a.map_err(|e| e.to_string())))
+                            .collect(),
+                    ),
+                    AdminRequest::Repair => AdminReply::Repair(
+                        crate::node::repair::cluster_state(&node)
                             .await
                             .into_iter()
                             .map(|(n, a)| (n, a.map_err(|e| e.to_string())))

@@ -123,8 +123,12 @@ enum Command {
         #[arg(long, default_value = "/var/lib/shoal")]
         data: PathBuf,
         /// Print JSON instead of a table
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Refresh every SECS seconds (default 1) until interrupted, with rates and the
+        /// cluster's members
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1", value_parser = parse_watch)]
+        watch: Option<f64>,
     },
     /// Docker volumes: create, list, inspect, remove (to the trash), restore, purge
     Volume {
@@ -238,6 +242,10 @@ enum NodeCommand {
         data: PathBuf,
         /// The node's id (see `shoal node ls`)
         id: u64,
+        /// Return once the node is removed, without waiting for the others to copy the
+        /// blocks it held
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -605,11 +613,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
         },
         Command::Node {
-            command: NodeCommand::Rm { data, id },
+            command: NodeCommand::Rm { data, id, no_wait },
         } => match runtime()?.block_on(admin::request(&data, AdminRequest::RemoveNode(id)))? {
             AdminReply::Done => {
                 println!("node {id} removed");
-                Ok(())
+                if no_wait {
+                    return Ok(());
+                }
+                wait_for_repair(&data)
             }
             other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
         },
@@ -624,48 +635,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&members)?);
                 return Ok(());
             }
-            let mut t = table(
-                &[
-                    "ID",
-                    "HOST",
-                    "ADDRESS",
-                    "ROLE",
-                    "STATE",
-                    "DISK USED",
-                    "LABELS",
-                ],
-                &[],
-            );
-            for m in members {
-                let disk = m.disk.map_or_else(
-                    || "not reported yet".to_string(),
-                    |d| {
-                        let used = d.total.saturating_sub(d.free);
-                        format!(
-                            "{} / {} ({}%)",
-                            bytesize::ByteSize(used),
-                            bytesize::ByteSize(d.total),
-                            used * 100 / d.total.max(1)
-                        )
-                    },
-                );
-                let labels: Vec<String> =
-                    m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                t.add_row([
-                    m.id.to_string(),
-                    if m.hostname.is_empty() {
-                        "-".into()
-                    } else {
-                        m.hostname
-                    },
-                    m.addr,
-                    m.role,
-                    if m.up { "up" } else { "down" }.into(),
-                    disk,
-                    labels.join(","),
-                ]);
-            }
-            println!("{}", t.trim_fmt());
+            print_members(&members);
             Ok(())
         }
         Command::Node {
@@ -734,7 +704,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Volume { command } => volume_command(command),
         Command::Fsck { data, repair } => fsck(&data, repair),
-        Command::Status { data, json } => {
+        Command::Status {
+            data,
+            watch: Some(every),
+            ..
+        } => watch_status(&data, every),
+        Command::Status { data, json, .. } => {
             let reply = runtime()?.block_on(admin::request(&data, AdminRequest::Status))?;
             let AdminReply::Status(s) = reply else {
                 anyhow::bail!("unexpected reply from the daemon: {reply:?}");
@@ -829,6 +804,117 @@ fn print_status(s: &admin::Status) {
     }
 }
 
+fn parse_watch(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a refresh interval: give seconds from 0.1 to 3600, e.g. --watch 2"
+        )),
+    }
+}
+
+/// `shoal status --watch`: the node's status, the rates of what it does, and the members,
+/// redrawn every `every` seconds until interrupted.
+fn watch_status(data: &std::path::Path, every: f64) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let every = std::time::Duration::from_secs_f64(every);
+    let mut last: Option<(std::time::Instant, admin::Status)> = None;
+    loop {
+        let reply = rt.block_on(admin::request(data, AdminRequest::Status))?;
+        let AdminReply::Status(s) = reply else {
+            anyhow::bail!("unexpected reply from the daemon: {reply:?}");
+        };
+        let members = match rt.block_on(admin::request(data, AdminRequest::Members))? {
+            AdminReply::Members(m) => m,
+            other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+        };
+        let now = std::time::Instant::now();
+        // Clear the screen and go home, then draw.
+        print!("\x1b[2J\x1b[H");
+        print_status(&s);
+        if let Some((then, before)) = &last {
+            let secs = now.duration_since(*then).as_secs_f64().max(1e-3);
+            let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+            let (t, b) = (&s.totals, &before.totals);
+            println!(
+                "rates         {:.0} FUSE req/s ({:.0} reads, {:.0} writes, {:.0} fsyncs), {:.0} commits/s",
+                rate(t.fuse_ops, b.fuse_ops),
+                rate(t.reads, b.reads),
+                rate(t.writes, b.writes),
+                rate(t.fsyncs, b.fsyncs),
+                rate(t.commits, b.commits),
+            );
+            let hits = s.cache_hits.saturating_sub(before.cache_hits);
+            let misses = s.cache_misses.saturating_sub(before.cache_misses);
+            println!(
+                "replication   {}/s in, {}/s out; cache {}",
+                ByteSize(rate(t.replicated_in, b.replicated_in) as u64),
+                ByteSize(rate(t.replicated_out, b.replicated_out) as u64),
+                if hits + misses == 0 {
+                    "idle".to_string()
+                } else {
+                    format!("{:.0}% hits", hits as f64 * 100.0 / (hits + misses) as f64)
+                }
+            );
+        } else {
+            println!("rates         (from the next refresh)");
+        }
+        println!();
+        print_members(&members);
+        println!();
+        println!("refreshing every {every:?}; Ctrl-C to stop");
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        last = Some((now, *s));
+        std::thread::sleep(every);
+    }
+}
+
+/// `shoal node ls`'s table.
+fn print_members(members: &[admin::Member]) {
+    let mut t = table(
+        &[
+            "ID",
+            "HOST",
+            "ADDRESS",
+            "ROLE",
+            "STATE",
+            "DISK USED",
+            "LABELS",
+        ],
+        &[],
+    );
+    for m in members {
+        let disk = m.disk.as_ref().map_or_else(
+            || "not reported yet".to_string(),
+            |d| {
+                let used = d.total.saturating_sub(d.free);
+                format!(
+                    "{} / {} ({}%)",
+                    bytesize::ByteSize(used),
+                    bytesize::ByteSize(d.total),
+                    used * 100 / d.total.max(1)
+                )
+            },
+        );
+        let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        t.add_row([
+            m.id.to_string(),
+            if m.hostname.is_empty() {
+                "-".into()
+            } else {
+                m.hostname.clone()
+            },
+            m.addr.clone(),
+            m.role.clone(),
+            if m.up { "up" } else { "down" }.into(),
+            disk,
+            labels.join(","),
+        ]);
+    }
+    println!("{}", t.trim_fmt());
+}
+
 /// A leader whose quorum has not answered for this long (several election timeouts) is cut off.
 const QUORUM_LOST_MS: u64 = 2_000;
 
@@ -889,6 +975,65 @@ fn main() -> ExitCode {
 
 /// Blocks checked per request to the daemon.
 const FSCK_BATCH: u32 = 64;
+
+/// Waits, with a progress bar, until every member that answers holds every block copy it
+/// should: a full repair round ran on each after the first look, and none lacks a copy.
+fn wait_for_repair(data: &std::path::Path) -> anyhow::Result<()> {
+    use shoal_fs::cluster::rpc::RepairState;
+    let rt = runtime()?;
+    let ask = || -> anyhow::Result<Vec<(u64, Result<RepairState, String>)>> {
+        match rt.block_on(admin::request(data, AdminRequest::Repair))? {
+            AdminReply::Repair(states) => Ok(states),
+            other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+        }
+    };
+    // Rounds each member had finished at the first look: one that starts after it sees the
+    // new membership.
+    let first: std::collections::BTreeMap<u64, u64> = ask()?
+        .into_iter()
+        .filter_map(|(n, s)| Some((n, s.ok()?.rounds)))
+        .collect();
+    let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template(
+        "{spinner} copying the blocks it held onto the others {bar:40} {pos}/{len} {msg}",
+    )?);
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let mut most = 0u64;
+    loop {
+        let states = ask()?;
+        let mut left = 0;
+        let mut settled = true;
+        let mut silent = Vec::new();
+        for (n, state) in &states {
+            match state {
+                Ok(s) => {
+                    left += s.missing;
+                    settled &= s.rounds >= first.get(n).copied().unwrap_or(0) + 2;
+                }
+                Err(e) => silent.push(format!("node {n}: {e}")),
+            }
+        }
+        most = most.max(left);
+        bar.set_length(most);
+        bar.set_position(most - left);
+        bar.set_message(if silent.is_empty() {
+            String::new()
+        } else {
+            format!("(not answering: {})", silent.join("; "))
+        });
+        if settled && left == 0 {
+            bar.finish_and_clear();
+            println!("every block has its copies on the remaining nodes");
+            if !silent.is_empty() {
+                println!(
+                    "not counted, as they did not answer (they copy what they lack when back): {}",
+                    silent.join("; ")
+                );
+            }
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
 
 /// `shoal fsck`: walks every referenced block through the daemon in batches, with a progress
 /// bar, lists what is wrong, and with `repair` fixes what can be fixed and checks it again.

@@ -48,10 +48,14 @@ pub struct PathLabel {
 #[derive(Debug)]
 pub struct Metrics {
     fuse_ops: Family<OpLabel, Counter>,
+    /// Every FUSE request answered, whatever its operation (for `shoal status --watch`).
+    fuse_total: Counter,
     fuse_seconds: Family<OpLabel, Histogram, fn() -> Histogram>,
     /// Time of one commit of an open file's buffered writes: blocks written, replicated and
     /// the layout proposed.
-    pub commit_seconds: Histogram,
+    commit_seconds: Histogram,
+    /// Commits timed, for `shoal status --watch` (the histogram keeps its count to itself).
+    commits: Counter,
     proposals: Family<PathLabel, Counter>,
     replicated_bytes: Family<DirectionLabel, Counter>,
 }
@@ -60,8 +64,10 @@ impl Default for Metrics {
     fn default() -> Metrics {
         Metrics {
             fuse_ops: Family::default(),
+            fuse_total: Counter::default(),
             fuse_seconds: Family::new_with_constructor(latency),
             commit_seconds: latency(),
+            commits: Counter::default(),
             proposals: Family::default(),
             replicated_bytes: Family::default(),
         }
@@ -79,6 +85,12 @@ impl Metrics {
         }
     }
 
+    /// One commit of a file's buffered writes took `secs`.
+    pub fn commit(&self, secs: f64) {
+        self.commit_seconds.observe(secs);
+        self.commits.inc();
+    }
+
     /// A proposal this node made: `forwarded` when it went to another node, the leader.
     pub fn proposal(&self, forwarded: bool) {
         let path = if forwarded { "forwarded" } else { "local" };
@@ -90,6 +102,25 @@ impl Metrics {
         self.replicated_bytes
             .get_or_create(&DirectionLabel { direction })
             .inc_by(bytes);
+    }
+
+    /// Totals for `shoal status --watch`, which shows their rates.
+    pub fn totals(&self) -> Totals {
+        let op = |op| self.fuse_ops.get(&OpLabel { op }).map_or(0, |c| c.get());
+        let moved = |direction| {
+            self.replicated_bytes
+                .get(&DirectionLabel { direction })
+                .map_or(0, |c| c.get())
+        };
+        Totals {
+            fuse_ops: self.fuse_total.get(),
+            reads: op("read"),
+            writes: op("write"),
+            fsyncs: op("fsync"),
+            replicated_in: moved("in"),
+            replicated_out: moved("out"),
+            commits: self.commits.get(),
+        }
     }
 
     fn register(&self, r: &mut Registry) {
@@ -121,6 +152,18 @@ impl Metrics {
     }
 }
 
+/// Counters since the node started, as `shoal status` shows them.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub fuse_ops: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub fsyncs: u64,
+    pub replicated_in: u64,
+    pub replicated_out: u64,
+    pub commits: u64,
+}
+
 /// Times one FUSE operation: see `Metrics::fuse_op`.
 pub struct OpTimer {
     metrics: Arc<Metrics>,
@@ -132,6 +175,7 @@ impl Drop for OpTimer {
     fn drop(&mut self) {
         let label = OpLabel { op: self.op };
         self.metrics.fuse_ops.get_or_create(&label).inc();
+        self.metrics.fuse_total.inc();
         self.metrics
             .fuse_seconds
             .get_or_create(&label)

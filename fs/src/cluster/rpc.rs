@@ -73,6 +73,8 @@ pub enum Request {
     },
     /// Would the receiver vote for the caller in an election now (`node::election`)?
     PreVote(PreVote),
+    /// How far the receiver's re-replication is (`shoal node rm` waits on it).
+    RepairState,
 }
 
 impl Request {
@@ -95,6 +97,7 @@ impl Request {
             Request::Unreferenced { .. } => "unreferenced",
             Request::DropGarbage { .. } => "drop_garbage",
             Request::PreVote(_) => "pre_vote",
+            Request::RepairState => "repair_state",
         }
     }
 }
@@ -284,6 +287,15 @@ pub enum Response {
     /// The request was refused: the caller is not allowed to make it.
     Denied(String),
     PreVote(bool),
+    RepairState(RepairState),
+}
+
+/// A node's re-replication: the repair rounds it finished since it started, and the copies it
+/// should hold and lacks (counting down during a round; after it, those it could not fetch).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepairState {
+    pub rounds: u64,
+    pub missing: u64,
 }
 
 #[cfg(test)]

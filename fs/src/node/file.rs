@@ -179,9 +179,7 @@ impl OpenFile {
         };
         let started = std::time::Instant::now();
         let result = self.store_and_propose(node, &batch).await;
-        node.metrics
-            .commit_seconds
-            .observe(started.elapsed().as_secs_f64());
+        node.metrics.commit(started.elapsed().as_secs_f64());
         unfinished.batch = None;
         let mut b = self.bufs();
         b.committing = None;

@@ -259,6 +259,8 @@ pub struct Node {
     pub(crate) dirty_bytes: AtomicU64,
     /// Blocks this node should hold and lacks, as of the last repair round.
     pub(crate) repair_missing: AtomicU64,
+    /// Repair rounds finished since the node started.
+    pub(crate) repair_rounds: AtomicU64,
     /// Blocks this node has fetched to restore their replica count, or to replace a damaged
     /// copy a read found.
     pub(crate) repair_fetched: AtomicU64,
@@ -522,6 +524,7 @@ impl Node {
             unreferenced_writes: Mutex::new(HashMap::new()),
             dirty_bytes: AtomicU64::new(0),
             repair_missing: AtomicU64::new(0),
+            repair_rounds: AtomicU64::new(0),
             repair_fetched: AtomicU64::new(0),
             blocks_lost: AtomicU64::new(0),
             space_short: Arc::new(Notify::new()),

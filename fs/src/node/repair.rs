@@ -19,7 +19,7 @@ use shoal_raft::{BlockId, FileKind, Ino, Kv};
 
 use super::replicate::{self, Policy};
 use super::{Node, now_nanos};
-use crate::cluster::rpc::{PeerError, Request, Response};
+use crate::cluster::rpc::{PeerError, RepairState, Request, Response};
 
 const PERIOD: Duration = Duration::from_secs(3);
 
@@ -39,17 +39,18 @@ pub fn live_nodes(node: &Node) -> Vec<u64> {
 }
 
 /// One pass: fetches every referenced block this node should hold and lacks. Returns
-/// (blocks still missing here, blocks fetched).
+/// (blocks still missing here, blocks fetched). `Node::repair_missing` counts down as the
+/// pass fetches, so `shoal node rm` can show how many copies are left.
 pub async fn round(node: &Node) -> (u64, u64) {
     let live = live_nodes(node);
     if !live.contains(&node.id) {
+        node.repair_missing.store(0, Ordering::Relaxed);
         return (0, 0);
     }
     let special = volume_policies(node);
     let default = [Policy::default()];
     let referenced = node.view.block_ids().unwrap_or_default();
-    let mut missing = 0;
-    let mut fetched = 0;
+    let mut wanted = Vec::new();
     // Copies here that no policy asks for, with the nodes that should hold them instead.
     let mut extra: Vec<(BlockId, Vec<u64>)> = Vec::new();
     for id in referenced {
@@ -65,9 +66,15 @@ pub async fn round(node: &Node) -> (u64, u64) {
             }
             continue;
         }
-        if node.blocks.contains(&id) {
-            continue;
+        if !node.blocks.contains(&id) {
+            wanted.push(id);
         }
+    }
+    let left = &node.repair_missing;
+    left.store(wanted.len() as u64, Ordering::Relaxed);
+    let mut missing = 0;
+    let mut fetched = 0;
+    for id in wanted {
         // A copy fetched here must not eat the space kept for the Raft log either.
         if node.check_space(u64::from(node.config.block_size)).is_err() {
             missing += 1;
@@ -82,7 +89,10 @@ pub async fn round(node: &Node) -> (u64, u64) {
                 })
                 .await;
                 match stored {
-                    Ok(Ok(())) => fetched += 1,
+                    Ok(Ok(())) => {
+                        fetched += 1;
+                        left.fetch_sub(1, Ordering::Relaxed);
+                    }
                     Ok(Err(e)) => {
                         warn!(block = %id, error = %e, "storing a re-replicated block failed");
                         missing += 1;
@@ -220,6 +230,57 @@ pub(crate) fn volume_policies(node: &Node) -> HashMap<BlockId, Vec<Policy>> {
     out
 }
 
+impl Node {
+    /// How far this node's re-replication is.
+    pub fn repair_state(&self) -> RepairState {
+        RepairState {
+            rounds: self.repair_rounds.load(Ordering::Acquire),
+            missing: self.repair_missing.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Every member's re-replication, asked at once: this node's own, and each other's or why it
+/// did not answer.
+pub async fn cluster_state(node: &Node) -> Vec<(u64, Result<RepairState, PeerError>)> {
+    let mut out = vec![(node.id, Ok(node.repair_state()))];
+    let Some(cluster) = node.cluster() else {
+        return out;
+    };
+    let mut asks = tokio::task::JoinSet::new();
+    for (id, addr) in node.other_members() {
+        let peers = cluster.peers.clone();
+        asks.spawn(
+            async move {
+                let addr = match addr {
+                    Ok(a) => a,
+                    Err(e) => return (id, Err(e)),
+                };
+                let answer = peers
+                    .call_within::<_, Response>(addr, &Request::RepairState, Duration::from_secs(5))
+                    .await;
+                let state = match answer {
+                    Ok(Response::RepairState(s)) => Ok(s),
+                    Ok(other) => Err(PeerError::unexpected(id, &other)),
+                    Err(error) => Err(PeerError::Unreachable { node: id, error }),
+                };
+                (id, state)
+            }
+            .in_current_span(),
+        );
+    }
+    while let Some(joined) = asks.join_next().await {
+        match joined {
+            Ok(answer) => out.push(answer),
+            Err(e) => {
+                warn!(error = %PeerError::Lost(e), "asking a member for its repair state failed")
+            }
+        }
+    }
+    out.sort_by_key(|(id, _)| *id);
+    out
+}
+
 pub async fn worker(node: Weak<Node>) {
     let mut tick = tokio::time::interval(PERIOD);
     loop {
@@ -231,6 +292,7 @@ pub async fn worker(node: Weak<Node>) {
         let (missing, fetched) = round(&node).await;
         node.repair_missing.store(missing, Ordering::Relaxed);
         node.repair_fetched.fetch_add(fetched, Ordering::Relaxed);
+        node.repair_rounds.fetch_add(1, Ordering::Release);
     }
 }
 

@@ -153,6 +153,7 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
                 .await
                 .map_err(|e| Refusal::Failed(e.to_string())),
         ),
+        Request::RepairState => Response::RepairState(node.repair_state()),
         Request::DropGarbage { blocks } => Response::DropGarbage(
             crate::node::gc::drop_here(&node, blocks)
                 .await

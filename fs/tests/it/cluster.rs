@@ -583,6 +583,80 @@ fn blocks_of_a_dead_node_are_re_replicated_onto_the_others() {
     assert_eq!(read(&c.mnt(reader).join("f")).unwrap(), data);
 }
 
+/// `shoal node rm` of a node that died returns only once the blocks it held have their copies
+/// on the others again: right after it returns, every live node holds every block, with no
+/// waiting, while another node kept writing and fsyncing through the removal.
+#[test]
+fn node_rm_of_a_dead_node_returns_once_its_blocks_have_their_copies_again() {
+    let c = LocalCluster::up(4);
+    let data: Vec<u8> = (0..12_000_000u32).map(|i| (i % 233) as u8).collect();
+    fs::write(c.mnt(1).join("f"), &data).unwrap();
+    let all: std::collections::BTreeSet<String> =
+        (1..=4).flat_map(|k| block_files(&c.data(k))).collect();
+    let leader = c.leader(1).expect("a leader") as u32;
+    // A node other than the leader whose loss leaves some block on two nodes.
+    let victim = (1..=4)
+        .filter(|v| *v != leader)
+        .find(|v| {
+            (1..=4)
+                .filter(|k| k != v)
+                .any(|k| !all.is_subset(&block_files(&c.data(k))))
+        })
+        .expect("some node is the only other holder of a block");
+    let live: Vec<u32> = (1..=4).filter(|k| *k != victim).collect();
+    let (asker, writer) = (live[1], live[2]);
+    c.kill9(victim);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let written = std::thread::scope(|s| {
+        let writes = s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut f = fs::File::create(c.mnt(writer).join(format!("during-{n}"))).unwrap();
+                std::io::Write::write_all(&mut f, &n.to_le_bytes().repeat(50_000)).unwrap();
+                f.sync_all().unwrap();
+                n += 1;
+            }
+            n
+        });
+        let out = c.shoal_at(asker, &["node", "rm", &victim.to_string()]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("every block has its copies"), "{said}");
+        writes.join().unwrap()
+    });
+    assert!(
+        written > 0,
+        "the writer got writes through during the removal"
+    );
+    for k in &live {
+        let held = block_files(&c.data(*k));
+        assert!(
+            all.is_subset(&held),
+            "node {k} holds every block of f once node rm returned: lacks {:?}",
+            all.difference(&held).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(read(&c.mnt(writer).join("f")).unwrap(), data);
+    // The last writes may still be one repair round from their third copy.
+    eventually_within(
+        "fsck finds every copy in place",
+        Duration::from_secs(30),
+        || c.shoal_at(asker, &["fsck"]).status.success(),
+    );
+    for n in 0..written {
+        assert_eq!(
+            read(&c.mnt(asker).join(format!("during-{n}"))).unwrap(),
+            n.to_le_bytes().repeat(50_000),
+            "during-{n}"
+        );
+    }
+}
+
 /// A follower frozen in the middle (SIGSTOP: its connections stay open, nothing answers, as
 /// in a partition or a stalled host) while another node writes and fsyncs files one after
 /// the other, some read at once on the third node: every write lands and reads back, and

@@ -78,6 +78,34 @@ fn bad_input_gets_a_clear_error() {
     assert!(!ok);
     assert!(err.contains("a join token looks like"), "{err}");
 
+    let (ok, err) = run(&["status", "--data", missing, "--watch", "0"]);
+    assert!(!ok);
+    assert!(err.contains("is not a refresh interval"), "{err}");
+
+    let (ok, err) = run(&["daemon", "--data", missing, "--metrics", "localhost"]);
+    assert!(!ok);
+    assert!(
+        err.contains("invalid value 'localhost' for '--metrics <ADDR>'"),
+        "{err}"
+    );
+
+    // An address this host does not have: the daemon says so before it starts anything.
+    let (ok, err) = run(&[
+        "daemon",
+        "--data",
+        missing,
+        "--mount",
+        dir.path().join("mnt").to_str().unwrap(),
+        "--no-plugin",
+        "--metrics",
+        "192.0.2.1:9477",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("--metrics 192.0.2.1:9477: cannot listen there"),
+        "{err}"
+    );
+
     let (ok, err) = run(&["token", "show", "--data", missing]);
     assert!(!ok);
     assert!(

@@ -165,3 +165,72 @@ fn metrics_move_on_every_node_while_three_write_at_once_and_tell_of_a_node_that_
         get(&m, "shoal_blocks_stored")
     );
 }
+
+/// `shoal status --watch` redraws the node's status with the rates of what it does, and the
+/// members, while two nodes write at once; one of them killed shows as down.
+#[test]
+fn status_watch_shows_rates_and_members_while_nodes_write() {
+    let c = LocalCluster::up(3);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let out = std::thread::scope(|s| {
+        for k in [1u32, 2] {
+            let (c, stop) = (&c, &stop);
+            s.spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    write_fsynced(&c.mnt(k).join(format!("w{k}-{n}")), n as u8, 64 << 10);
+                    n += 1;
+                }
+            });
+        }
+        let child = std::process::Command::new(crate::testkit::shoal())
+            .args(["status", "--watch", "0.3", "--data"])
+            .arg(c.data(1))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        c.kill9(3);
+        std::thread::sleep(Duration::from_secs(7));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+        child.wait_with_output().unwrap()
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    let frames: Vec<&str> = text
+        .split("\x1b[2J\x1b[H")
+        .filter(|f| !f.is_empty())
+        .collect();
+    assert!(
+        frames.len() >= 5,
+        "redrawn every 0.3 s: {} frames",
+        frames.len()
+    );
+    // Node 1 writes and fsyncs: some frame shows its requests and fsyncs per second.
+    let busy = frames.iter().any(|f| {
+        f.lines().any(|l| {
+            l.starts_with("rates ") && !l.contains(" 0 FUSE req/s") && !l.contains(" 0 fsyncs")
+        })
+    });
+    assert!(
+        busy,
+        "a frame shows node 1's requests and fsyncs per second:\n{text}"
+    );
+    assert!(
+        frames.iter().any(|f| f
+            .lines()
+            .any(|l| l.starts_with("replication ") && !l.contains(" 0 B/s out"))),
+        "a frame shows node 1's copies going out:\n{text}"
+    );
+    let last = frames.last().unwrap();
+    assert!(last.contains("ADDRESS"), "the members' table: {last}");
+    let node3 = last
+        .lines()
+        .find(|l| l.starts_with("3 "))
+        .unwrap_or_else(|| panic!("node 3 in the table: {last}"));
+    assert!(
+        node3.contains("down"),
+        "node 3, killed, shows down once its lease ends: {node3}"
+    );
+}
