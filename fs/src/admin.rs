@@ -311,6 +311,11 @@ fn volume_info(node: &Node, v: shoal_raft::Volume) -> Result<VolumeInfo, VolumeE
 /// Sets or removes a label of a member node.
 async fn label(node: &Node, id: u64, key: String, value: Option<String>) -> Result<(), String> {
     shoal_raft::check_label(&key, value.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
+    if key.starts_with("shoal.") {
+        return Err(format!(
+            "label key {key:?}: keys starting with 'shoal.' are shoal's own (a client node is made with `shoal join --client`)"
+        ));
+    }
     must_be_member(node, id)?;
     node.run(shoal_raft::MetaCommand::SetNodeLabel {
         node: id,

@@ -139,6 +139,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         Request::AddMember {
             id: 4,
             addr: "127.0.0.1:7000".into(),
+            client: false,
         },
     ] {
         out.push(("rpc_request", postcard::to_stdvec(&req).expect("postcard")));

@@ -208,6 +208,7 @@ fn up(nodes: u32, dir: &Path, ports: Ports, tunables: crate::Tunables) -> anyhow
                     token,
                     addr(1),
                     addr(k),
+                    false,
                 ))?;
             }
         }
@@ -275,33 +276,50 @@ fn spawn_daemon(
 
 /// Waits until a daemon serves its mount and knows a leader.
 fn wait_ready(
-    mut child: std::process::Child,
+    child: std::process::Child,
     nd: &NodeDir,
     k: u32,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    wait_serving(
+        child,
+        &format!("node-{k}"),
+        &nd.data(),
+        &nd.mnt(),
+        &nd.log(),
+        rt,
+    )
+}
+
+/// Waits until the daemon `child` serves `mnt` and its node knows a leader; when it exits
+/// first, or takes more than 60 s, fails with the end of its `log`.
+pub(crate) fn wait_serving(
+    mut child: std::process::Child,
+    name: &str,
+    data: &Path,
+    mnt: &Path,
+    log: &Path,
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait()? {
             bail!(
-                "node-{k} exited ({status}) before it was ready; its log {} ends with:\n{}",
-                nd.log().display(),
-                tail(&nd.log(), 15)
+                "{name} exited ({status}) before it was ready; its log {} ends with:\n{}",
+                log.display(),
+                tail(log, 15)
             );
         }
-        let healthy = mount_entry(&nd.mnt()).is_some()
+        let healthy = mount_entry(mnt).is_some()
             && matches!(
-                rt.block_on(admin::request(&nd.data(), AdminRequest::Status)),
+                rt.block_on(admin::request(data, AdminRequest::Status)),
                 Ok(AdminReply::Status(ref s)) if s.leader.is_some()
             );
         if healthy {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!(
-                "node-{k} did not become ready in 60 s; see {}",
-                nd.log().display()
-            );
+            bail!("{name} did not become ready in 60 s; see {}", log.display());
         }
         std::thread::sleep(Duration::from_millis(100));
     }

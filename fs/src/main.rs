@@ -1,6 +1,7 @@
 //! The `shoal` command.
 
 mod daemon;
+mod helper;
 mod local;
 
 use std::net::SocketAddr;
@@ -56,6 +57,10 @@ enum Command {
         /// Where this node listens for other nodes
         #[arg(long)]
         listen: SocketAddr,
+        /// Join as a client: the node mounts, reads and writes, but stores no blocks and
+        /// never votes (for hosts that only use volumes)
+        #[arg(long)]
+        client: bool,
     },
     /// Show the cluster's join token
     Token {
@@ -135,6 +140,10 @@ enum Command {
         #[command(subcommand)]
         command: VolumeCommand,
     },
+    /// Mount a node's filesystem with its daemon in the background, returning once it serves:
+    /// what `mount -t fuse.shoal DATA MOUNTPOINT -o OPTIONS` runs (as /sbin/mount.fuse.shoal, a
+    /// link to shoal), for fstab and systemd mount units
+    Mount(helper::MountArgs),
     /// Run a local cluster for trying shoal out
     Local {
         #[command(subcommand)]
@@ -560,14 +569,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             token,
             peer,
             listen,
+            client,
         } => {
             init_tracing("warn");
             let token: JoinToken = token.parse()?;
-            let config =
-                runtime()?.block_on(shoal_fs::node::join::join(&data, token, peer, listen))?;
+            let config = runtime()?.block_on(shoal_fs::node::join::join(
+                &data, token, peer, listen, client,
+            ))?;
             println!(
-                "joined cluster {} as node {}\nstart it with: shoal daemon --data {} --mount /mnt/shoal",
+                "joined cluster {} as {}node {}\nstart it with: shoal daemon --data {} --mount /mnt/shoal",
                 config.cluster_id,
+                if client { "client " } else { "" },
                 config.node_id,
                 data.display()
             );
@@ -722,6 +734,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Local { command } => local::run(command),
+        Command::Mount(args) => helper::mount(args, |line| {
+            Cli::try_parse_from(std::iter::once("shoal".to_string()).chain(line.iter().cloned()))
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("{}", e.render().to_string().trim_end()))
+        }),
         Command::Debug {
             command:
                 DebugCommand::Failpoint {
@@ -963,7 +980,18 @@ fn print_status_lines(s: &admin::Status) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // mount(8) runs /sbin/mount.fuse.shoal (a link to shoal) as `mount.fuse.shoal DATA
+    // MOUNTPOINT -o OPTIONS`: that is `shoal mount`.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if matches!(called.as_str(), "mount.fuse.shoal" | "mount.shoal") {
+        argv.splice(0..1, ["shoal".into(), "mount".into()]);
+    }
+    let cli = Cli::parse_from(argv);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

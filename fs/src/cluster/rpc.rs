@@ -35,6 +35,8 @@ pub enum Request {
     AddMember {
         id: u64,
         addr: String,
+        /// A client node: a learner for good, and never a holder of blocks.
+        client: bool,
     },
     /// A member asks the CA for a new certificate for its key (signing request attached).
     RenewCert {

@@ -216,7 +216,11 @@ impl OpenFile {
 
     async fn store_and_propose(&self, node: &Node, batch: &Arc<Vec<Extent>>) -> OpResult<()> {
         let size = batch.iter().map(Extent::end).max().unwrap_or(0);
-        node.check_space(batch.iter().map(|e| e.data.len() as u64).sum())?;
+        // A client keeps no blocks: its disk is not asked, and its copies go to the others.
+        let client = node.config.client;
+        if !client {
+            node.check_space(batch.iter().map(|e| e.data.len() as u64).sum())?;
+        }
         let store = node.blocks.clone();
         let block_size = node.config.block_size as usize;
         let packed = pack(batch, block_size);
@@ -227,9 +231,15 @@ impl OpenFile {
         let stored = {
             let packed: Vec<(BlockId, Bytes)> =
                 packed.iter().map(|(id, p)| (*id, p.data.clone())).collect();
-            tokio::task::spawn_blocking(move || store_blocks(&store, &packed))
-                .await
-                .map_err(|e| OpError::Raft(format!("block writer panicked: {e}")))
+            tokio::task::spawn_blocking(move || {
+                if client {
+                    Ok(())
+                } else {
+                    store_blocks(&store, &packed)
+                }
+            })
+            .await
+            .map_err(|e| OpError::Raft(format!("block writer panicked: {e}")))
         };
         match stored {
             Ok(Ok(())) => {

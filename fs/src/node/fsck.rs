@@ -146,7 +146,12 @@ async fn ask_everyone(node: &Node, ids: &[BlockId]) -> (Vec<(u64, Vec<bool>)>, V
         return (answers, unreachable);
     };
     let mut set = tokio::task::JoinSet::new();
+    // Clients hold no blocks: nothing to ask them.
+    let clients = node.clients();
     for (n, addr) in node.other_members() {
+        if clients.contains(&n) {
+            continue;
+        }
         let Ok(addr) = addr else {
             unreachable.push(n);
             continue;

@@ -23,9 +23,10 @@ pub async fn join(
     token: JoinToken,
     peer: SocketAddr,
     listen: SocketAddr,
+    client: bool,
 ) -> Result<ClusterConfig, NodeError> {
     let endpoint = shoal_net::quic::join_endpoint(token.ca_fingerprint).map_err(TlsError::from)?;
-    join_over(data, token, peer, listen, &Peers::new(endpoint)).await
+    join_over(data, token, peer, listen, client, &Peers::new(endpoint)).await
 }
 
 /// `join`, calling the member through `peers` (the in-memory network of the tests).
@@ -34,6 +35,7 @@ pub async fn join_over(
     token: JoinToken,
     peer: SocketAddr,
     listen: SocketAddr,
+    client: bool,
     peers: &Peers,
 ) -> Result<ClusterConfig, NodeError> {
     if let Ok(existing) = ClusterConfig::load(data) {
@@ -92,6 +94,7 @@ pub async fn join_over(
         block_size: reply.block_size,
         listen: Some(listen.to_string()),
         peers: vec![peer.to_string()],
+        client,
     };
     config.save(data)?;
     Ok(config)

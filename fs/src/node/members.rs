@@ -1,9 +1,29 @@
 //! The cluster's members as operators see them: role, liveness, disk and labels
 //! (`shoal node ls`, placement checks), and the name messages give a node.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use super::Node;
+
+/// The node label that marks a client node (`shoal join --client`): it mounts, reads and
+/// writes, but holds no blocks and never votes. Label keys starting `shoal.` are shoal's own;
+/// `shoal node label` refuses them.
+pub const CLIENT_LABEL: &str = "shoal.client";
+
+impl Node {
+    /// The members that are clients: never holders of blocks.
+    pub fn clients(&self) -> BTreeSet<u64> {
+        self.view
+            .nodes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, info)| info.labels.contains_key(CLIENT_LABEL))
+            .map(|(id, _)| id)
+            .collect()
+    }
+}
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Member {
@@ -47,10 +67,13 @@ pub fn members(node: &Node) -> Result<Vec<Member>, String> {
         .into_iter()
         .map(|(id, addr)| {
             let info = infos.remove(&id).unwrap_or_default();
+            let client = info.labels.contains_key(CLIENT_LABEL);
             Member {
                 id,
                 addr,
-                role: if m.current_leader == Some(id) {
+                role: if client {
+                    "client"
+                } else if m.current_leader == Some(id) {
                     "leader"
                 } else if voters.contains(&id) {
                     "voter"

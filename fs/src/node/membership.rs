@@ -150,6 +150,7 @@ pub async fn ensure_member(node: &Node) -> Result<(), NodeError> {
             let req = Request::AddMember {
                 id: node.id,
                 addr: addr.clone(),
+                client: node.config.client,
             };
             match cluster.peers.call::<_, Response>(peer_addr, &req).await {
                 Ok(Response::AddMember(Ok(()))) => {

@@ -79,6 +79,10 @@ pub struct ClusterConfig {
     /// Members this node joined through, asked to add it when it first starts.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// A client node (`shoal join --client`): it mounts, reads and writes, but stores no
+    /// blocks and never votes.
+    #[serde(default)]
+    pub client: bool,
 }
 
 impl ClusterConfig {
@@ -408,6 +412,7 @@ pub async fn init(
         block_size,
         listen: listen.map(|l| l.to_string()),
         peers: Vec::new(),
+        client: false,
     };
     let token = match listen {
         Some(_) => Some(membership::init_tls(data, &config, cert_validity)?),

@@ -23,10 +23,16 @@ use crate::cluster::rpc::{PeerError, RepairState, Request, Response};
 
 const PERIOD: Duration = Duration::from_secs(3);
 
-/// The members with a live session: the nodes that can hold replicas now.
+/// The members with a live session, clients left out: the nodes that can hold replicas now.
 pub fn live_nodes(node: &Node) -> Vec<u64> {
     let now = now_nanos();
-    let members: Vec<u64> = node.members().into_iter().map(|(id, _)| id).collect();
+    let clients = node.clients();
+    let members: Vec<u64> = node
+        .members()
+        .into_iter()
+        .map(|(id, _)| id)
+        .filter(|id| !clients.contains(id))
+        .collect();
     let sessions = node.view.sessions().unwrap_or_default();
     members
         .into_iter()

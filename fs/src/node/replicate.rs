@@ -65,7 +65,11 @@ impl Policy {
             node.members()
                 .into_iter()
                 .map(|(id, _)| id)
-                .filter(|id| labels.get(id).is_some_and(|i| o.admits(&i.labels)))
+                .filter(|id| {
+                    labels.get(id).is_some_and(|i| {
+                        o.admits(&i.labels) && !i.labels.contains_key(super::members::CLIENT_LABEL)
+                    })
+                })
                 .collect()
         });
         Policy {
@@ -93,12 +97,14 @@ pub fn placement(id: &BlockId, nodes: &[u64], r: usize) -> Vec<u64> {
     ranked
 }
 
-/// The other members, best first, for block `id` (rendezvous hashing).
+/// The other members that hold blocks (clients do not), best first, for block `id`
+/// (rendezvous hashing).
 pub fn candidates(node: &Node, id: &BlockId) -> Vec<(u64, SocketAddr)> {
+    let clients = node.clients();
     let mut out: Vec<(u64, SocketAddr)> = node
         .members()
         .into_iter()
-        .filter(|(n, _)| *n != node.id)
+        .filter(|(n, _)| *n != node.id && !clients.contains(n))
         .filter_map(|(n, addr)| Some((n, addr.parse().ok()?)))
         .collect();
     out.sort_by_key(|(n, _)| std::cmp::Reverse(score(id, *n)));
@@ -144,7 +150,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// block is on two nodes: one dead node must not stall every fsync of the cluster.
 ///
 /// **The promise of an fsync:** each block is on min(R, 2) nodes, this one and at least one
-/// other, when the policy asks for more than one copy. If no other node took a copy (every
+/// other, when the policy asks for more than one copy; written on a client, which keeps no
+/// copy, on min(R, 2) others. If no other node took a copy (every
 /// candidate refused or did not answer), the commit fails with `OpError::Replication` (EIO):
 /// its data stays buffered and the next fsync or close tries again.
 pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> OpResult<()> {
@@ -154,10 +161,12 @@ pub async fn push(node: &Node, blocks: &[(BlockId, Bytes)], policy: &Policy) -> 
     let mut tasks = Vec::new();
     for (id, data) in blocks {
         let (order, healthy) = by_health(node, id, |n| policy.allows(n));
-        let here = usize::from(policy.allows(node.id));
+        let client = node.config.client;
+        let here = usize::from(policy.allows(node.id) && !client);
         let want = policy.replicas.saturating_sub(here).min(order.len());
-        // The writer keeps a copy whatever the policy, so one more makes two.
-        let need = want.min(1);
+        // The writer keeps a copy whatever the policy, so one more makes two; a client keeps
+        // none, so two others must take one.
+        let need = want.min(if client { 2 } else { 1 });
         let copy = CopyJob {
             cluster: cluster.clone(),
             metrics: node.metrics.clone(),

@@ -126,7 +126,9 @@ async fn handle(node: Arc<Node>, peer: Option<u64>, req: Request) -> Response {
                 .await
                 .map_err(|e| Refusal::Failed(e.to_string())),
         ),
-        Request::AddMember { id, addr } => Response::AddMember(node.add_member(id, addr).await),
+        Request::AddMember { id, addr, client } => {
+            Response::AddMember(node.add_member(id, addr, client).await)
+        }
         Request::RemoveMember { id } => Response::RemoveMember(node.remove_member(id).await),
         Request::RenewCert { csr } => Response::RenewCert(
             node.sign_renewal(peer, &csr)
@@ -198,14 +200,28 @@ impl Node {
         })
     }
 
-    /// On the leader: adds a node as a learner, and as a voter while there are fewer than three.
-    async fn add_member(&self, id: u64, addr: String) -> Result<(), Refusal> {
+    /// On the leader: adds a node as a learner, and as a voter while there are fewer than
+    /// three, unless it is a client: that one is marked first (`members::CLIENT_LABEL`), so no
+    /// node ever places a block on it, and stays a learner.
+    async fn add_member(&self, id: u64, addr: String, client: bool) -> Result<(), Refusal> {
         if self.leader_addr().is_some() {
-            return match self.to_leader(&Request::AddMember { id, addr }).await {
+            return match self
+                .to_leader(&Request::AddMember { id, addr, client })
+                .await
+            {
                 Ok(Response::AddMember(r)) => r,
                 Ok(other) => Err(format!("unexpected response {other:?}").into()),
                 Err(e) => Err(e.to_string().into()),
             };
+        }
+        if client {
+            self.run(MetaCommand::SetNodeLabel {
+                node: id,
+                key: super::members::CLIENT_LABEL.into(),
+                value: Some("true".into()),
+            })
+            .await
+            .map_err(|e| format!("marking node {id} a client: {e}"))?;
         }
         self.raft
             .add_learner(id, BasicNode::new(addr.clone()), true)
@@ -216,7 +232,7 @@ impl Node {
             })?;
         let m = self.raft.metrics().borrow().membership_config.clone();
         let mut voters: BTreeSet<u64> = m.membership().voter_ids().collect();
-        if voters.len() < VOTERS && voters.insert(id) {
+        if !client && voters.len() < VOTERS && voters.insert(id) {
             self.raft.change_membership(voters, false).await.map_err(
                 |e| match Refusal::of_write(e) {
                     Refusal::Failed(e) => format!("making node {id} a voter: {e}").into(),
@@ -224,7 +240,7 @@ impl Node {
                 },
             )?;
         }
-        info!(node = id, addr, "node added to the cluster");
+        info!(node = id, addr, client, "node added to the cluster");
         Ok(())
     }
 

@@ -514,7 +514,11 @@ fn a_rotated_token_and_a_removed_node_are_refused() {
             let ep = shoal_net::quic::endpoint(&id, "127.0.0.1:0".parse().unwrap()).unwrap();
             let (to, me) = (c.addr(k), c.addr(3).to_string());
             set.spawn(async move {
-                let req = shoal_fs::cluster::rpc::Request::AddMember { id: 3, addr: me };
+                let req = shoal_fs::cluster::rpc::Request::AddMember {
+                    id: 3,
+                    addr: me,
+                    client: false,
+                };
                 let r = shoal_net::rpc::Peers::new(ep)
                     .call::<_, shoal_fs::cluster::rpc::Response>(to, &req)
                     .await;
@@ -1548,4 +1552,154 @@ fn deleted_files_free_their_blocks_on_every_node_and_on_one_that_was_down() {
     // And the list is empty: a write of the same bytes is stored again, not skipped.
     fs::write(c.mnt(3).join("again"), &data).unwrap();
     assert_eq!(read(&c.mnt(1).join("again")).unwrap(), data);
+}
+
+/// A client node (`shoal join --client`), mounted with the mount helper, writes and fsyncs
+/// while a storing node writes too: every block of its files is on two storing nodes when its
+/// fsync returns, it holds no block itself (not even of the files it reads), it never votes,
+/// and killing it loses nothing.
+#[test]
+fn a_client_node_writes_and_reads_but_stores_no_blocks_and_killing_it_loses_nothing() {
+    let c = LocalCluster::up(3);
+    let client = c.dir.path().join("client");
+    let (data, mnt) = (client.join("data"), client.join("mnt"));
+    let token = fs::read_to_string(c.data(1).join("tls/join-token")).unwrap();
+    let listen = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let out = Command::new(shoal())
+        .args(["join", "--client", "--data"])
+        .arg(&data)
+        .args(["--token", token.trim(), "--peer", &c.addr(1).to_string()])
+        .args(["--listen", &listen])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("as client node"));
+    fs::create_dir_all(&mnt).unwrap();
+    let out = Command::new(shoal())
+        .arg("mount")
+        .arg(&data)
+        .arg(&mnt)
+        .args(["-o", "no_plugin"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Unmounted, which stops its daemon, however the test ends.
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+
+    let body = |i: u32| -> Vec<u8> {
+        (0..2_500_000u32)
+            .map(|j| ((i * 13 + j) % 241) as u8)
+            .collect()
+    };
+    // The client and node 1 write at once.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..3u32 {
+                let mut f = fs::File::create(mnt.join(format!("c{i}"))).unwrap();
+                std::io::Write::write_all(&mut f, &body(i)).unwrap();
+                f.sync_all().unwrap();
+            }
+        });
+        s.spawn(|| {
+            for i in 0..3u32 {
+                let mut f = fs::File::create(c.mnt(1).join(format!("s{i}"))).unwrap();
+                std::io::Write::write_all(&mut f, &body(100 + i)).unwrap();
+                f.sync_all().unwrap();
+            }
+        });
+    });
+    // Every block is on at least two storing nodes already.
+    let held: Vec<std::collections::BTreeSet<String>> =
+        (1..=3).map(|k| block_files(&c.data(k))).collect();
+    let all: std::collections::BTreeSet<String> = held.iter().flatten().cloned().collect();
+    assert!(
+        all.len() >= 6,
+        "both writers' files are several blocks: {}",
+        all.len()
+    );
+    for b in &all {
+        let copies = held.iter().filter(|h| h.contains(b)).count();
+        assert!(copies >= 2, "block {b} is on {copies} storing node(s)");
+    }
+    // The client reads the storing node's files and its own.
+    for i in 0..3u32 {
+        assert_eq!(read(&mnt.join(format!("s{i}"))).unwrap(), body(100 + i));
+        assert_eq!(read(&mnt.join(format!("c{i}"))).unwrap(), body(i));
+    }
+    assert!(
+        block_files(&data).is_empty(),
+        "the client holds no blocks: {:?}",
+        block_files(&data)
+    );
+    let members = node_ls(&c, 1);
+    let me = members
+        .iter()
+        .find(|m| m["role"] == "client")
+        .unwrap_or_else(|| panic!("node ls shows a client: {members:?}"));
+    assert_eq!(
+        members
+            .iter()
+            .filter(|m| m["role"] == "voter" || m["role"] == "leader")
+            .count(),
+        3,
+        "the three storing nodes vote, the client does not: {members:?}"
+    );
+    // Its labels are shoal's to set.
+    let out = c.shoal_at(
+        1,
+        &["node", "label", "rm", &me["id"].to_string(), "shoal.client"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shoal's own"));
+
+    // Killed: nothing it fsynced is lost.
+    // The helper started the daemon in the background: find it by its command line.
+    let pid: i32 = {
+        let found = fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+                    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                    cmd.contains(" daemon ") && cmd.contains(&format!("--data={}", data.display()))
+                })
+            });
+        found.expect("the client's daemon is running")
+    };
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    for i in 0..3u32 {
+        assert_eq!(
+            read(&c.mnt(2).join(format!("c{i}"))).unwrap(),
+            body(i),
+            "c{i}, fsynced on the client, read on node 2 after the client was killed"
+        );
+    }
+    eventually_within(
+        "fsck finds every copy in place",
+        Duration::from_secs(30),
+        || c.shoal_at(1, &["fsck"]).status.success(),
+    );
 }

@@ -198,6 +198,17 @@ impl LocalCluster {
         }
     }
 
+    /// Stops node `k`'s daemon the way systemd does (SIGTERM) and waits until it is gone.
+    pub(crate) fn stop(&self, k: u32) {
+        let pid = rustix::process::Pid::from_raw(self.pid(k)).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.alive(k) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!self.alive(k), "node {k} stopped within 30 s of SIGTERM");
+    }
+
     /// Runs `shoal ARGS --data` with node `k`'s data directory.
     pub(crate) fn shoal_at(&self, k: u32, args: &[&str]) -> std::process::Output {
         Command::new(shoal())

@@ -322,3 +322,96 @@ fn a_large_write_commits_in_the_background_and_reads_back() {
         assert_eq!(&chunk[1..], &piece[1..], "MiB {i}");
     }
 }
+
+/// The mount(8) helper: run as `/sbin/mount.fuse.shoal DATA MOUNTPOINT -o OPTIONS` (here from
+/// a link of that name), it turns fstab options into daemon flags, refuses bad ones before
+/// starting anything, and returns once the node serves; here a cluster node stopped and
+/// mounted again that way, while another node writes, sees every file. `umount` stops it.
+#[test]
+fn the_mount_helper_mounts_a_node_from_fstab_options_and_umount_stops_it() {
+    let c = crate::cluster::LocalCluster::up(3);
+    c.stop(3);
+    assert!(!is_mounted(&c.mnt(3)));
+    let links = tempfile::tempdir().unwrap();
+    let helper = links.path().join("mount.fuse.shoal");
+    std::os::unix::fs::symlink(shoal(), &helper).unwrap();
+    let mount = |options: &str| {
+        Command::new(&helper)
+            .arg(c.data(3))
+            .arg(c.mnt(3))
+            .args(["-o", options])
+            .output()
+            .unwrap()
+    };
+    let err = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // Bad options are refused before any daemon starts.
+    let out = mount("rw,_netdev,frobnicate");
+    assert!(!out.status.success());
+    assert!(
+        err(&out).contains("unknown option 'frobnicate'"),
+        "{}",
+        err(&out)
+    );
+    let out = mount("cache_size=lots,no_plugin");
+    assert!(!out.status.success());
+    assert!(err(&out).contains("invalid value 'lots'"), "{}", err(&out));
+    let out = mount("ro,no_plugin");
+    assert!(!out.status.success());
+    assert!(err(&out).contains("read-write only"), "{}", err(&out));
+    assert!(!is_mounted(&c.mnt(3)), "nothing was mounted");
+    // A value only the daemon can judge: it fails, and the helper shows why from its log.
+    let out = mount("fuse_threads=0,no_plugin");
+    assert!(!out.status.success());
+    assert!(err(&out).contains("out of range"), "{}", err(&out));
+
+    fs::write(c.mnt(1).join("before"), b"written while node 3 was down").unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let written = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut f = fs::File::create(c.mnt(1).join(format!("during-{n}"))).unwrap();
+                f.write_all(&n.to_le_bytes()).unwrap();
+                f.sync_all().unwrap();
+                n += 1;
+            }
+            n
+        });
+        let out = mount(
+            "defaults,_netdev,nofail,x-systemd.requires=network-online.target,cache_size=64MiB,no_plugin",
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(out.status.success(), "{}", err(&out));
+        writer.join().unwrap()
+    });
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(&format!(" {} ", c.mnt(3).display())))
+        .expect("the helper's mount is in mountinfo");
+    // fuser 0.18 mounts as root with type "fuse" whatever the subtype, so the kernel lists
+    // it as fuse with source shoal:CLUSTER (not fuse.shoal, as libfuse would).
+    assert!(line.contains(" - fuse shoal:"), "{line}");
+    assert_eq!(
+        fs::read(c.mnt(3).join("before")).unwrap(),
+        b"written while node 3 was down"
+    );
+    for n in 0..written {
+        assert_eq!(
+            fs::read(c.mnt(3).join(format!("during-{n}"))).unwrap(),
+            n.to_le_bytes(),
+            "during-{n}, written on node 1 while node 3 mounted"
+        );
+    }
+    fs::write(c.mnt(3).join("from-3"), b"back").unwrap();
+    assert_eq!(fs::read(c.mnt(2).join("from-3")).unwrap(), b"back");
+
+    // umount stops the daemon: its admin socket goes quiet.
+    let out = Command::new("umount").arg(c.mnt(3)).output().unwrap();
+    assert!(out.status.success(), "{}", err(&out));
+    crate::cluster::eventually("the daemon left with its mount", || {
+        !c.shoal_at(3, &["status"]).status.success()
+    });
+    assert!(!is_mounted(&c.mnt(3)));
+}

@@ -65,10 +65,16 @@ impl Cluster {
                 .parse()
                 .unwrap();
             let stranger = Peers::over(c.net.port(None));
-            let config =
-                shoal_fs::node::join::join_over(&c.data(k), token, addr(1), addr(k), &stranger)
-                    .await
-                    .unwrap();
+            let config = shoal_fs::node::join::join_over(
+                &c.data(k),
+                token,
+                addr(1),
+                addr(k),
+                false,
+                &stranger,
+            )
+            .await
+            .unwrap();
             assert_eq!(
                 config.node_id, k,
                 "nodes are numbered in the order they join"
