@@ -28,6 +28,7 @@ cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 command -v setpriv >/dev/null || { echo "setpriv is missing (apt-get install util-linux; the security tests run commands as nobody)" >&2; exit 1; }
 command -v pjdfstest >/dev/null || cargo install --locked pjdfstest@0.2.2
 command -v cargo-deny >/dev/null || cargo install --locked cargo-deny@0.20.2
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb@3.8.0
 # fsx 0.3.2's mapped read never unmaps what it mapped: a million operations leave some 190,000
 # mappings, fsx's own CPU time grows with them (a run of 2026-12-06 slowed to half its rate by
 # 450,000 operations, fsx at 67 % CPU and the daemon at 20 %) and the kernel's limit on mappings

@@ -2,7 +2,7 @@
 # Every test shoal has: formatting and clippy (warnings are errors, so raft/clippy.toml's ban on
 # clocks and randomness in the state machine holds), cargo deny (licenses, bans, sources), unit and integration tests (real FUSE mounts, kill -9 durability,
 # crashes at every failpoint),
-# pjdfstest against the mount, fsx, the Docker plugin against real dockerds, and the benchmark runner's quick mode against every peer
+# pjdfstest against the mount, fsx, the Debian package (installed, and its mount helper used), the Docker plugin against real dockerds, and the benchmark runner's quick mode against every peer
 # (a smoke test: no assertion on speed). Needs root; see ci/require.sh for what else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,9 @@ cargo build --release -p shoal-fs --bin shoal
 ci/pjdfstest.sh
 ci/fsx.sh 50000
 ci/fsx.sh 50000 "$RANDOM" 3
+# The Debian package, installed here; the Docker tests run the installed binary.
+ci/package.sh
+export SHOAL=/usr/bin/shoal
 ci/docker.sh
 ci/swarm.sh
 bench/install-peers.sh

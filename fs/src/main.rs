@@ -198,6 +198,12 @@ enum DebugCommand {
         /// e.g. return, pause, off, sleep(500), 2*off->return
         actions: String,
     },
+    /// Write the man pages (OUT/man/, one per command) and shell completions
+    /// (OUT/completions/: bash, zsh, fish) that the Debian package installs
+    Docs {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -740,6 +746,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}", e.render().to_string().trim_end()))
         }),
         Command::Debug {
+            command: DebugCommand::Docs { out },
+        } => write_docs(&out),
+        Command::Debug {
             command:
                 DebugCommand::Failpoint {
                     data,
@@ -885,6 +894,26 @@ fn watch_status(data: &std::path::Path, every: f64) -> anyhow::Result<()> {
         last = Some((now, *s));
         std::thread::sleep(every);
     }
+}
+
+/// `shoal debug docs`: man pages and shell completions, from the clap definitions.
+fn write_docs(out: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("writing man pages into {}", man.display()))?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "shoal", &completions)
+            .with_context(|| {
+                format!("writing {shell} completions into {}", completions.display())
+            })?;
+    }
+    Ok(())
 }
 
 /// `shoal node ls`'s table.
