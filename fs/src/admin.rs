@@ -374,6 +374,9 @@ pub struct Status {
     pub cache_hits: u64,
     #[serde(default)]
     pub cache_misses: u64,
+    /// Blocks no file references any more, listed until every member deleted its copies.
+    #[serde(default)]
+    pub garbage_blocks: u64,
 }
 
 pub fn socket_path(data: &Path) -> PathBuf {
@@ -424,6 +427,7 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         totals: node.metrics.totals(),
         cache_hits: node.cache.hits().0,
         cache_misses: node.cache.hits().1,
+        garbage_blocks: node.view.garbage(usize::MAX).map_or(0, |g| g.len() as u64),
     }
 }
 

@@ -822,6 +822,10 @@ fn print_status(s: &admin::Status) {
         "replicas      {} blocks this node should hold are missing here, {} repaired since start",
         s.under_replicated, s.repaired
     );
+    println!(
+        "garbage       {} blocks no file references, until every member deleted its copies",
+        s.garbage_blocks
+    );
     if s.lost > 0 {
         println!(
             "LOST          {} block reads since start found no good copy on any node (each failed with EIO): see the log for the blocks, and restore the files from a backup",

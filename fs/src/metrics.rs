@@ -269,6 +269,12 @@ impl Collector for NodeState {
         )?;
         gauge(
             e,
+            "garbage_blocks",
+            "Blocks no file references any more, listed until every member deleted its copies",
+            node.view.garbage(usize::MAX).map_or(0, |g| g.len() as i64),
+        )?;
+        gauge(
+            e,
             "blocks_missing",
             "Blocks this node should hold and lacks, as of the last repair round: the repair queue",
             node.repair_missing.load(Ordering::Relaxed) as i64,

@@ -312,7 +312,12 @@ pub(crate) async fn drop_garbage_elsewhere(node: &Node, ids: &[BlockId]) -> Resu
         return Ok(());
     };
     let mut set = tokio::task::JoinSet::new();
+    // Clients hold no blocks: a client that is down must not hold up collection.
+    let clients = node.clients();
     for (n, addr) in node.other_members() {
+        if clients.contains(&n) {
+            continue;
+        }
         let addr = addr?;
         let (peers, req) = (
             cluster.peers.clone(),

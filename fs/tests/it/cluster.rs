@@ -551,23 +551,36 @@ fn block_files(data: &Path) -> std::collections::BTreeSet<String> {
     out
 }
 
-#[test]
-fn blocks_of_a_dead_node_are_re_replicated_onto_the_others() {
+/// Four nodes, and a 12 MB file written on node 1: its bytes and the names of its blocks (with
+/// four nodes, each block is on three).
+fn four_nodes_with_a_file() -> (LocalCluster, Vec<u8>, std::collections::BTreeSet<String>) {
     let c = LocalCluster::up(4);
     let data: Vec<u8> = (0..12_000_000u32).map(|i| (i % 229) as u8).collect();
     fs::write(c.mnt(1).join("f"), &data).unwrap();
     let all: std::collections::BTreeSet<String> =
         (1..=4).flat_map(|k| block_files(&c.data(k))).collect();
     assert!(all.len() >= 3, "a 12 MB file is several blocks");
-    // With four nodes each block is on three. Kill a node whose loss leaves some block on two:
-    // once its lease ends, the three live nodes must each hold every block.
-    let victim = (2..=4)
+    (c, data, all)
+}
+
+/// A node, not one of `spare`, whose loss leaves some block of `all` on two nodes.
+fn needed_node(c: &LocalCluster, all: &std::collections::BTreeSet<String>, spare: &[u32]) -> u32 {
+    (1..=4)
+        .filter(|v| !spare.contains(v))
         .find(|v| {
             (1..=4)
                 .filter(|k| k != v)
                 .any(|k| !all.is_subset(&block_files(&c.data(k))))
         })
-        .expect("some node is the only other holder of a block");
+        .expect("some node is the only other holder of a block")
+}
+
+#[test]
+fn blocks_of_a_dead_node_are_re_replicated_onto_the_others() {
+    let (c, data, all) = four_nodes_with_a_file();
+    // Kill a node whose loss leaves some block on two: once its lease ends, the three live
+    // nodes must each hold every block.
+    let victim = needed_node(&c, &all, &[1]);
     let live: Vec<u32> = (1..=4).filter(|k| *k != victim).collect();
     c.kill9(victim);
     eventually("node ls shows the dead node down", || {
@@ -592,21 +605,10 @@ fn blocks_of_a_dead_node_are_re_replicated_onto_the_others() {
 /// waiting, while another node kept writing and fsyncing through the removal.
 #[test]
 fn node_rm_of_a_dead_node_returns_once_its_blocks_have_their_copies_again() {
-    let c = LocalCluster::up(4);
-    let data: Vec<u8> = (0..12_000_000u32).map(|i| (i % 233) as u8).collect();
-    fs::write(c.mnt(1).join("f"), &data).unwrap();
-    let all: std::collections::BTreeSet<String> =
-        (1..=4).flat_map(|k| block_files(&c.data(k))).collect();
+    let (c, data, all) = four_nodes_with_a_file();
+    // The leader cannot be removed: another node whose loss leaves some block on two.
     let leader = c.leader(1).expect("a leader") as u32;
-    // A node other than the leader whose loss leaves some block on two nodes.
-    let victim = (1..=4)
-        .filter(|v| *v != leader)
-        .find(|v| {
-            (1..=4)
-                .filter(|k| k != v)
-                .any(|k| !all.is_subset(&block_files(&c.data(k))))
-        })
-        .expect("some node is the only other holder of a block");
+    let victim = needed_node(&c, &all, &[leader]);
     let live: Vec<u32> = (1..=4).filter(|k| *k != victim).collect();
     let (asker, writer) = (live[1], live[2]);
     c.kill9(victim);
@@ -1560,7 +1562,7 @@ fn deleted_files_free_their_blocks_on_every_node_and_on_one_that_was_down() {
 /// and killing it loses nothing.
 #[test]
 fn a_client_node_writes_and_reads_but_stores_no_blocks_and_killing_it_loses_nothing() {
-    let c = LocalCluster::up(3);
+    let c = LocalCluster::up_with_env(3, &[("SHOAL_GC_GRACE", "1s")]);
     let client = c.dir.path().join("client");
     let (data, mnt) = (client.join("data"), client.join("mnt"));
     let token = fs::read_to_string(c.data(1).join("tls/join-token")).unwrap();
@@ -1701,5 +1703,25 @@ fn a_client_node_writes_and_reads_but_stores_no_blocks_and_killing_it_loses_noth
         "fsck finds every copy in place",
         Duration::from_secs(30),
         || c.shoal_at(1, &["fsck"]).status.success(),
+    );
+    // With the client dead, garbage is still collected: it holds no copy to wait for.
+    let before: std::collections::BTreeSet<String> =
+        (1..=3).flat_map(|k| block_files(&c.data(k))).collect();
+    for i in 0..3u32 {
+        fs::remove_file(c.mnt(1).join(format!("s{i}"))).unwrap();
+    }
+    let garbage = || {
+        let out = c.shoal_at(1, &["status", "--json"]);
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        s["garbage_blocks"].as_u64().unwrap()
+    };
+    eventually_within(
+        "the deleted files' blocks are collected on every storing node and forgotten",
+        Duration::from_secs(60),
+        || {
+            let after: std::collections::BTreeSet<String> =
+                (1..=3).flat_map(|k| block_files(&c.data(k))).collect();
+            after.len() < before.len() && after.is_subset(&before) && garbage() == 0
+        },
     );
 }
