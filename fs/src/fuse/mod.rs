@@ -247,6 +247,7 @@ impl Filesystem for ShoalFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let t = self.node.metrics.fuse_op("lookup");
+        let _in_node = self.node.span().enter();
         let name = name.as_bytes().to_vec();
         match self.node.lookup(parent.0, &name) {
             Ok(i) => {
@@ -270,6 +271,7 @@ impl Filesystem for ShoalFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _t = self.node.metrics.fuse_op("getattr");
+        let _in_node = self.node.span().enter();
         match self.node.getattr(ino.0) {
             Ok(i) => reply.attr(&TTL, &attr(&i)),
             Err(e) => reply.error(errno(&e)),
@@ -295,6 +297,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyAttr,
     ) {
         let t = self.node.metrics.fuse_op("setattr");
+        let _in_node = self.node.span().enter();
         let change = SetAttr {
             perm: mode.map(|m| m & 0o7777),
             uid,
@@ -314,6 +317,7 @@ impl Filesystem for ShoalFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let _t = self.node.metrics.fuse_op("readlink");
+        let _in_node = self.node.span().enter();
         match self.node.getattr(ino.0) {
             Ok(i) if i.kind == FileKind::Symlink => reply.data(&i.target),
             Ok(_) => reply.error(Errno::EINVAL),
@@ -332,6 +336,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEntry,
     ) {
         let t = self.node.metrics.fuse_op("mknod");
+        let _in_node = self.node.span().enter();
         let Some(kind) =
             kind_of_mode(mode).filter(|k| !matches!(k, FileKind::Dir | FileKind::Symlink))
         else {
@@ -359,6 +364,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEntry,
     ) {
         let t = self.node.metrics.fuse_op("mkdir");
+        let _in_node = self.node.span().enter();
         shoal_raft::failpoint::hit("fuse-mkdir");
         let e = NewEntry {
             kind: FileKind::Dir,
@@ -373,6 +379,7 @@ impl Filesystem for ShoalFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let t = self.node.metrics.fuse_op("unlink");
+        let _in_node = self.node.span().enter();
         let name = name.as_bytes().to_vec();
         self.reply_empty(t, reply, move |node| async move {
             node.unlink(parent.0, &name).await
@@ -381,6 +388,7 @@ impl Filesystem for ShoalFs {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let t = self.node.metrics.fuse_op("rmdir");
+        let _in_node = self.node.span().enter();
         let name = name.as_bytes().to_vec();
         self.reply_empty(t, reply, move |node| async move {
             node.rmdir(parent.0, &name).await
@@ -396,6 +404,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEntry,
     ) {
         let t = self.node.metrics.fuse_op("symlink");
+        let _in_node = self.node.span().enter();
         let e = NewEntry {
             kind: FileKind::Symlink,
             perm: 0o777,
@@ -418,6 +427,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEmpty,
     ) {
         let t = self.node.metrics.fuse_op("rename");
+        let _in_node = self.node.span().enter();
         if flags.contains(RenameFlags::RENAME_WHITEOUT)
             || flags.contains(RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE)
         {
@@ -444,6 +454,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEntry,
     ) {
         let t = self.node.metrics.fuse_op("link");
+        let _in_node = self.node.span().enter();
         let newname = newname.as_bytes().to_vec();
         self.spawn(t, move |node| async move {
             match node.link(ino.0, newparent.0, &newname).await {
@@ -455,6 +466,7 @@ impl Filesystem for ShoalFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let t = self.node.metrics.fuse_op("open");
+        let _in_node = self.node.span().enter();
         let seq = self.fh();
         self.spawn(t, move |node| async move {
             let epoch = node.epoch();
@@ -478,6 +490,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyData,
     ) {
         let t = self.node.metrics.fuse_op("read");
+        let _in_node = self.node.span().enter();
         self.spawn(t, move |node| async move {
             match node.read(ino.0, offset, size as usize).await {
                 Ok(data) => reply.data(&data),
@@ -499,6 +512,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyWrite,
     ) {
         let t = self.node.metrics.fuse_op("write");
+        let _in_node = self.node.span().enter();
         if let Some(e) = self.fenced(fh) {
             reply.error(e);
             return;
@@ -529,6 +543,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEmpty,
     ) {
         let t = self.node.metrics.fuse_op("flush");
+        let _in_node = self.node.span().enter();
         // A fenced handle's close still drops its process's locks (and commits what newer
         // handles wrote), then reports the fencing.
         let fenced = self.fenced(fh);
@@ -552,6 +567,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEmpty,
     ) {
         let t = self.node.metrics.fuse_op("release");
+        let _in_node = self.node.span().enter();
         let flock_owner = lock_owner.map(|o| o.0);
         self.reply_empty(t, reply, move |node| async move {
             node.release(ino.0, flock_owner).await
@@ -567,6 +583,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEmpty,
     ) {
         let t = self.node.metrics.fuse_op("fsync");
+        let _in_node = self.node.span().enter();
         if let Some(e) = self.fenced(fh) {
             reply.error(e);
             return;
@@ -580,6 +597,7 @@ impl Filesystem for ShoalFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _t = self.node.metrics.fuse_op("opendir");
+        let _in_node = self.node.span().enter();
         match self.node.readdir(ino.0) {
             Ok(list) => {
                 let fh = self.fh();
@@ -602,6 +620,7 @@ impl Filesystem for ShoalFs {
         mut reply: ReplyDirectory,
     ) {
         let _t = self.node.metrics.fuse_op("readdir");
+        let _in_node = self.node.span().enter();
         let Some(list) = self.listing(fh) else {
             reply.error(Errno::EBADF);
             return;
@@ -628,6 +647,7 @@ impl Filesystem for ShoalFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let _t = self.node.metrics.fuse_op("readdirplus");
+        let _in_node = self.node.span().enter();
         let Some(list) = self.listing(fh) else {
             reply.error(Errno::EBADF);
             return;
@@ -660,6 +680,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEmpty,
     ) {
         let _t = self.node.metrics.fuse_op("releasedir");
+        let _in_node = self.node.span().enter();
         self.dirs.lock().expect("dirs lock").remove(&fh.0);
         reply.ok();
     }
@@ -673,6 +694,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEmpty,
     ) {
         let _t = self.node.metrics.fuse_op("fsyncdir");
+        let _in_node = self.node.span().enter();
         // Namespace changes are durable in the Raft log before they return.
         match self.node.getattr(ino.0) {
             Ok(_) => reply.ok(),
@@ -682,6 +704,7 @@ impl Filesystem for ShoalFs {
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         let _t = self.node.metrics.fuse_op("statfs");
+        let _in_node = self.node.span().enter();
         match self.node.statfs(ino.0) {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, 255, s.bsize,
@@ -701,6 +724,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEmpty,
     ) {
         let t = self.node.metrics.fuse_op("setxattr");
+        let _in_node = self.node.span().enter();
         let mode = match flags {
             0 => XattrMode::Set,
             libc::XATTR_CREATE => XattrMode::Create,
@@ -723,16 +747,19 @@ impl Filesystem for ShoalFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _t = self.node.metrics.fuse_op("getxattr");
+        let _in_node = self.node.span().enter();
         reply_xattr(self.node.getxattr(ino.0, name.as_bytes()), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _t = self.node.metrics.fuse_op("listxattr");
+        let _in_node = self.node.span().enter();
         reply_xattr(self.node.listxattr(ino.0), size, reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let t = self.node.metrics.fuse_op("removexattr");
+        let _in_node = self.node.span().enter();
         let name = name.as_bytes().to_vec();
         self.reply_empty(t, reply, move |node| async move {
             node.removexattr(ino.0, &name).await
@@ -741,6 +768,7 @@ impl Filesystem for ShoalFs {
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         let _t = self.node.metrics.fuse_op("access");
+        let _in_node = self.node.span().enter();
         // With default_permissions the kernel checks permissions; this only checks existence.
         match self.node.getattr(ino.0) {
             Ok(_) => reply.ok(),
@@ -759,6 +787,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyCreate,
     ) {
         let t = self.node.metrics.fuse_op("create");
+        let _in_node = self.node.span().enter();
         let name = name.as_bytes().to_vec();
         let e = NewEntry {
             kind: FileKind::File,
@@ -812,6 +841,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyLock,
     ) {
         let _t = self.node.metrics.fuse_op("getlk");
+        let _in_node = self.node.span().enter();
         let Some((probe, _)) = range_lock(self.node.lock_owner(lock_owner.0), pid, typ, start, end)
         else {
             reply.error(Errno::EINVAL);
@@ -844,6 +874,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEmpty,
     ) {
         let t = self.node.metrics.fuse_op("setlk");
+        let _in_node = self.node.span().enter();
         let Some((lock, unlock)) =
             range_lock(self.node.lock_owner(lock_owner.0), pid, typ, start, end)
         else {
@@ -870,6 +901,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyEmpty,
     ) {
         let t = self.node.metrics.fuse_op("fallocate");
+        let _in_node = self.node.span().enter();
         if let Some(e) = self.fenced(fh) {
             reply.error(e);
             return;
@@ -889,6 +921,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyLseek,
     ) {
         let _t = self.node.metrics.fuse_op("lseek");
+        let _in_node = self.node.span().enter();
         if offset < 0 {
             reply.error(Errno::EINVAL);
             return;
@@ -911,6 +944,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyIoctl,
     ) {
         let _t = self.node.metrics.fuse_op("ioctl");
+        let _in_node = self.node.span().enter();
         // Not a terminal, nor anything else an ioctl could ask of: what a local filesystem
         // answers to the probes programs make on every open (Python's isatty, for one). Quiet:
         // fuser's default logs a warning for each.
@@ -931,6 +965,7 @@ impl Filesystem for ShoalFs {
         reply: ReplyWrite,
     ) {
         let t = self.node.metrics.fuse_op("copy_file_range");
+        let _in_node = self.node.span().enter();
         if let Some(e) = self.fenced(fh_out) {
             reply.error(e);
             return;
