@@ -1571,31 +1571,30 @@ fn a_client_node_writes_and_reads_but_stores_no_blocks_and_killing_it_loses_noth
         .local_addr()
         .unwrap()
         .to_string();
-    let out = Command::new(shoal())
-        .args(["join", "--client", "--data"])
-        .arg(&data)
-        .args(["--token", token.trim(), "--peer", &c.addr(1).to_string()])
-        .args(["--listen", &listen])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let succeeds = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let joined = succeeds(
+        Command::new(shoal())
+            .args(["join", "--client", "--data"])
+            .arg(&data)
+            .args(["--token", token.trim(), "--peer", &c.addr(1).to_string()])
+            .args(["--listen", &listen]),
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("as client node"));
+    assert!(joined.contains("as client node"), "{joined}");
     fs::create_dir_all(&mnt).unwrap();
-    let out = Command::new(shoal())
-        .arg("mount")
-        .arg(&data)
-        .arg(&mnt)
-        .args(["-o", "no_plugin"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeds(
+        Command::new(shoal())
+            .arg("mount")
+            .arg(&data)
+            .arg(&mnt)
+            .args(["-o", "no_plugin"]),
     );
     // Unmounted, which stops its daemon, however the test ends.
     struct Unmount(std::path::PathBuf);
