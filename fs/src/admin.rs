@@ -390,6 +390,7 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         .list()
         .map(|l| (l.len() as u64, l.iter().map(|(_, n, _)| n).sum()))
         .unwrap_or((0, 0));
+    let (cache_hits, cache_misses) = node.cache.hits();
     let disk_free_bytes = node
         .statfs(shoal_raft::ROOT_INO)
         .map(|s| s.bavail * u64::from(s.bsize))
@@ -425,8 +426,8 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
             .load(std::sync::atomic::Ordering::Relaxed),
         lost: node.blocks_lost.load(std::sync::atomic::Ordering::Relaxed),
         totals: node.metrics.totals(),
-        cache_hits: node.cache.hits().0,
-        cache_misses: node.cache.hits().1,
+        cache_hits,
+        cache_misses,
         garbage_blocks: node.view.garbage(usize::MAX).map_or(0, |g| g.len() as u64),
     }
 }

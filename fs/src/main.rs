@@ -1064,10 +1064,14 @@ fn wait_for_repair(data: &std::path::Path) -> anyhow::Result<()> {
         let mut left = 0;
         let mut settled = true;
         let mut silent = Vec::new();
+        let mut lacking = Vec::new();
         for (n, state) in &states {
             match state {
                 Ok(s) => {
                     left += s.missing;
+                    if s.missing > 0 {
+                        lacking.push(format!("node {n}: {}", s.missing));
+                    }
                     settled &= s.rounds >= first.get(n).copied().unwrap_or(0) + 2;
                 }
                 Err(e) => silent.push(format!("node {n}: {e}")),
@@ -1076,11 +1080,17 @@ fn wait_for_repair(data: &std::path::Path) -> anyhow::Result<()> {
         most = most.max(left);
         bar.set_length(most);
         bar.set_position(most - left);
-        bar.set_message(if silent.is_empty() {
-            String::new()
-        } else {
-            format!("(not answering: {})", silent.join("; "))
-        });
+        // Who still lacks copies (a node out of space keeps lacking them: see its log), who
+        // did not answer, and that stopping the wait stops nothing else.
+        let mut notes = Vec::new();
+        if !lacking.is_empty() {
+            notes.push(format!("lacking: {}", lacking.join(", ")));
+        }
+        if !silent.is_empty() {
+            notes.push(format!("not answering: {}", silent.join("; ")));
+        }
+        notes.push("Ctrl-C stops waiting, not the copying".into());
+        bar.set_message(format!("({})", notes.join("; ")));
         if settled && left == 0 {
             bar.finish_and_clear();
             println!("every block has its copies on the remaining nodes");
