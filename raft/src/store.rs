@@ -52,6 +52,7 @@ pub fn open(dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreErro
         log: db.open_tree("log")?,
         raft: db.open_tree("raft")?,
         db: db.clone(),
+        committed: Arc::default(),
     };
     let sm = StateMachine {
         headroom,
@@ -128,6 +129,8 @@ pub struct LogStore {
     headroom: Arc<Headroom>,
     log: sled::Tree,
     raft: sled::Tree,
+    /// The commit index openraft last saved, written with the next append (`save_committed`).
+    committed: Arc<Mutex<Option<Option<LogId<NodeId>>>>>,
 }
 
 const VOTE: &[u8] = b"vote";
@@ -217,19 +220,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_err(StorageIOError::read_vote, e))
     }
 
+    /// Kept in memory and written with the next append. Written here, the key sat in sled's
+    /// buffer until the next flush anyway, but the state machine's batch right after made sled
+    /// write and sync it alone (a batch rolls sled's buffer first): one sync of every commit.
+    /// A commit index older than the last is allowed (openraft applies what it learns again),
+    /// and the saved one was never newer than the last flush.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SError> {
-        self.headroom.before_write();
-        self.raft
-            .insert(COMMITTED, encode(&committed))
-            .map_err(|e| io_err(StorageIOError::write, e))?;
+        *self.committed.lock().expect("committed lock") = Some(committed);
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SError> {
-        let committed = self
-            .meta::<Option<LogId<NodeId>>>(COMMITTED)
-            .map_err(|e| io_err(StorageIOError::read, e))?
-            .flatten();
+        let pending = *self.committed.lock().expect("committed lock");
+        let committed = match pending {
+            Some(c) => c,
+            None => self
+                .meta::<Option<LogId<NodeId>>>(COMMITTED)
+                .map_err(|e| io_err(StorageIOError::read, e))?
+                .flatten(),
+        };
         // openraft saves the commit index of a snapshot it received before the state machine
         // has installed it. A crash between the two leaves a commit index past the end of this
         // log, whose entries are neither here nor in the state machine: openraft would try to
@@ -261,13 +270,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some(e) = injected_write_failure() {
             return Err(io_err(StorageIOError::write_logs, e));
         }
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            batch.insert(&entry.log_id.index.to_be_bytes(), encode(&entry));
+        // Plain inserts, not a sled batch: a batch makes sled write and sync its buffer twice
+        // more (it rolls the buffer before and after the batch's manifest), which was two of
+        // the five syncs of a one-entry commit. Atomicity is not needed here: sled recovers a
+        // prefix of its writes in order, so a crash before the flush below leaves a prefix of
+        // these entries, and they were not acknowledged yet.
+        let committed = self.committed.lock().expect("committed lock").take();
+        if let Some(c) = committed {
+            self.raft
+                .insert(COMMITTED, encode(&c))
+                .map_err(|e| io_err(StorageIOError::write, e))?;
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        for entry in entries {
+            self.log
+                .insert(entry.log_id.index.to_be_bytes(), encode(&entry))
+                .map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        }
         crate::failpoint::hit("log-before-flush");
         // One flush for the whole batch: only then are the entries durable.
         let res = self

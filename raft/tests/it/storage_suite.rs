@@ -83,8 +83,42 @@ fn a_log_purged_past_the_state_machine_goes_back_to_it_at_open() {
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(id(100)));
         assert_eq!(state.last_log_id, Some(id(100)));
-        assert_eq!(log.read_committed().await.unwrap(), Some(id(100)));
+        // The commit index is written with the next append (none came here): never past
+        // what the log and the state machine hold.
+        let committed = log.read_committed().await.unwrap();
+        assert!(committed.map(|c| c.index) <= Some(100), "{committed:?}");
         assert_eq!(sm.applied_state().await.unwrap().0, Some(id(100)));
         assert!(log.try_get_log_entries(101..=150).await.unwrap().is_empty());
+    });
+}
+
+/// The commit index openraft saves is written with the next append, in the same flush: after
+/// a reopen it is the last one saved before that append.
+#[test]
+fn the_commit_index_is_written_with_the_next_append() {
+    use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+        let blank = |i| Entry::<TypeConfig> {
+            log_id: id(i),
+            payload: EntryPayload::Blank,
+        };
+        {
+            let (mut log, _sm) = shoal_raft::open(dir.path()).unwrap();
+            log.blocking_append((1..=10).map(blank)).await.unwrap();
+            log.save_committed(Some(id(8))).await.unwrap();
+            assert_eq!(log.read_committed().await.unwrap(), Some(id(8)));
+            log.blocking_append((11..=12).map(blank)).await.unwrap();
+            // Saved after the last append: gone with a crash, which openraft allows.
+            log.save_committed(Some(id(11))).await.unwrap();
+        }
+        let (mut log, _sm) = shoal_raft::open(dir.path()).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(id(8)));
+        assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(id(12)));
     });
 }
