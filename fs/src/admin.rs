@@ -377,6 +377,9 @@ pub struct Status {
     /// Blocks no file references any more, listed until every member deleted its copies.
     #[serde(default)]
     pub garbage_blocks: u64,
+    /// Bytes of small commits held in the Raft state, not yet written out as block files.
+    #[serde(default)]
+    pub inline_bytes: u64,
 }
 
 pub fn socket_path(data: &Path) -> PathBuf {
@@ -429,6 +432,7 @@ pub fn status(node: &Node, mount: Option<&Path>) -> Status {
         cache_hits,
         cache_misses,
         garbage_blocks: node.view.garbage(usize::MAX).map_or(0, |g| g.len() as u64),
+        inline_bytes: node.view.inline_bytes().unwrap_or(0),
     }
 }
 

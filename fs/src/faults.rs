@@ -29,6 +29,9 @@ pub struct Faults {
     /// `SHOAL_FAULT_SLOW_LOOKUP=MS`: each lookup answered from the view waits MS milliseconds
     /// between reading the view and replying.
     pub slow_lookup: Option<Duration>,
+    /// `SHOAL_FAULT_SPILL_PAUSED=PATH`: while the file PATH exists, no node writes inline
+    /// blocks out (`node::spill`), so a test can kill nodes while bytes are only in the log.
+    pub spill_paused: Option<std::path::PathBuf>,
 }
 
 /// This process's faults, read from the environment at first use.
@@ -72,6 +75,9 @@ impl Faults {
             .unwrap_or(false),
             slow_invalidation: read(&var, "SHOAL_FAULT_SLOW_INVALIDATION", "MS", ms),
             slow_lookup: read(&var, "SHOAL_FAULT_SLOW_LOOKUP", "MS", ms),
+            spill_paused: read(&var, "SHOAL_FAULT_SPILL_PAUSED", "PATH", |s| {
+                Some(std::path::PathBuf::from(s))
+            }),
         }
     }
 }
@@ -108,6 +114,7 @@ mod tests {
                 ("SHOAL_FAULT_DROP_PROPOSE_REPLY", "1"),
                 ("SHOAL_FAULT_SLOW_INVALIDATION", "30"),
                 ("SHOAL_FAULT_SLOW_LOOKUP", "700"),
+                ("SHOAL_FAULT_SPILL_PAUSED", "/run/pause"),
             ],
             Faults {
                 slow_append: Some((3, Duration::from_millis(300))),
@@ -115,6 +122,7 @@ mod tests {
                 drop_propose_reply: true,
                 slow_invalidation: Some(Duration::from_millis(30)),
                 slow_lookup: Some(Duration::from_millis(700)),
+                spill_paused: Some("/run/pause".into()),
             },
         );
     }

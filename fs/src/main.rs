@@ -999,10 +999,11 @@ fn print_status_lines(s: &admin::Status) {
     println!("uptime        {}s", s.uptime_secs);
     println!("inodes        {}", s.inodes);
     println!(
-        "blocks        {} ({} on disk, {} free)",
+        "blocks        {} ({} on disk, {} free); {} of small writes in the Raft log, not yet in blocks",
         s.blocks,
         ByteSize(s.block_bytes),
-        ByteSize(s.disk_free_bytes)
+        ByteSize(s.disk_free_bytes),
+        ByteSize(s.inline_bytes)
     );
     println!(
         "memory        {} cached blocks, {} buffered writes in {} open files",

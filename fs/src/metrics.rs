@@ -58,6 +58,9 @@ pub struct Metrics {
     commits: Counter,
     proposals: Family<PathLabel, Counter>,
     replicated_bytes: Family<DirectionLabel, Counter>,
+    /// Inline blocks this node wrote out as block files, and their bytes.
+    spilled_blocks: Counter,
+    spilled_bytes: Counter,
 }
 
 impl Default for Metrics {
@@ -70,6 +73,8 @@ impl Default for Metrics {
             commits: Counter::default(),
             proposals: Family::default(),
             replicated_bytes: Family::default(),
+            spilled_blocks: Counter::default(),
+            spilled_bytes: Counter::default(),
         }
     }
 }
@@ -95,6 +100,12 @@ impl Metrics {
     pub fn proposal(&self, forwarded: bool) {
         let path = if forwarded { "forwarded" } else { "local" };
         self.proposals.get_or_create(&PathLabel { path }).inc();
+    }
+
+    /// This node, the leader, wrote `blocks` inline blocks of `bytes` out as block files.
+    pub fn spilled(&self, blocks: u64, bytes: u64) {
+        self.spilled_blocks.inc_by(blocks);
+        self.spilled_bytes.inc_by(bytes);
     }
 
     /// Block bytes sent to another node (`out`) or taken from one (`in`).
@@ -148,6 +159,16 @@ impl Metrics {
             "replicated_bytes",
             "Block bytes copied to other nodes (out) and taken from them (in)",
             self.replicated_bytes.clone(),
+        );
+        r.register(
+            "spilled_blocks",
+            "Inline blocks (small commits held in the Raft state) this node wrote out as block files",
+            self.spilled_blocks.clone(),
+        );
+        r.register(
+            "spilled_bytes",
+            "Bytes of the inline blocks this node wrote out as block files",
+            self.spilled_bytes.clone(),
         );
     }
 }
@@ -272,6 +293,12 @@ impl Collector for NodeState {
             "garbage_blocks",
             "Blocks no file references any more, listed until every member deleted its copies",
             node.view.garbage(usize::MAX).map_or(0, |g| g.len() as i64),
+        )?;
+        gauge(
+            e,
+            "inline_bytes",
+            "Bytes of small commits held in the Raft state, not yet written out as block files",
+            node.view.inline_bytes().unwrap_or(0) as i64,
         )?;
         gauge(
             e,

@@ -357,6 +357,14 @@ impl Ctx<'_, '_> {
             }
             MetaCommand::SetAttr { ino, attr } => self.setattr(*ino, attr),
             MetaCommand::Write { ino, slices, size } => self.write(*ino, slices, *size),
+            MetaCommand::WriteInline {
+                ino,
+                slices,
+                size,
+                volume,
+                blocks,
+            } => self.write_inline(*ino, slices, *size, *volume, blocks),
+            MetaCommand::Spill { blocks } => self.spill(blocks),
             MetaCommand::Fallocate {
                 ino,
                 off,

@@ -42,6 +42,10 @@ pub const ALL: &[(&str, &str)] = &[
         "repair fetched a missing copy from another node, not yet stored it",
     ),
     (
+        "spill-before-propose",
+        "the leader wrote inline blocks out as block files, not yet told the state machine",
+    ),
+    (
         "gc-before-delete",
         "the collector chose a garbage block, not yet deleted its file",
     ),

@@ -22,6 +22,8 @@ pub const VOLUME_USAGE: u8 = b'u';
 pub const TRASH: u8 = b't';
 pub const REPLY: u8 = b'r';
 pub const ACKED: u8 = b'q';
+/// Blocks whose bytes are in the state machine itself (small commits), not yet written out.
+pub const INLINE: u8 = b'B';
 
 pub const META_APPLIED: &[u8] = b"m/applied";
 pub const META_MEMBERSHIP: &[u8] = b"m/membership";
@@ -31,6 +33,8 @@ pub const META_JOIN_SECRET: &[u8] = b"m/join_secret";
 pub const META_NEXT_NODE: &[u8] = b"m/next_node";
 pub const META_SETTINGS: &[u8] = b"m/settings";
 pub const META_TRUST: &[u8] = b"m/trust";
+/// The bytes of every block held inline.
+pub const META_INLINE_BYTES: &[u8] = b"m/inline_bytes";
 
 fn with_u64(tag: u8, n: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -141,6 +145,10 @@ pub fn block_ref(id: &BlockId) -> [u8; 33] {
 
 pub fn garbage(id: &BlockId) -> [u8; 33] {
     with_block(GARBAGE, id)
+}
+
+pub fn inline(id: &BlockId) -> [u8; 33] {
+    with_block(INLINE, id)
 }
 
 /// The first key past every key of `tag` + `ino` + anything.

@@ -351,6 +351,33 @@ pub enum MetaCommand {
     SetTrust {
         cas: Vec<Vec<u8>>,
     },
+    /// Commits a small write whose blocks ride in the entry itself: the one log flush that
+    /// makes the layout durable makes the bytes durable too. The state machine keeps the
+    /// blocks (`InlineBlock`) until a node writes them out as block files (`Spill`).
+    WriteInline {
+        ino: Ino,
+        slices: Vec<Slice>,
+        size: u64,
+        /// The volume whose policy the blocks follow once written out.
+        volume: Ino,
+        /// The blocks the slices name, each whole.
+        blocks: Vec<Vec<u8>>,
+    },
+    /// These inline blocks are now block files on the nodes their policy names: the state
+    /// machine lets go of their bytes. A block is let go only if it is still the copy the
+    /// spiller read (same `since`): one freed and written again meanwhile stays.
+    Spill {
+        blocks: Vec<(BlockId, Nanos)>,
+    },
+}
+
+/// A block held in the state machine: a small commit's bytes, until written out.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InlineBlock {
+    /// When it was committed (apply time).
+    pub since: Nanos,
+    pub volume: Ino,
+    pub data: Vec<u8>,
 }
 
 impl MetaCommand {
@@ -369,6 +396,7 @@ impl MetaCommand {
                 | Rename { .. }
                 | SetAttr { .. }
                 | Write { .. }
+                | WriteInline { .. }
                 | Fallocate { .. }
                 | CopyRange { .. }
                 | SetXattr { .. }

@@ -10,7 +10,8 @@ use crate::error::StoreError;
 use crate::keys;
 use crate::layout;
 use crate::types::{
-    BlockId, Dentry, Ino, Inode, Nanos, NodeInfo, RangeLock, Settings, Slice, Volume, VolumeUsage,
+    BlockId, Dentry, InlineBlock, Ino, Inode, Nanos, NodeInfo, RangeLock, Settings, Slice, Volume,
+    VolumeUsage,
 };
 
 pub type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -256,6 +257,39 @@ impl StateView {
             out.push(keys::block_after_tag(&k?));
         }
         Ok(out)
+    }
+
+    /// The block if the state machine holds its bytes (a small commit not yet written out).
+    pub fn inline_block(&self, id: &BlockId) -> Result<Option<InlineBlock>, StoreError> {
+        self.get("inline block", &keys::inline(id))
+    }
+
+    pub fn is_inline(&self, id: &BlockId) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(keys::inline(id))?)
+    }
+
+    /// Up to `max_bytes` of inline blocks (at least one, if any), in block id order.
+    pub fn inline_blocks(
+        &self,
+        max_bytes: usize,
+    ) -> Result<Vec<(BlockId, InlineBlock)>, StoreError> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for kv in self.tree.scan_prefix([keys::INLINE]) {
+            if bytes >= max_bytes {
+                break;
+            }
+            let (k, v) = kv?;
+            let b: InlineBlock = decode("inline block", &v)?;
+            bytes += b.data.len();
+            out.push((keys::block_after_tag(&k), b));
+        }
+        Ok(out)
+    }
+
+    /// The bytes of every inline block.
+    pub fn inline_bytes(&self) -> Result<u64, StoreError> {
+        self.counter(keys::META_INLINE_BYTES)
     }
 
     pub fn block_count(&self) -> Result<u64, StoreError> {

@@ -224,6 +224,26 @@ impl OpenFile {
         let store = node.blocks.clone();
         let block_size = node.config.block_size as usize;
         let packed = pack(batch, block_size);
+        let bytes: u64 = batch.iter().map(|e| e.data.len() as u64).sum();
+        if crate::node::spill::goes_inline(node, bytes) {
+            // Small: the blocks ride in the Raft entry (see `node::spill`).
+            for (id, p) in &packed {
+                node.cache.insert_block(*id, &p.data);
+            }
+            shoal_raft::failpoint::hit("commit-before-propose");
+            let blocks = packed.iter().map(|(_, p)| p.data.to_vec()).collect();
+            let slices = packed.into_iter().flat_map(|(_, p)| p.slices).collect();
+            return node
+                .run(MetaCommand::WriteInline {
+                    ino: self.ino,
+                    slices,
+                    size,
+                    volume: self.volume,
+                    blocks,
+                })
+                .await
+                .map(|_| ());
+        }
         let ids: Vec<BlockId> = packed.iter().map(|(id, _)| *id).collect();
         node.guard_blocks(&ids);
         // Unguarded however this ends, a cancelled commit included.
@@ -457,7 +477,7 @@ fn pack(extents: &[Extent], block_size: usize) -> Vec<(BlockId, Packed)> {
     out
 }
 
-fn store_blocks(
+pub(crate) fn store_blocks(
     store: &BlockStore,
     blocks: &[(BlockId, Bytes)],
 ) -> Result<(), crate::blocks::BlockError> {

@@ -114,6 +114,10 @@ pub async fn check(
         if node.view.block_refs(&id).unwrap_or(1) == 0 {
             continue;
         }
+        // Held in the state machine on every member until written out (`node::spill`).
+        if node.view.is_inline(&id).unwrap_or(false) {
+            continue;
+        }
         let policies = special.get(&id).map_or(&default[..], Vec::as_slice);
         let holders: BTreeSet<u64> = policies
             .iter()

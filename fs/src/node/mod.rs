@@ -30,6 +30,7 @@ mod raft_net;
 pub mod repair;
 pub mod replicate;
 mod serve;
+pub mod spill;
 pub mod trust;
 
 pub use membership::ensure_member;
@@ -590,6 +591,7 @@ impl Node {
 
         tokio::spawn(file::commit_worker(Arc::downgrade(&node)).instrument(span.clone()));
         tokio::spawn(gc::worker(Arc::downgrade(&node)).instrument(span.clone()));
+        tokio::spawn(spill::worker(Arc::downgrade(&node)).instrument(span.clone()));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");
         Ok(node)
     }

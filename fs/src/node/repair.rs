@@ -60,6 +60,10 @@ pub async fn round(node: &Node) -> (u64, u64) {
     // Copies here that no policy asks for, with the nodes that should hold them instead.
     let mut extra: Vec<(BlockId, Vec<u64>)> = Vec::new();
     for id in referenced {
+        // Held in the state machine until the leader writes it out (`node::spill`).
+        if node.view.is_inline(&id).unwrap_or(false) {
+            continue;
+        }
         let policies = special.get(&id).map_or(&default[..], Vec::as_slice);
         let holders: Vec<u64> = policies
             .iter()

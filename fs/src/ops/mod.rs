@@ -441,6 +441,18 @@ impl Node {
                 misses.push(s);
             }
         }
+        // Small commits' blocks may be in the state machine, not yet in block files.
+        misses.retain(|s| match self.view.inline_block(&s.block) {
+            Ok(Some(b)) => {
+                let at = (s.off - off) as usize;
+                let from = s.block_off as usize;
+                buf[at..at + s.len as usize].copy_from_slice(&b.data[from..from + s.len as usize]);
+                self.cache
+                    .insert_block(s.block, &bytes::Bytes::from(b.data));
+                false
+            }
+            _ => true,
+        });
         if !misses.is_empty() {
             let (store, cache) = (self.blocks.clone(), self.cache.clone());
             let local = tokio::task::spawn_blocking(move || {

@@ -539,7 +539,7 @@ fn a_rotated_token_and_a_removed_node_are_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the leader"));
 }
 
-fn block_files(data: &Path) -> std::collections::BTreeSet<String> {
+pub(crate) fn block_files(data: &Path) -> std::collections::BTreeSet<String> {
     let mut out = std::collections::BTreeSet::new();
     for fan in fs::read_dir(data.join("blocks")).unwrap().flatten() {
         if fan.file_name().len() == 2 {

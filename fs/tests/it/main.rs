@@ -5,6 +5,7 @@ mod at_once;
 mod cluster;
 mod daemon;
 mod durability;
+mod inline;
 mod local_cluster;
 mod metrics;
 mod mount;

@@ -1,7 +1,9 @@
 //! POSIX operations on an in-process node, below FUSE.
 
 use shoal_fs::node::OpError;
-use shoal_fs::node::gc;
+use std::time::Duration;
+
+use shoal_fs::node::{gc, spill};
 use shoal_fs::ops::{NewEntry, SEEK_DATA, SEEK_HOLE, WriteAck};
 use shoal_raft::{FsError, Kv, ROOT_INO, RenameFlags, SetAttr};
 
@@ -137,16 +139,25 @@ async fn gc_deletes_only_unreferenced_blocks() {
     }
     let block_of = |ino| node.view.slices(ino, 0, 3000).unwrap()[0].block;
     let (ba, bb) = (block_of(a.ino), block_of(b.ino));
+    // Small commits: held in the Raft state until written out.
+    assert!(!node.blocks.contains(&ba) && !node.blocks.contains(&bb));
+    assert!(node.view.is_inline(&ba).unwrap() && node.view.is_inline(&bb).unwrap());
+    assert!(spill::spill(&node, Duration::ZERO).await.unwrap() >= 2);
     assert!(node.blocks.contains(&ba) && node.blocks.contains(&bb));
+    assert!(!node.view.is_inline(&ba).unwrap() && !node.view.is_inline(&bb).unwrap());
+    assert_eq!(node.view.inline_bytes().unwrap(), 0);
     // Overwrite a: its old block becomes garbage; b's block stays referenced.
     node.open(a.ino).await.unwrap();
     write(&node, a.ino, 0, &pattern(3000, 9));
     node.release(a.ino, None).await.unwrap();
-    let deleted = gc::collect(&node, std::time::Duration::ZERO).await.unwrap();
+    let deleted = gc::collect(&node, Duration::ZERO).await.unwrap();
     assert_eq!(deleted, 1);
     assert!(!node.blocks.contains(&ba), "garbage block deleted");
     assert!(node.blocks.contains(&bb), "referenced block kept");
-    assert!(node.blocks.contains(&block_of(a.ino)), "new block kept");
+    assert!(
+        node.view.is_inline(&block_of(a.ino)).unwrap(),
+        "new block held"
+    );
     assert!(node.view.garbage(10).unwrap().is_empty());
     assert_eq!(node.read(b.ino, 0, 3000).await.unwrap(), pattern(3000, 2));
     stop(node).await;
@@ -160,6 +171,7 @@ async fn a_corrupt_block_is_an_error_never_wrong_bytes() {
     node.open(f.ino).await.unwrap();
     write(&node, f.ino, 0, &pattern(10_000, 5));
     node.release(f.ino, None).await.unwrap();
+    spill::spill(&node, Duration::ZERO).await.unwrap();
     let id = node.view.slices(f.ino, 0, 10).unwrap()[0].block;
     let path = node.blocks.path_of(&id);
     let mut bytes = std::fs::read(&path).unwrap();

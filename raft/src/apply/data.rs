@@ -55,6 +55,84 @@ impl Ctx<'_, '_> {
         Ok(Ok(Reply::Inode(inode)))
     }
 
+    /// A write whose blocks come with it: each is kept in the state machine (once per block,
+    /// however many slices or files name it) and the slices are laid as by `write`.
+    pub(super) fn write_inline(
+        &mut self,
+        ino: Ino,
+        slices: &[Slice],
+        size: u64,
+        volume: Ino,
+        blocks: &[Vec<u8>],
+    ) -> Outcome {
+        let ids: Vec<BlockId> = blocks.iter().map(|b| BlockId::of(b)).collect();
+        // Every slice must name a block of the entry, inside it: a reader trusts the layout.
+        let fits = |s: &Slice| {
+            ids.iter().zip(blocks).any(|(id, b)| {
+                *id == s.block
+                    && s.block_len as usize == b.len()
+                    && u64::from(s.block_off) + u64::from(s.len) <= b.len() as u64
+            })
+        };
+        if !slices.iter().all(fits) {
+            fail!(FsError::Invalid);
+        }
+        // Blocks already named elsewhere and not inline are block files on their holders.
+        let mut on_disk = Vec::with_capacity(ids.len());
+        for id in &ids {
+            on_disk.push(
+                self.txn.block_refs(id)? > 0 && self.txn.get_raw(&keys::inline(id))?.is_none(),
+            );
+        }
+        let cp = self.txn.checkpoint();
+        let outcome = self.write(ino, slices, size)?;
+        if outcome.is_err() {
+            self.txn.rollback(cp);
+            return Ok(outcome);
+        }
+        let mut added = 0i64;
+        for ((id, data), on_disk) in ids.iter().zip(blocks).zip(on_disk) {
+            // A block no slice names any more (overwritten within this very write) is not kept.
+            if on_disk || self.txn.block_refs(id)? == 0 {
+                continue;
+            }
+            let key = keys::inline(id);
+            if self.txn.get_raw(&key)?.is_none() {
+                self.txn.put(
+                    &key,
+                    &InlineBlock {
+                        since: self.now,
+                        volume,
+                        data: data.clone(),
+                    },
+                );
+                added += data.len() as i64;
+            }
+        }
+        if added != 0 {
+            self.bump_counter(keys::META_INLINE_BYTES, added)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Lets go of the bytes of inline blocks that were written out (see `MetaCommand::Spill`).
+    pub(super) fn spill(&mut self, blocks: &[(BlockId, Nanos)]) -> Outcome {
+        let mut freed = 0i64;
+        for (id, since) in blocks {
+            let key = keys::inline(id);
+            if let Some(b) = self.txn.get::<InlineBlock>("inline block", &key)?
+                && b.since == *since
+            {
+                self.txn.del(&key);
+                freed += b.data.len() as i64;
+            }
+        }
+        if freed != 0 {
+            self.bump_counter(keys::META_INLINE_BYTES, -freed)?;
+        }
+        Ok(Ok(Reply::Done))
+    }
+
     pub(super) fn fallocate(&mut self, ino: Ino, off: u64, len: u64, mode: Fallocate) -> Outcome {
         let inode = tri!(self.must_file(ino));
         let Some(end) = off.checked_add(len).filter(|e| *e <= i64::MAX as u64) else {

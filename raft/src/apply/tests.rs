@@ -1481,3 +1481,155 @@ fn mounts_of_a_node_are_cleared_and_the_trash_retention_is_a_setting() {
         Err(FsError::Invalid)
     );
 }
+
+fn write_inline(sm: &mut Sm, ino: Ino, off: u64, data: &[u8]) -> (BlockId, CommandResult) {
+    let id = BlockId::of(data);
+    let len = data.len() as u32;
+    let r = sm.run(MetaCommand::WriteInline {
+        ino,
+        slices: vec![Slice {
+            off,
+            len,
+            block: id,
+            block_off: 0,
+            block_len: len,
+        }],
+        size: off + u64::from(len),
+        volume: ROOT_INO,
+        blocks: vec![data.to_vec()],
+    });
+    (id, r)
+}
+
+#[test]
+fn inline_blocks_are_kept_once_until_spilled_or_freed() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    let g = sm.mk(ROOT_INO, "g", FileKind::File);
+    let (a, r) = write_inline(&mut sm, f, 0, b"hello");
+    assert!(r.is_ok(), "{r:?}");
+    let held = sm.view().inline_block(&a).unwrap().expect("held inline");
+    assert_eq!(held.data, b"hello");
+    assert_eq!(sm.view().inline_bytes().unwrap(), 5);
+    assert_eq!(sm.inode(f).size, 5);
+    // The same bytes in another file: one copy, two references.
+    let (a2, _) = write_inline(&mut sm, g, 0, b"hello");
+    assert_eq!(a, a2);
+    assert_eq!(sm.view().block_refs(&a).unwrap(), 2);
+    assert_eq!(sm.view().inline_bytes().unwrap(), 5);
+    assert_eq!(
+        sm.view().inline_block(&a).unwrap().unwrap().since,
+        held.since
+    );
+
+    // A spill of an older copy lets nothing go; the right one lets go of the bytes only.
+    sm.run(MetaCommand::Spill {
+        blocks: vec![(a, held.since - 1)],
+    })
+    .unwrap();
+    assert!(sm.view().is_inline(&a).unwrap());
+    sm.run(MetaCommand::Spill {
+        blocks: vec![(a, held.since)],
+    })
+    .unwrap();
+    assert!(!sm.view().is_inline(&a).unwrap());
+    assert_eq!(sm.view().inline_bytes().unwrap(), 0);
+    assert_eq!(
+        sm.view().block_refs(&a).unwrap(),
+        2,
+        "the layout still names it"
+    );
+
+    // Written out already: the same bytes again are not held inline a second time.
+    let h = sm.mk(ROOT_INO, "h", FileKind::File);
+    write_inline(&mut sm, h, 0, b"hello").1.unwrap();
+    assert!(!sm.view().is_inline(&a).unwrap());
+
+    // Freed while inline: the bytes go with the last reference, and it is garbage.
+    let (b, _) = write_inline(&mut sm, f, 100, b"world");
+    assert_eq!(sm.view().inline_bytes().unwrap(), 5);
+    let since = sm.view().inline_block(&b).unwrap().unwrap().since;
+    sm.run(MetaCommand::SetAttr {
+        ino: f,
+        attr: SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    })
+    .unwrap();
+    assert!(!sm.view().is_inline(&b).unwrap());
+    assert_eq!(sm.view().inline_bytes().unwrap(), 0);
+    assert!(
+        sm.view()
+            .garbage(10)
+            .unwrap()
+            .iter()
+            .any(|(id, _)| *id == b)
+    );
+    // Written again before a late spill of the freed copy: the new copy stays.
+    write_inline(&mut sm, f, 0, b"world").1.unwrap();
+    sm.run(MetaCommand::Spill {
+        blocks: vec![(b, since)],
+    })
+    .unwrap();
+    assert!(sm.view().is_inline(&b).unwrap());
+    assert_eq!(sm.view().inline_bytes().unwrap(), 5);
+}
+
+#[test]
+fn an_inline_write_must_carry_the_blocks_its_slices_name() {
+    let mut sm = Sm::new();
+    let f = sm.mk(ROOT_INO, "f", FileKind::File);
+    let data = b"abcdef".to_vec();
+    let bad = |slice: Slice| MetaCommand::WriteInline {
+        ino: f,
+        slices: vec![slice],
+        size: 6,
+        volume: ROOT_INO,
+        blocks: vec![data.clone()],
+    };
+    let good = Slice {
+        off: 0,
+        len: 6,
+        block: BlockId::of(&data),
+        block_off: 0,
+        block_len: 6,
+    };
+    for slice in [
+        Slice {
+            block: BlockId([9; 32]),
+            ..good
+        },
+        Slice {
+            block_off: 1,
+            ..good
+        },
+        Slice {
+            block_len: 7,
+            ..good
+        },
+    ] {
+        assert_eq!(sm.run(bad(slice)), Err(FsError::Invalid));
+    }
+    assert_eq!(sm.inode(f).size, 0);
+    assert_eq!(sm.view().inline_bytes().unwrap(), 0);
+    assert!(sm.run(bad(good)).is_ok());
+    // Overwritten within one entry: the first block is not kept.
+    let other = b"zzzzzz".to_vec();
+    let r = sm.run(MetaCommand::WriteInline {
+        ino: f,
+        slices: vec![
+            Slice {
+                block: BlockId::of(&other),
+                ..good
+            },
+            good,
+        ],
+        size: 6,
+        volume: ROOT_INO,
+        blocks: vec![other.clone(), data.clone()],
+    });
+    assert!(r.is_ok());
+    assert!(!sm.view().is_inline(&BlockId::of(&other)).unwrap());
+    assert_eq!(sm.view().inline_bytes().unwrap(), 6);
+}

@@ -87,6 +87,13 @@ impl Ctx<'_, '_> {
             if new == 0 {
                 self.txn.del(&keys::block_ref(&id));
                 self.txn.put(&keys::garbage(&id), &self.now);
+                // An inline block goes with its last reference; block files of it written
+                // out meanwhile are garbage like any other.
+                let inline = keys::inline(&id);
+                if let Some(b) = self.txn.get::<InlineBlock>("inline block", &inline)? {
+                    self.txn.del(&inline);
+                    self.bump_counter(keys::META_INLINE_BYTES, -(b.data.len() as i64))?;
+                }
             } else {
                 self.txn.put(&keys::block_ref(&id), &(new as u64));
                 if cur == 0 {
