@@ -301,7 +301,9 @@ pub(crate) fn wait_serving(
     log: &Path,
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // A node joining a large cluster installs a snapshot first (40 s at a million files).
+    const READY_WITHIN: Duration = Duration::from_secs(600);
+    let deadline = Instant::now() + READY_WITHIN;
     loop {
         if let Some(status) = child.try_wait()? {
             bail!(
@@ -319,7 +321,11 @@ pub(crate) fn wait_serving(
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{name} did not become ready in 60 s; see {}", log.display());
+            bail!(
+                "{name} did not become ready in {} s; see {}",
+                READY_WITHIN.as_secs(),
+                log.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

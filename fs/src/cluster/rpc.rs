@@ -79,7 +79,19 @@ pub enum Request {
     RepairState,
 }
 
+/// How long a new member's `AddMember` may take: the leader answers once the node has caught
+/// up, which for a large tree is a snapshot of hundreds of MB (87 MB, 40 s, at a million files).
+pub const ADD_MEMBER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Request {
+    /// How long a caller waits for the answer.
+    pub fn timeout(&self) -> std::time::Duration {
+        match self {
+            Request::AddMember { .. } => ADD_MEMBER_TIMEOUT,
+            _ => shoal_net::rpc::CALL_TIMEOUT,
+        }
+    }
+
     /// The request's kind, for spans and logs.
     pub fn method(&self) -> &'static str {
         match self {

@@ -95,7 +95,7 @@ impl Node {
             }
         };
         tokio::select! {
-            answer = cluster.peers.call(addr, req) => answer
+            answer = cluster.peers.call_within(addr, req, req.timeout()) => answer
                 .map_err(|e| OpError::Raft(format!("forwarding to the leader at {addr}: {e}"))),
             () = replaced => Err(OpError::Raft(format!(
                 "the leader at {addr} was replaced while a request to it was under way"
@@ -152,7 +152,13 @@ pub async fn ensure_member(node: &Node) -> Result<(), NodeError> {
                 addr: addr.clone(),
                 client: node.config.client,
             };
-            match cluster.peers.call::<_, Response>(peer_addr, &req).await {
+            // The member answers once this node has caught up: a snapshot of a large tree
+            // takes a while to send and install.
+            match cluster
+                .peers
+                .call_within::<_, Response>(peer_addr, &req, req.timeout())
+                .await
+            {
                 Ok(Response::AddMember(Ok(()))) => {
                     added = true;
                     break;
