@@ -48,7 +48,7 @@ fn io(msg: String) -> std::io::Error {
 
 impl QuicPeer {
     /// Sends one Raft RPC, given `option.hard_ttl()` to answer (a snapshot chunk gets the
-    /// 30 s `install_snapshot_timeout`), and never less than the usual call timeout: openraft
+    /// 10 min `install_snapshot_timeout`), and never less than the usual call timeout: openraft
     /// itself gives up on appends and votes after a heartbeat interval, and a peer marked down
     /// for every slow heartbeat would lose its other traffic too.
     async fn send<E: std::error::Error>(

@@ -317,8 +317,11 @@ fn raft_config(own_elections: bool, every: u64) -> Result<Arc<openraft::Config>,
         // Entries kept behind a snapshot, for followers that lag a little.
         max_in_snapshot_log_to_keep: (every / 20).max(1),
         // Each snapshot chunk (openraft sends a snapshot in chunks of 3 MiB) gets this long to
-        // cross a slow link, rather than the 2 s of other calls.
-        install_snapshot_timeout: 30_000,
+        // cross a slow link, rather than the 2 s of other calls; the last one is answered once
+        // the whole snapshot is installed, 30 to 40 s for a million files. A timeout resets the
+        // connection, which failed a joining node's AddMember under way on it. A peer that
+        // died is found sooner by the QUIC idle timeout (10 s).
+        install_snapshot_timeout: 600_000,
         ..Default::default()
     };
     Ok(Arc::new(

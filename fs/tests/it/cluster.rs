@@ -897,16 +897,19 @@ fn a_lagging_node_catches_up_by_a_slow_snapshot() {
 }
 
 /// A node joining a cluster far ahead of it (more than openraft's lag threshold of 5,000
-/// entries, the log compacted) gets a snapshot before the leader answers its `AddMember`; a
-/// snapshot slower than an ordinary call (2 s) made every join of a large cluster fail (seen
-/// at a million files: 87 MB, 40 s). Writers on the two members go on meanwhile.
+/// entries, the log compacted) gets a snapshot before the leader answers its `AddMember`. A
+/// snapshot slower than an ordinary call (2 s), or than the 30 s a snapshot chunk had, made
+/// every join of a large cluster fail (seen at a million files: 87 MB, 30 to 40 s to install).
+/// Writers on the two members go on meanwhile.
 #[test]
 fn a_node_joins_while_a_slow_snapshot_catches_it_up_and_writers_go_on() {
     let c = LocalCluster::up_with_env(
         2,
         &[
             ("SHOAL_SNAPSHOT_EVERY", "500"),
-            ("SHOAL_FAULT_SLOW_SNAPSHOT", "3:3000"),
+            // Past the 30 s a snapshot chunk's send was given, as installing a million
+            // files' snapshot takes.
+            ("SHOAL_FAULT_SLOW_SNAPSHOT", "3:31000"),
         ],
     );
     const EMPTY: u32 = 6_000;
@@ -926,22 +929,23 @@ fn a_node_joins_while_a_slow_snapshot_catches_it_up_and_writers_go_on() {
     for i in 0..150u32 {
         fs::write(c.mnt(1 + i % 2).join(format!("s{i}")), i.to_le_bytes()).unwrap();
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Fewer writes than a snapshot interval (500) while node 3 installs: more would compact
+    // the log past the snapshot it is installing, and it would need the next one, and so on
+    // for as long as the writers outpace a 31 s install.
+    const DURING: u32 = 150;
     let writers: Vec<_> = (1..=2u32)
         .map(|k| {
-            let (mnt, stop) = (c.mnt(k), stop.clone());
+            let mnt = c.mnt(k);
             std::thread::spawn(move || {
-                let mut n = 0u32;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for n in 0..DURING {
                     fs::write(mnt.join(format!("during-{k}-{n}")), n.to_le_bytes()).unwrap();
-                    n += 1;
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-                n
+                DURING
             })
         })
         .collect();
     c.local_up(3);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let written: Vec<u32> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     let log = fs::read_to_string(c.node(3).join("daemon.log")).unwrap_or_default();
     assert!(
