@@ -4,6 +4,8 @@
 //! Writes land in a per-file list of extents, in write order. A commit packs the extents into
 //! blocks of up to `block_size` bytes, stores and fsyncs the blocks, and proposes one `Write`
 //! command whose slices reference them; only then is the data part of the file for everyone.
+//! A small commit (`node::spill::goes_inline`) sends its blocks inside the command instead
+//! (`WriteInline`), and the leader writes them out as block files later.
 //! Commits run on fsync, on flush (close), when a file has `commit_bytes` buffered, and every
 //! `commit_interval`. Reads see committed data overlaid with the extents still buffered.
 
