@@ -4,6 +4,13 @@ use openraft::StorageError;
 use openraft::testing::{StoreBuilder, Suite};
 use shoal_raft::{LogStore, StateMachine, TypeConfig};
 
+/// Opens the store in `dir/meta`: the store keeps its headroom file beside the database
+/// (`meta.headroom`), which must be inside the temporary directory to go with it (each run of
+/// the suite left 64 MiB files in /tmp, gigabytes of them).
+fn open(dir: &tempfile::TempDir) -> Result<(LogStore, StateMachine), shoal_raft::StoreError> {
+    shoal_raft::open(&dir.path().join("meta"))
+}
+
 struct SledBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
@@ -11,7 +18,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sle
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (log, sm) = shoal_raft::open(dir.path()).expect("open sled store");
+        let (log, sm) = open(&dir).expect("open sled store");
         Ok((dir, log, sm))
     }
 }
@@ -33,7 +40,7 @@ fn a_saved_commit_index_past_the_end_of_the_log_is_not_claimed() {
         .unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _sm) = shoal_raft::open(dir.path()).unwrap();
+        let (mut log, _sm) = open(&dir).unwrap();
         let id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
         let entries: Vec<Entry<TypeConfig>> = (1..=177)
             .map(|i| Entry {
@@ -68,7 +75,7 @@ fn a_log_purged_past_the_state_machine_goes_back_to_it_at_open() {
             payload: EntryPayload::Blank,
         };
         {
-            let (mut log, mut sm) = shoal_raft::open(dir.path()).unwrap();
+            let (mut log, mut sm) = open(&dir).unwrap();
             log.blocking_append((1..=100).map(blank)).await.unwrap();
             sm.apply((1..=100).map(blank)).await.unwrap();
             // What the snapshot install got to before the crash: the log's part only.
@@ -79,7 +86,7 @@ fn a_log_purged_past_the_state_machine_goes_back_to_it_at_open() {
                 Some(id(150))
             );
         }
-        let (mut log, mut sm) = shoal_raft::open(dir.path()).unwrap();
+        let (mut log, mut sm) = open(&dir).unwrap();
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(id(100)));
         assert_eq!(state.last_log_id, Some(id(100)));
@@ -109,7 +116,7 @@ fn the_commit_index_is_written_with_the_next_append() {
             payload: EntryPayload::Blank,
         };
         {
-            let (mut log, _sm) = shoal_raft::open(dir.path()).unwrap();
+            let (mut log, _sm) = open(&dir).unwrap();
             log.blocking_append((1..=10).map(blank)).await.unwrap();
             log.save_committed(Some(id(8))).await.unwrap();
             assert_eq!(log.read_committed().await.unwrap(), Some(id(8)));
@@ -117,7 +124,7 @@ fn the_commit_index_is_written_with_the_next_append() {
             // Saved after the last append: gone with a crash, which openraft allows.
             log.save_committed(Some(id(11))).await.unwrap();
         }
-        let (mut log, _sm) = shoal_raft::open(dir.path()).unwrap();
+        let (mut log, _sm) = open(&dir).unwrap();
         assert_eq!(log.read_committed().await.unwrap(), Some(id(8)));
         assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(id(12)));
     });
