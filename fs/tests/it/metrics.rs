@@ -145,16 +145,34 @@ fn metrics_move_on_every_node_while_three_write_at_once_and_tell_of_a_node_that_
         );
     }
 
-    // Back: it repairs the blocks written while it was down, and the metrics say so.
+    // Back: it repairs the blocks written while it was down, and the metrics say so. (A
+    // loaded machine may have elected another leader meanwhile: it names the one the writer
+    // names.)
     c.local_up(3);
+    let mut last = String::new();
     eventually_within(
         "the restarted node fetched what it missed and says so",
         Duration::from_secs(60),
         || {
-            c.scrape(victim).is_ok_and(|m| {
-                get(&m, "shoal_blocks_repaired_total") >= 4.0
-                    && get(&m, "shoal_blocks_missing") == 0.0
-                    && get(&m, "shoal_raft_leader") == leader as f64
+            let now = c.scrape(writer).map(|m| get(&m, "shoal_raft_leader"));
+            let seen = c.scrape(victim).map(|m| {
+                [
+                    "shoal_blocks_repaired_total",
+                    "shoal_blocks_missing",
+                    "shoal_raft_leader",
+                ]
+                .map(|k| get(&m, k))
+            });
+            // Shown if it never happens.
+            let said = format!(
+                "node {victim}: repaired, missing, leader: {seen:?}; the writer's leader: {now:?}"
+            );
+            if said != last {
+                eprintln!("{said}");
+                last = said;
+            }
+            seen.is_ok_and(|[repaired, missing, named]| {
+                repaired >= 4.0 && missing == 0.0 && named > 0.0 && now.is_ok_and(|l| named == l)
             })
         },
     );
