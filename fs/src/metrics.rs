@@ -302,6 +302,18 @@ impl Collector for NodeState {
         )?;
         gauge(
             e,
+            "raft_log_bytes_since_snapshot",
+            "Bytes appended to the Raft log since the last snapshot; past max(64 MiB, the snapshot's size) the node takes one",
+            node.log_size.since_snapshot() as i64,
+        )?;
+        gauge(
+            e,
+            "raft_snapshot_bytes",
+            "Size of the last Raft snapshot this node built or installed",
+            node.log_size.snapshot_bytes() as i64,
+        )?;
+        gauge(
+            e,
             "blocks_missing",
             "Blocks this node should hold and lacks, as of the last repair round: the repair queue",
             node.repair_missing.load(Ordering::Relaxed) as i64,

@@ -17,7 +17,7 @@ mod view;
 
 pub use apply::{Change, conflicting};
 pub use error::{FsError, NameError, StoreError};
-pub use store::{ApplyHook, LogStore, StateMachine, open};
+pub use store::{ApplyHook, LogSize, LogStore, StateMachine, open};
 pub use types::*;
 pub use view::{Kv, StateView, Xattrs};
 

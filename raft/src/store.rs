@@ -5,10 +5,15 @@
 //! sled only flushes by itself every 500 ms, so every write openraft must find after a crash
 //! (appended entries, the vote, a truncation) is followed by one `flush_async` before openraft is
 //! told it is durable; the entries of one `append` share that flush.
+//!
+//! openraft compacts the log by entry count (`SnapshotPolicy::LogsSinceLast`); an entry that
+//! carries a small commit's blocks is up to 32 KiB, so the store also counts the log's bytes
+//! since the last snapshot ([`LogSize`]) and the node asks for a snapshot by bytes.
 
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -47,8 +52,14 @@ pub fn open(dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreErro
         .mode(sled::Mode::HighThroughput)
         .open()?;
     let headroom = Arc::new(Headroom::open(dir));
+    let size = Arc::new(LogSize {
+        log: db.open_tree("log")?,
+        since_snapshot: AtomicU64::new(0),
+        snapshot: AtomicU64::new(0),
+    });
     let log = LogStore {
         headroom: headroom.clone(),
+        size: size.clone(),
         log: db.open_tree("log")?,
         raft: db.open_tree("raft")?,
         db: db.clone(),
@@ -60,10 +71,99 @@ pub fn open(dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreErro
         snapshots: db.open_tree("snapshot")?,
         apply_lock: Arc::new(Mutex::new(())),
         hook: Arc::new(std::sync::OnceLock::new()),
+        size,
         db,
     };
     log.catch_up_with(&sm)?;
+    // What the log holds counts as grown since the snapshot: at most one snapshot early.
+    let mut held = 0;
+    for v in log.log.iter().values() {
+        held += v?.len() as u64;
+    }
+    log.size.since_snapshot.store(held, Ordering::Relaxed);
+    if let Some(v) = sm.snapshots.get(SNAPSHOT)? {
+        log.size.snapshot.store(v.len() as u64, Ordering::Relaxed);
+    }
     Ok((log, sm))
+}
+
+/// The Raft log's bytes appended since the last snapshot, the size of that snapshot, and how
+/// far the log may be purged behind it by bytes.
+///
+/// A log that grows by bytes faster than by entries (small commits carry their blocks) would
+/// hold gigabytes before openraft's count-based policy snapshots it: the three-node fsx run
+/// filled 3.4 GB of disk that way. [`LogSize::wants_snapshot`] asks for a snapshot once the
+/// log has grown by [`LogSize::MIN_BYTES`] or by the size of the last snapshot, whichever is
+/// more, so the log on disk stays within a small multiple of the state, and the work of
+/// snapshots stays in proportion to the bytes written (a large tree is not copied every few
+/// seconds because small files are written). Behind a snapshot, openraft keeps a number of
+/// entries for followers that lag; [`LogSize::purge_point`] tells how far to purge so that
+/// those entries hold at most as many bytes.
+pub struct LogSize {
+    log: sled::Tree,
+    since_snapshot: AtomicU64,
+    snapshot: AtomicU64,
+}
+
+impl LogSize {
+    /// The log grows by at least this much between two snapshots.
+    pub const MIN_BYTES: u64 = 16 << 20;
+
+    /// Bytes of entries appended since the last snapshot was built or installed.
+    pub fn since_snapshot(&self) -> u64 {
+        self.since_snapshot.load(Ordering::Relaxed)
+    }
+
+    /// The size of the last snapshot built or installed (0 before the first).
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.snapshot.load(Ordering::Relaxed)
+    }
+
+    /// Whether the log has grown enough since the last snapshot to take a new one.
+    pub fn wants_snapshot(&self) -> bool {
+        self.since_snapshot() > self.keep_bytes()
+    }
+
+    /// The bytes of entries kept behind a snapshot at most: as many as the log may grow by
+    /// before the next one.
+    pub fn keep_bytes(&self) -> u64 {
+        Self::MIN_BYTES.max(self.snapshot_bytes())
+    }
+
+    /// The index up to which (inclusive) the log must be purged so that the entries after it,
+    /// up to the snapshot's last index `snapshot`, hold at most `keep` bytes; `None` when they
+    /// already do.
+    pub fn purge_point(&self, snapshot: u64, keep: u64) -> Result<Option<u64>, StoreError> {
+        let mut held = 0u64;
+        for kv in self.log.range(..=snapshot.to_be_bytes()).rev() {
+            let (k, v) = kv?;
+            held += v.len() as u64;
+            if held > keep {
+                let index = k
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Invariant(format!("log key {k:?} is no index")))?;
+                return Ok(Some(index));
+            }
+        }
+        Ok(None)
+    }
+
+    fn appended(&self, bytes: u64) {
+        self.since_snapshot.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A snapshot of `bytes` was taken when `since` bytes had been appended since the one
+    /// before; what was appended meanwhile still counts.
+    fn snapshotted(&self, bytes: u64, since: u64) {
+        self.snapshot.store(bytes, Ordering::Relaxed);
+        let _ = self
+            .since_snapshot
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                Some(now.saturating_sub(since))
+            });
+    }
 }
 
 // ---- log ----
@@ -131,6 +231,7 @@ pub struct LogStore {
     raft: sled::Tree,
     /// The commit index openraft last saved, written with the next append (`save_committed`).
     committed: Arc<Mutex<Option<Option<LogId<NodeId>>>>>,
+    size: Arc<LogSize>,
 }
 
 const VOTE: &[u8] = b"vote";
@@ -282,8 +383,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(|e| io_err(StorageIOError::write, e))?;
         }
         for entry in entries {
+            let bytes = encode(&entry);
+            self.size.appended(bytes.len() as u64);
             self.log
-                .insert(entry.log_id.index.to_be_bytes(), encode(&entry))
+                .insert(entry.log_id.index.to_be_bytes(), bytes)
                 .map_err(|e| io_err(StorageIOError::write_logs, e))?;
         }
         crate::failpoint::hit("log-before-flush");
@@ -362,6 +465,7 @@ pub struct StateMachine {
     /// a consistent cut.
     apply_lock: Arc<Mutex<()>>,
     hook: Arc<std::sync::OnceLock<ApplyHook>>,
+    size: Arc<LogSize>,
 }
 
 /// Called after each applied batch with the proposer's session and what its commands changed.
@@ -379,6 +483,11 @@ impl StateMachine {
     /// The space kept on this database's disk for metadata (see `headroom`).
     pub fn headroom(&self) -> Arc<Headroom> {
         self.headroom.clone()
+    }
+
+    /// How much the log grew since the last snapshot (shared with the `LogStore`).
+    pub fn log_size(&self) -> Arc<LogSize> {
+        self.size.clone()
     }
 
     pub fn view(&self) -> StateView {
@@ -454,12 +563,14 @@ impl StateMachine {
     }
 
     fn build(&self) -> Result<Snapshot<TypeConfig>, StoreError> {
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = {
+        let (since, pairs) = {
             let _guard = self.apply_lock.lock().expect("apply lock poisoned");
-            self.tree
+            let pairs: Vec<(Vec<u8>, Vec<u8>)> = self
+                .tree
                 .iter()
                 .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
-                .collect::<Result<_, _>>()?
+                .collect::<Result<_, _>>()?;
+            (self.size.since_snapshot(), pairs)
         };
         let data = encode(&pairs);
         let field = |key: &[u8]| {
@@ -492,6 +603,7 @@ impl StateMachine {
         };
         crate::failpoint::hit("snapshot-build");
         self.snapshots.insert(SNAPSHOT, encode(&stored))?;
+        self.size.snapshotted(data.len() as u64, since);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -505,6 +617,7 @@ impl StateMachine {
     ) -> Result<(), StoreError> {
         let pairs: Vec<(Vec<u8>, Vec<u8>)> = decode("snapshot", &data)?;
         let guard = self.apply_lock.lock().expect("apply lock poisoned");
+        let since = self.size.since_snapshot();
         let mut old = std::collections::BTreeMap::new();
         for kv in self.tree.iter() {
             let (k, v) = kv?;
@@ -539,6 +652,7 @@ impl StateMachine {
             "installed a snapshot from the leader"
         );
         crate::failpoint::hit("snapshot-install");
+        let bytes = data.len() as u64;
         self.snapshots.insert(
             SNAPSHOT,
             encode(&StoredSnapshot {
@@ -547,6 +661,7 @@ impl StateMachine {
             }),
         )?;
         self.db.flush()?;
+        self.size.snapshotted(bytes, since);
         Ok(())
     }
 

@@ -19,10 +19,13 @@ use super::rpc::{RaftFailure, Request, Response};
 
 pub struct QuicNetwork {
     pub peers: Arc<Peers>,
+    /// Told of every snapshot chunk sent, so the log after the snapshot is kept.
+    pub snapshot_sends: Arc<crate::node::compact::SnapshotSends>,
 }
 
 pub struct QuicPeer {
     peers: Arc<Peers>,
+    snapshot_sends: Arc<crate::node::compact::SnapshotSends>,
     target: u64,
     addr: Result<SocketAddr, String>,
 }
@@ -33,6 +36,7 @@ impl RaftNetworkFactory<TypeConfig> for QuicNetwork {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> QuicPeer {
         QuicPeer {
             peers: self.peers.clone(),
+            snapshot_sends: self.snapshot_sends.clone(),
             target,
             addr: node
                 .addr
@@ -113,7 +117,11 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
         InstallSnapshotResponse<u64>,
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
-        match self.send(Request::Snapshot(rpc), &option).await? {
+        let index = rpc.meta.last_log_id.map_or(0, |l| l.index);
+        self.snapshot_sends.start(self.target, index);
+        let sent = self.send(Request::Snapshot(rpc), &option).await;
+        self.snapshot_sends.end(self.target, sent.is_ok());
+        match sent? {
             Response::Snapshot(r) => r.map_err(|e| match e {
                 RaftFailure::SnapshotMismatch(m) => RPCError::RemoteError(RemoteError::new(
                     self.target,

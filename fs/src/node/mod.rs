@@ -19,6 +19,7 @@ use crate::cluster::rpc::Refusal;
 use file::OpenFile;
 use raft_net::NoPeers;
 
+pub(crate) mod compact;
 pub mod election;
 pub(crate) mod file;
 pub mod fsck;
@@ -291,6 +292,10 @@ pub struct Node {
     /// Space kept on the data disk for metadata, given back when the disk fills up: while it
     /// is, file data is refused (see `shoal_raft::headroom`).
     pub(crate) headroom: Arc<shoal_raft::headroom::Headroom>,
+    /// The Raft log's growth since the last snapshot, which `compact` watches.
+    pub(crate) log_size: Arc<shoal_raft::LogSize>,
+    /// The snapshots this node is sending, whose log `compact` keeps.
+    pub(crate) snapshot_sends: Arc<compact::SnapshotSends>,
     /// What the node counts as it works, for `/metrics` (`crate::metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The cluster network, for a node started with a listen address.
@@ -314,8 +319,9 @@ fn raft_config(own_elections: bool, every: u64) -> Result<Arc<openraft::Config>,
         election_timeout_max: election::ELECTION_TIMEOUT_MAX,
         enable_elect: own_elections,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
-        // Entries kept behind a snapshot, for followers that lag a little.
-        max_in_snapshot_log_to_keep: (every / 20).max(1),
+        // openraft's purge is off: `compact` purges by count, bytes and the snapshots being
+        // sent.
+        max_in_snapshot_log_to_keep: u64::MAX,
         // Each snapshot chunk (openraft sends a snapshot in chunks of 3 MiB) gets this long to
         // cross a slow link, rather than the 2 s of other calls; the last one is answered once
         // the whole snapshot is installed, 30 to 40 s for a million files. A timeout resets the
@@ -352,7 +358,7 @@ async fn open_raft(
     cluster: Option<&crate::cluster::Cluster>,
     hook: Option<shoal_raft::ApplyHook>,
     snapshot_every: u64,
-) -> Result<(Raft, StateView, Arc<shoal_raft::headroom::Headroom>), NodeError> {
+) -> Result<OpenedRaft, NodeError> {
     // The data dir's LOCK is ours, so a busy sled lock can only be this process's previous Raft
     // instance still shutting down (init, then start): wait for it briefly.
     let mut tries = 0;
@@ -370,6 +376,8 @@ async fn open_raft(
     };
     let view = sm.view();
     let headroom = sm.headroom();
+    let log_size = sm.log_size();
+    let snapshot_sends = Arc::new(compact::SnapshotSends::default());
     if let Some(hook) = hook {
         sm.set_hook(hook);
     }
@@ -377,13 +385,28 @@ async fn open_raft(
         Some(c) => {
             let network = crate::cluster::network::QuicNetwork {
                 peers: c.peers.clone(),
+                snapshot_sends: snapshot_sends.clone(),
             };
             Raft::new(id, raft_config(false, snapshot_every)?, network, log, sm).await
         }
         None => Raft::new(id, raft_config(true, snapshot_every)?, NoPeers, log, sm).await,
     }
     .map_err(|e| NodeError::Raft(e.to_string()))?;
-    Ok((raft, view, headroom))
+    Ok(OpenedRaft {
+        raft,
+        view,
+        headroom,
+        log_size,
+        snapshot_sends,
+    })
+}
+
+struct OpenedRaft {
+    raft: Raft,
+    view: StateView,
+    headroom: Arc<shoal_raft::headroom::Headroom>,
+    log_size: Arc<shoal_raft::LogSize>,
+    snapshot_sends: Arc<compact::SnapshotSends>,
 }
 
 async fn wait_leader(raft: &Raft, id: u64) -> Result<(), NodeError> {
@@ -422,7 +445,7 @@ pub async fn init(
         Some(_) => Some(membership::init_tls(data, &config, cert_validity)?),
         None => None,
     };
-    let (raft, _, _) = open_raft(
+    let OpenedRaft { raft, .. } = open_raft(
         config.node_id,
         data,
         None,
@@ -509,7 +532,13 @@ impl Node {
         let (purge_tx, purge_rx) = mpsc::unbounded_channel();
         let invalidator = crate::invalidate::Invalidator::start(notifier.clone());
         let hook = invalidator.hook(session.clone(), locks_changed.clone(), purge_tx.clone());
-        let (raft, view, headroom) = open_raft(
+        let OpenedRaft {
+            raft,
+            view,
+            headroom,
+            log_size,
+            snapshot_sends,
+        } = open_raft(
             config.node_id,
             data,
             cluster.as_deref(),
@@ -538,6 +567,8 @@ impl Node {
             blocks_lost: AtomicU64::new(0),
             space_short: Arc::new(Notify::new()),
             headroom,
+            log_size,
+            snapshot_sends,
             space_warned: Default::default(),
             seen: Mutex::new(HashMap::new()),
             purge_tx,
@@ -595,6 +626,7 @@ impl Node {
         tokio::spawn(file::commit_worker(Arc::downgrade(&node)).instrument(span.clone()));
         tokio::spawn(gc::worker(Arc::downgrade(&node)).instrument(span.clone()));
         tokio::spawn(spill::worker(Arc::downgrade(&node)).instrument(span.clone()));
+        tokio::spawn(compact::worker(Arc::downgrade(&node)).instrument(span.clone()));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");
         Ok(node)
     }

@@ -929,10 +929,11 @@ fn a_node_joins_while_a_slow_snapshot_catches_it_up_and_writers_go_on() {
     for i in 0..150u32 {
         fs::write(c.mnt(1 + i % 2).join(format!("s{i}")), i.to_le_bytes()).unwrap();
     }
-    // Fewer writes than a snapshot interval (500) while node 3 installs: more would compact
-    // the log past the snapshot it is installing, and it would need the next one, and so on
-    // for as long as the writers outpace a 31 s install.
-    const DURING: u32 = 150;
+    // Several snapshot intervals (500 entries) of writes while node 3 installs: the leader
+    // snapshots again meanwhile, but keeps the log after the snapshot it is sending, so node 3
+    // goes on from the log once installed. (It used to find that log purged, be sent the next
+    // snapshot, and chase snapshots for as long as the writers outpaced its 31 s installs.)
+    const DURING: u32 = 400;
     let writers: Vec<_> = (1..=2u32)
         .map(|k| {
             let mnt = c.mnt(k);
@@ -948,9 +949,31 @@ fn a_node_joins_while_a_slow_snapshot_catches_it_up_and_writers_go_on() {
     c.local_up(3);
     let written: Vec<u32> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     let log = fs::read_to_string(c.node(3).join("daemon.log")).unwrap_or_default();
+    let installs = log.matches("installed a snapshot from the leader").count();
     assert!(
-        log.contains("installed a snapshot from the leader"),
+        installs >= 1,
         "node 3 caught up without a snapshot: the test did not test what it says"
+    );
+    assert_eq!(
+        installs, 1,
+        "node 3 was sent a second snapshot: the log after the first was purged under it"
+    );
+    // The snapshot node 3 installed, and the leader's latest: two intervals or more apart,
+    // so the leader's count rule alone (25 entries kept) would have purged past the first.
+    let installed: u64 = log
+        .lines()
+        .find(|l| l.contains("installed a snapshot from the leader"))
+        .and_then(|l| l.split("index: ").nth(1))
+        .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .expect("the install names its last index");
+    let leader = c.leader(1).expect("a leader") as u32;
+    let latest = status(&c, leader)
+        .and_then(|s| s["snapshot"].as_u64())
+        .expect("the leader has a snapshot");
+    assert!(
+        latest >= installed + 1000,
+        "the leader snapshotted again while node 3 installed: {installed} then {latest}"
     );
     assert!(
         node_ls(&c, 1).iter().any(|m| m["id"] == 3),

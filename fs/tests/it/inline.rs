@@ -155,3 +155,75 @@ fn small_fsyncs_from_three_nodes_survive_the_leader_dying_before_they_are_writte
         || c.shoal_at(live[0], &["fsck"]).status.success(),
     );
 }
+
+/// 16 KiB, different for every (node, file).
+fn sixteen(node: u32, i: u32) -> Vec<u8> {
+    let mut v = small(node, i);
+    v.extend(small(node + 10, i));
+    v
+}
+
+/// Small commits make the log grow by bytes long before it grows by `--snapshot-every`
+/// entries: every node snapshots and purges its log by bytes (`node::compact`), while three
+/// nodes write at once and a follower is killed in the middle and comes back.
+#[test]
+fn a_log_of_small_commits_is_compacted_by_bytes_on_every_node_while_a_follower_dies() {
+    let c = LocalCluster::up(3);
+    eventually("a leader", || c.leader(1).is_some());
+    let leader = c.leader(1).unwrap() as u32;
+    let victim = (1..=3u32).find(|k| *k != leader).unwrap();
+    // 3 x 700 files of 16 KiB: 33 MiB of log, twice the 16 MiB after which a node snapshots,
+    // in 2,100 files: a tenth of the 20,000 entries of the count rule.
+    const FILES: u32 = 700;
+    let writers: Vec<_> = (1..=3u32)
+        .map(|k| {
+            let dir = c.mnt(k).join(format!("w{k}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::thread::spawn(move || {
+                let mut done = 0;
+                for i in 0..FILES {
+                    let p = dir.join(format!("f{i}"));
+                    let wrote = File::create(&p)
+                        .and_then(|mut f| f.write_all(&sixteen(k, i)).and_then(|_| f.sync_all()));
+                    // The victim's own writes fail once it is killed.
+                    if wrote.is_err() {
+                        break;
+                    }
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    c.kill9(victim);
+    let done: Vec<u32> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    for k in (1..=3u32).filter(|k| *k != victim) {
+        assert_eq!(done[k as usize - 1], FILES, "node {k}'s writer finished");
+    }
+    c.local_up(3);
+    for k in 1..=3u32 {
+        eventually_within(
+            "every node has purged its log by bytes",
+            Duration::from_secs(60),
+            || status(&c, k).is_some_and(|s| s["purged"].as_u64().is_some_and(|p| p > 0)),
+        );
+        let log = std::fs::read_to_string(c.node(k).join("daemon.log")).unwrap_or_default();
+        assert!(
+            k == victim || log.contains("grew past its byte limit"),
+            "node {k} snapshotted by bytes"
+        );
+    }
+    // Every acknowledged file reads back on every node, the victim included.
+    for k in 1..=3u32 {
+        for (w, n) in done.iter().enumerate() {
+            let w = w as u32 + 1;
+            for i in 0..*n {
+                let p = c.mnt(k).join(format!("w{w}/f{i}"));
+                eventually_within("the file reads back", Duration::from_secs(30), || {
+                    read(&p).is_some_and(|b| b == sixteen(w, i))
+                });
+            }
+        }
+    }
+}
