@@ -1026,6 +1026,17 @@ fn main() -> ExitCode {
         argv.splice(0..1, ["shoal".into(), "mount".into()]);
     }
     let cli = Cli::parse_from(argv);
+    if !matches!(cli.command, Command::Daemon { .. } | Command::Mount(_)) {
+        // A command's output piped into `head` ends quietly when the pipe closes, as other
+        // tools do, where Rust's ignored SIGPIPE made `println!` panic. The daemon keeps it
+        // ignored: a peer closing a socket must cost it a write error, not its life.
+        // SAFETY: no other thread runs yet, and the default action needs no handler. The one
+        // `unsafe` of the workspace: std offers no way to restore a signal's default action.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
