@@ -1,7 +1,9 @@
 //! The openraft network over QUIC: each Raft RPC is a `Request` to the target's address.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::BasicNode;
 use openraft::error::{
@@ -20,12 +22,12 @@ use super::rpc::{RaftFailure, Request, Response};
 pub struct QuicNetwork {
     pub peers: Arc<Peers>,
     /// Told of every snapshot chunk sent, so the log after the snapshot is kept.
-    pub snapshot_sends: Arc<crate::node::compact::SnapshotSends>,
+    pub snapshot_sends: Arc<SnapshotSends>,
 }
 
 pub struct QuicPeer {
     peers: Arc<Peers>,
-    snapshot_sends: Arc<crate::node::compact::SnapshotSends>,
+    snapshot_sends: Arc<SnapshotSends>,
     target: u64,
     addr: Result<SocketAddr, String>,
 }
@@ -142,5 +144,81 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
             Response::Vote(r) => r.map_err(|e| self.failed(e)),
             other => Err(self.unexpected(other)),
         }
+    }
+}
+
+/// How long the log after a snapshot sent is kept once the send ended: the follower's first
+/// append after its install comes within a few heartbeats.
+const SENT_GRACE: Duration = Duration::from_secs(60);
+
+/// The snapshots this node (as leader) is sending or has just sent, by follower: the node
+/// keeps the log after them (`node::compact`).
+#[derive(Default)]
+pub struct SnapshotSends(Mutex<HashMap<u64, Send>>);
+
+struct Send {
+    /// The last log index the snapshot covers.
+    index: u64,
+    /// A chunk is under way.
+    sending: bool,
+    /// When the last chunk started or ended.
+    at: Instant,
+}
+
+impl SnapshotSends {
+    /// A chunk of the snapshot up to `index` starts on its way to `target`.
+    pub fn start(&self, target: u64, index: u64) {
+        let mut m = self.0.lock().expect("snapshot sends lock");
+        m.insert(
+            target,
+            Send {
+                index,
+                sending: true,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    /// The chunk to `target` was answered (`answered`), or failed. A follower that does not
+    /// answer (down, cut off) holds no log back.
+    pub fn end(&self, target: u64, answered: bool) {
+        let mut m = self.0.lock().expect("snapshot sends lock");
+        if !answered {
+            m.remove(&target);
+        } else if let Some(s) = m.get_mut(&target) {
+            s.sending = false;
+            s.at = Instant::now();
+        }
+    }
+
+    /// The lowest last index of a snapshot under way or sent within `SENT_GRACE`.
+    pub fn protected(&self) -> Option<u64> {
+        let mut m = self.0.lock().expect("snapshot sends lock");
+        m.retain(|_, s| s.sending || s.at.elapsed() < SENT_GRACE);
+        m.values().map(|s| s.index).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_sent_is_protected_until_its_grace_ends() {
+        let sends = SnapshotSends::default();
+        assert_eq!(sends.protected(), None);
+        sends.start(2, 500);
+        sends.start(3, 400);
+        assert_eq!(sends.protected(), Some(400));
+        sends.end(3, true);
+        assert_eq!(sends.protected(), Some(400), "still within the grace");
+        sends.0.lock().unwrap().get_mut(&3).unwrap().at -= SENT_GRACE;
+        assert_eq!(sends.protected(), Some(500), "node 3's grace ended");
+        sends.0.lock().unwrap().get_mut(&2).unwrap().at -= SENT_GRACE * 10;
+        assert_eq!(
+            sends.protected(),
+            Some(500),
+            "a chunk under way never expires"
+        );
     }
 }

@@ -8,16 +8,15 @@
 //! It also decides how far to purge behind each snapshot (openraft's own purge is off):
 //! - one twentieth of `--snapshot-every` entries are kept, for followers that lag a little;
 //! - they hold at most `keep_bytes`, so the log on disk stays within twice that;
-//! - on the leader, the log after a snapshot it is sending (`SnapshotSends`) is kept until the
-//!   follower has had time to go on from it, up to four times `keep_bytes`. Without that, a
-//!   node whose install took longer than the next snapshot interval found the log after its
-//!   snapshot purged, was sent the next snapshot, and chased snapshots for as long as writers
-//!   outpaced its installs.
+//! - on the leader, the log after a snapshot it is sending (`cluster::network::SnapshotSends`)
+//!   is kept until the follower has had time to go on from it, up to four times `keep_bytes`.
+//!   Without that, a node whose install took longer than the next snapshot interval found the
+//!   log after its snapshot purged, was sent the next snapshot, and chased snapshots for as
+//!   long as writers outpaced its installs.
 //!
 //! Every node compacts its own log.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, Weak};
+use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -27,9 +26,6 @@ use super::Node;
 const PERIOD: Duration = Duration::from_secs(1);
 /// How long to wait for a snapshot asked for before asking again.
 const BUILD_WAIT: Duration = Duration::from_secs(120);
-/// How long the log after a snapshot sent is kept once the send ended: the follower's first
-/// append after its install comes within a few heartbeats.
-const SENT_GRACE: Duration = Duration::from_secs(60);
 /// The log kept for a follower being sent a snapshot holds at most this many times
 /// `keep_bytes`.
 const SENDING_KEEP_FACTOR: u64 = 4;
@@ -37,53 +33,6 @@ const SENDING_KEEP_FACTOR: u64 = 4;
 /// The entries openraft keeps behind a snapshot by count, for `--snapshot-every` = `every`.
 pub(crate) fn keep_entries(every: u64) -> u64 {
     (every / 20).max(1)
-}
-
-/// The snapshots this node (as leader) is sending or has just sent, by follower.
-#[derive(Default)]
-pub struct SnapshotSends(Mutex<HashMap<u64, Send>>);
-
-struct Send {
-    /// The last log index the snapshot covers.
-    index: u64,
-    /// A chunk is under way.
-    sending: bool,
-    /// When the last chunk started or ended.
-    at: Instant,
-}
-
-impl SnapshotSends {
-    /// A chunk of the snapshot up to `index` starts on its way to `target`.
-    pub fn start(&self, target: u64, index: u64) {
-        let mut m = self.0.lock().expect("snapshot sends lock");
-        m.insert(
-            target,
-            Send {
-                index,
-                sending: true,
-                at: Instant::now(),
-            },
-        );
-    }
-
-    /// The chunk to `target` was answered (`answered`), or failed. A follower that does not
-    /// answer (down, cut off) holds no log back.
-    pub fn end(&self, target: u64, answered: bool) {
-        let mut m = self.0.lock().expect("snapshot sends lock");
-        if !answered {
-            m.remove(&target);
-        } else if let Some(s) = m.get_mut(&target) {
-            s.sending = false;
-            s.at = Instant::now();
-        }
-    }
-
-    /// The lowest last index of a snapshot under way or sent within `SENT_GRACE`.
-    fn protected(&self) -> Option<u64> {
-        let mut m = self.0.lock().expect("snapshot sends lock");
-        m.retain(|_, s| s.sending || s.at.elapsed() < SENT_GRACE);
-        m.values().map(|s| s.index).min()
-    }
 }
 
 /// Where to purge the log (inclusive) behind a snapshot at `snapshot`: the count rule, raised
@@ -163,29 +112,5 @@ pub(crate) async fn worker(node: Weak<Node>) {
             warn!(error = %e, "asking Raft for a snapshot failed");
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_snapshot_sent_is_protected_until_its_grace_ends() {
-        let sends = SnapshotSends::default();
-        assert_eq!(sends.protected(), None);
-        sends.start(2, 500);
-        sends.start(3, 400);
-        assert_eq!(sends.protected(), Some(400));
-        sends.end(3, true);
-        assert_eq!(sends.protected(), Some(400), "still within the grace");
-        sends.0.lock().unwrap().get_mut(&3).unwrap().at -= SENT_GRACE;
-        assert_eq!(sends.protected(), Some(500), "node 3's grace ended");
-        sends.0.lock().unwrap().get_mut(&2).unwrap().at -= SENT_GRACE * 10;
-        assert_eq!(
-            sends.protected(),
-            Some(500),
-            "a chunk under way never expires"
-        );
     }
 }

@@ -295,7 +295,7 @@ pub struct Node {
     /// The Raft log's growth since the last snapshot, which `compact` watches.
     pub(crate) log_size: Arc<shoal_raft::LogSize>,
     /// The snapshots this node is sending, whose log `compact` keeps.
-    pub(crate) snapshot_sends: Arc<compact::SnapshotSends>,
+    pub(crate) snapshot_sends: Arc<crate::cluster::network::SnapshotSends>,
     /// What the node counts as it works, for `/metrics` (`crate::metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The cluster network, for a node started with a listen address.
@@ -377,7 +377,7 @@ async fn open_raft(
     let view = sm.view();
     let headroom = sm.headroom();
     let log_size = sm.log_size();
-    let snapshot_sends = Arc::new(compact::SnapshotSends::default());
+    let snapshot_sends = Arc::new(crate::cluster::network::SnapshotSends::default());
     if let Some(hook) = hook {
         sm.set_hook(hook);
     }
@@ -406,7 +406,7 @@ struct OpenedRaft {
     view: StateView,
     headroom: Arc<shoal_raft::headroom::Headroom>,
     log_size: Arc<shoal_raft::LogSize>,
-    snapshot_sends: Arc<compact::SnapshotSends>,
+    snapshot_sends: Arc<crate::cluster::network::SnapshotSends>,
 }
 
 async fn wait_leader(raft: &Raft, id: u64) -> Result<(), NodeError> {
