@@ -268,11 +268,30 @@ impl StateView {
         Ok(self.tree.contains_key(keys::inline(id))?)
     }
 
-    /// Up to `max_bytes` of inline blocks (at least one, if any), in block id order.
+    /// The ids of every inline block: one scan, no block decoded (at most `INLINE_BUDGET`
+    /// bytes of them exist, a few thousand).
+    pub fn inline_ids(&self) -> Result<std::collections::HashSet<BlockId>, StoreError> {
+        self.tree
+            .scan_prefix([keys::INLINE])
+            .keys()
+            .map(|k| Ok(keys::block_after_tag(&k?)))
+            .collect()
+    }
+
+    /// Inline blocks held since `cutoff` or before, up to `max_bytes` of them (at least one,
+    /// if any), in block id order. Younger blocks are passed over without copying their bytes:
+    /// the leader looks every second, and most of what it finds is younger than the spill age.
     pub fn inline_blocks(
         &self,
+        cutoff: crate::Nanos,
         max_bytes: usize,
     ) -> Result<Vec<(BlockId, InlineBlock)>, StoreError> {
+        /// The first field of `InlineBlock`: postcard decodes fields in order, so the head of
+        /// a record is its `since`.
+        #[derive(serde::Deserialize)]
+        struct Head {
+            since: crate::Nanos,
+        }
         let mut out = Vec::new();
         let mut bytes = 0;
         for kv in self.tree.scan_prefix([keys::INLINE]) {
@@ -280,6 +299,14 @@ impl StateView {
                 break;
             }
             let (k, v) = kv?;
+            let (head, _): (Head, _) =
+                postcard::take_from_bytes(&v).map_err(|source| StoreError::Decode {
+                    what: "inline block",
+                    source,
+                })?;
+            if head.since > cutoff {
+                continue;
+            }
             let b: InlineBlock = decode("inline block", &v)?;
             bytes += b.data.len();
             out.push((keys::block_after_tag(&k), b));

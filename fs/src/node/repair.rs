@@ -56,12 +56,13 @@ pub async fn round(node: &Node) -> (u64, u64) {
     let special = volume_policies(node);
     let default = [Policy::default()];
     let referenced = node.view.block_ids().unwrap_or_default();
+    // Held in the state machine until the leader writes them out (`node::spill`).
+    let inline = node.view.inline_ids().unwrap_or_default();
     let mut wanted = Vec::new();
     // Copies here that no policy asks for, with the nodes that should hold them instead.
     let mut extra: Vec<(BlockId, Vec<u64>)> = Vec::new();
     for id in referenced {
-        // Held in the state machine until the leader writes it out (`node::spill`).
-        if node.view.is_inline(&id).unwrap_or(false) {
+        if inline.contains(&id) {
             continue;
         }
         let policies = special.get(&id).map_or(&default[..], Vec::as_slice);

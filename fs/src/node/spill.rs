@@ -45,50 +45,41 @@ pub(crate) fn goes_inline(node: &Node, bytes: u64) -> bool {
 /// Writes out inline blocks older than `min_age` (all of them with `Duration::ZERO`), at most
 /// `ROUND_BYTES`, and has the state machine let go of them. Returns how many were written out.
 pub async fn spill(node: &Node, min_age: Duration) -> OpResult<usize> {
-    let cutoff = now_nanos() - min_age.as_nanos() as i64;
-    let held = node
-        .view
-        .inline_blocks(usize::MAX)
-        .map_err(OpError::Store)?;
-    let mut ready = Vec::new();
-    let mut bytes = 0;
-    for (id, b) in held {
-        if b.since > cutoff {
-            continue;
-        }
-        bytes += b.data.len();
-        ready.push((id, b));
-        if bytes >= ROUND_BYTES {
-            break;
-        }
+    if node.view.inline_bytes().map_err(OpError::Store)? == 0 {
+        return Ok(0);
     }
+    let cutoff = now_nanos() - min_age.as_nanos() as i64;
+    let ready = node
+        .view
+        .inline_blocks(cutoff, ROUND_BYTES)
+        .map_err(OpError::Store)?;
     if ready.is_empty() {
         return Ok(0);
     }
-    let ids: Vec<BlockId> = ready.iter().map(|(id, _)| *id).collect();
+    let bytes: usize = ready.iter().map(|(_, b)| b.data.len()).sum();
+    let spilled: Vec<(BlockId, shoal_raft::Nanos)> =
+        ready.iter().map(|(id, b)| (*id, b.since)).collect();
+    let ids: Vec<BlockId> = spilled.iter().map(|(id, _)| *id).collect();
     node.guard_blocks(&ids);
-    let written = write_out(node, &ready).await;
+    let written = write_out(node, ready).await;
     node.unguard_blocks(&ids);
     written?;
     shoal_raft::failpoint::hit("spill-before-propose");
-    let n = ready.len();
-    node.run(MetaCommand::Spill {
-        blocks: ready.into_iter().map(|(id, b)| (id, b.since)).collect(),
-    })
-    .await?;
+    let n = spilled.len();
+    node.run(MetaCommand::Spill { blocks: spilled }).await?;
     node.metrics.spilled(n as u64, bytes as u64);
     Ok(n)
 }
 
 /// Stores the blocks here and copies them to the nodes their volume's policy wants, as a
 /// commit does.
-async fn write_out(node: &Node, ready: &[(BlockId, shoal_raft::InlineBlock)]) -> OpResult<()> {
+async fn write_out(node: &Node, ready: Vec<(BlockId, shoal_raft::InlineBlock)>) -> OpResult<()> {
     let mut by_volume: BTreeMap<Ino, Vec<(BlockId, Bytes)>> = BTreeMap::new();
     for (id, b) in ready {
         by_volume
             .entry(b.volume)
             .or_default()
-            .push((*id, Bytes::from(b.data.clone())));
+            .push((id, Bytes::from(b.data)));
     }
     if !node.config.client {
         let all: Vec<(BlockId, Bytes)> = by_volume.values().flatten().cloned().collect();
