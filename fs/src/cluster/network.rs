@@ -191,11 +191,17 @@ impl SnapshotSends {
         }
     }
 
-    /// The lowest last index of a snapshot under way or sent within `SENT_GRACE`.
-    pub fn protected(&self) -> Option<u64> {
+    /// The lowest index the log must be kept after for the followers sent a snapshot: the
+    /// snapshot's last index, or the follower's log (`matched`: the last index the leader knows
+    /// it holds) once that reaches further, until `SENT_GRACE` after the send. A follower
+    /// catching up from the log after its install is so never cut off from it, and one that
+    /// is up to date holds nothing back.
+    pub fn protected(&self, matched: impl Fn(u64) -> Option<u64>) -> Option<u64> {
         let mut m = self.0.lock().expect("snapshot sends lock");
         m.retain(|_, s| s.sending || s.at.elapsed() < SENT_GRACE);
-        m.values().map(|s| s.index).min()
+        m.iter()
+            .map(|(target, s)| s.index.max(matched(*target).unwrap_or(0)))
+            .min()
     }
 }
 
@@ -204,21 +210,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_snapshot_sent_is_protected_until_its_grace_ends() {
+    fn the_log_after_a_snapshot_sent_is_kept_as_the_follower_catches_up_until_the_grace_ends() {
         let sends = SnapshotSends::default();
-        assert_eq!(sends.protected(), None);
+        let none = |_| None;
+        assert_eq!(sends.protected(none), None);
         sends.start(2, 500);
         sends.start(3, 400);
-        assert_eq!(sends.protected(), Some(400));
+        sends.start(4, 300);
+        assert_eq!(sends.protected(none), Some(300));
+        sends.end(4, true);
         sends.end(3, true);
-        assert_eq!(sends.protected(), Some(400), "still within the grace");
-        sends.0.lock().unwrap().get_mut(&3).unwrap().at -= SENT_GRACE;
-        assert_eq!(sends.protected(), Some(500), "node 3's grace ended");
+        assert_eq!(sends.protected(none), Some(300), "still within the grace");
+        let catching_up = |t| (t == 4).then_some(350);
+        assert_eq!(
+            sends.protected(catching_up),
+            Some(350),
+            "node 4 catches up from the log: what it lacks is kept"
+        );
+        let past = |t| (t == 4).then_some(450);
+        assert_eq!(sends.protected(past), Some(400), "node 4 is past node 3");
+        for t in [3, 4] {
+            sends.0.lock().unwrap().get_mut(&t).unwrap().at -= SENT_GRACE;
+        }
+        assert_eq!(sends.protected(none), Some(500), "3's and 4's graces ended");
         sends.0.lock().unwrap().get_mut(&2).unwrap().at -= SENT_GRACE * 10;
         assert_eq!(
-            sends.protected(),
+            sends.protected(none),
             Some(500),
             "a chunk under way never expires"
+        );
+        sends.end(2, false);
+        assert_eq!(
+            sends.protected(none),
+            None,
+            "a follower that did not answer holds nothing"
         );
     }
 }

@@ -9,10 +9,10 @@
 //! - one twentieth of `--snapshot-every` entries are kept, for followers that lag a little;
 //! - they hold at most `keep_bytes`, so the log on disk stays within twice that;
 //! - on the leader, the log after a snapshot it is sending (`cluster::network::SnapshotSends`)
-//!   is kept until the follower has had time to go on from it, up to four times `keep_bytes`.
-//!   Without that, a node whose install took longer than the next snapshot interval found the
-//!   log after its snapshot purged, was sent the next snapshot, and chased snapshots for as
-//!   long as writers outpaced its installs.
+//!   is kept, and after it what the follower lacks while it catches up, until 60 s after the
+//!   send, up to four times `keep_bytes`. Without that, a node whose install took longer than
+//!   the next snapshot interval found the log after its snapshot purged, was sent the next
+//!   snapshot, and chased snapshots for as long as writers outpaced its installs.
 //!
 //! Every node compacts its own log.
 
@@ -68,12 +68,24 @@ pub(crate) async fn worker(node: Weak<Node>) {
         if let Ok(Err(_)) = tokio::time::timeout(PERIOD, metrics.changed()).await {
             return;
         }
-        let (snapshot, purged) = {
+        let (snapshot, purged, matched) = {
             let m = metrics.borrow_and_update();
-            (m.snapshot.map(|l| l.index), m.purged.map(|l| l.index))
+            let matched: std::collections::BTreeMap<u64, u64> = m
+                .replication
+                .iter()
+                .flatten()
+                .filter_map(|(id, l)| Some((*id, l.as_ref()?.index)))
+                .collect();
+            (
+                m.snapshot.map(|l| l.index),
+                m.purged.map(|l| l.index),
+                matched,
+            )
         };
         let Some(node) = node.upgrade() else { return };
-        let protected = node.snapshot_sends.protected();
+        let protected = node
+            .snapshot_sends
+            .protected(|target| matched.get(&target).copied());
         if let Some(snapshot) = snapshot.filter(|s| decided != Some((*s, protected))) {
             decided = Some((snapshot, protected));
             let (size, every) = (node.log_size.clone(), node.options.snapshot_every);
