@@ -59,8 +59,11 @@ pub(crate) async fn worker(node: Weak<Node>) {
     let Some(mut metrics) = node.upgrade().map(|n| n.raft.metrics()) else {
         return;
     };
-    // What the last purge decision was made for: the snapshot and the protected index.
-    let mut decided: Option<(u64, Option<u64>)> = None;
+    // What the last purge decision was made for (the snapshot and the protected index), and
+    // when: a follower catching up moves the protected index with every append, and each
+    // decision reads up to `SENDING_KEEP_FACTOR` x `keep_bytes` of log, so a decision for the
+    // same snapshot waits `PERIOD`.
+    let mut decided: Option<(u64, Option<u64>, Instant)> = None;
     // When a snapshot was asked for, and the last snapshot then.
     let mut asked: Option<(Instant, Option<u64>)> = None;
     loop {
@@ -86,8 +89,13 @@ pub(crate) async fn worker(node: Weak<Node>) {
         let protected = node
             .snapshot_sends
             .protected(|target| matched.get(&target).copied());
-        if let Some(snapshot) = snapshot.filter(|s| decided != Some((*s, protected))) {
-            decided = Some((snapshot, protected));
+        let due = |s: u64| match decided {
+            None => true,
+            Some((was, _, _)) if was != s => true,
+            Some((_, p, at)) => p != protected && at.elapsed() >= PERIOD,
+        };
+        if let Some(snapshot) = snapshot.filter(|s| due(*s)) {
+            decided = Some((snapshot, protected, Instant::now()));
             let (size, every) = (node.log_size.clone(), node.options.snapshot_every);
             let upto =
                 tokio::task::spawn_blocking(move || purge_upto(&size, every, snapshot, protected))
