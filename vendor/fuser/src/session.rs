@@ -13,6 +13,8 @@ use std::os::fd::BorrowedFd;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::thread::{self};
 
@@ -139,6 +141,46 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// Ends the request loops without ending the connection (shoal's patch).
+    stop: SessionStopper,
+}
+
+/// Stops a running session's request loops without unmounting the filesystem and without
+/// calling `destroy`: the kernel connection stays up for whoever else holds its fd, which can
+/// go on serving it with [`Session::resume`]. (Patch by shoal, not in upstream fuser.)
+#[derive(Debug, Clone)]
+pub struct SessionStopper(Arc<StopSignal>);
+
+#[derive(Debug)]
+struct StopSignal {
+    stopped: AtomicBool,
+    /// Readable once stopped: wakes the loops waiting for a request.
+    wake_read: OwnedFd,
+    wake_write: OwnedFd,
+}
+
+impl SessionStopper {
+    fn new() -> io::Result<Self> {
+        let (wake_read, wake_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        Ok(Self(Arc::new(StopSignal {
+            stopped: AtomicBool::new(false),
+            wake_read,
+            wake_write,
+        })))
+    }
+
+    /// Makes every request loop return once it has dispatched the request it holds, and
+    /// `run` return `Ok` after them. A request a loop dispatched to another thread (with its
+    /// reply) is still answered there: wait for those before letting go of the connection.
+    pub fn stop(&self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+        let _ = nix::unistd::write(&self.0.wake_write, &[1]);
+    }
+
+    /// Whether `stop` was called.
+    pub fn is_stopped(&self) -> bool {
+        self.0.stopped.load(Ordering::SeqCst)
+    }
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +228,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            stop: SessionStopper::new()?,
         };
 
         session.handshake()?;
@@ -214,11 +257,46 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            stop: SessionStopper::new()?,
         };
 
         session.handshake()?;
 
         Ok(session)
+    }
+
+    /// Wraps the /dev/fuse fd of a connection that another process initialised and served
+    /// (it handed the fd over, or the service manager kept it across a crash), and serves it
+    /// on without the INIT handshake, which the kernel does not repeat. The filesystem's
+    /// `init` is not called: it must answer as the one that handled INIT did. Nothing is
+    /// mounted or unmounted. (Patch by shoal, not in upstream fuser.)
+    /// # Errors
+    /// Returns an error if the stop pipe cannot be created.
+    pub fn resume(
+        filesystem: FS,
+        fd: OwnedFd,
+        acl: SessionACL,
+        config: Config,
+    ) -> io::Result<Self> {
+        Ok(Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch: Channel::new(Arc::new(DevFuse(File::from(fd)))),
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: None,
+            config,
+            stop: SessionStopper::new()?,
+        })
+    }
+
+    /// Returns an object that stops the request loops without ending the connection.
+    pub fn stopper(&self) -> SessionStopper {
+        self.stop.clone()
     }
 
     /// Run the session loop in a background thread. If the returned handle is dropped,
@@ -247,11 +325,12 @@ impl<FS: Filesystem> Session<FS> {
         let Session {
             filesystem,
             ch,
-            mount: _do_not_umount_yet,
+            mount: do_not_umount_yet,
             allowed,
             session_owner,
             proto_version: _,
             config,
+            stop,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -271,8 +350,15 @@ impl<FS: Filesystem> Session<FS> {
 
         let mut channels = Vec::with_capacity(n_threads);
 
-        for _ in 0..n_threads_minus_one {
-            if config.clone_fd {
+        // With `clone_every_fd` every loop reads from its own clone and the session's fd reads
+        // nothing, so a request is never left unanswered on the fd that outlives this process.
+        let clones = if config.clone_every_fd {
+            n_threads
+        } else {
+            n_threads_minus_one
+        };
+        for _ in 0..clones {
+            if config.clone_fd || config.clone_every_fd {
                 #[cfg(target_os = "linux")]
                 {
                     channels.push(ch.clone_fd()?);
@@ -286,7 +372,20 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
-        channels.push(ch);
+        // Kept open to the end: notifications are written to it.
+        let _session_ch = if config.clone_every_fd {
+            Some(ch)
+        } else {
+            channels.push(ch);
+            None
+        };
+        // Reads never block, so that a stopped loop notices: it waits in poll(2) on its fd and
+        // on the stop pipe instead.
+        for ch in &channels {
+            let flags = nix::fcntl::fcntl(ch.as_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+            let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(ch.as_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        }
 
         let mut threads = Vec::with_capacity(n_threads);
 
@@ -298,6 +397,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                stop: stop.clone(),
             };
             threads.push(
                 thread::Builder::new()
@@ -327,7 +427,16 @@ impl<FS: Filesystem> Session<FS> {
             ));
         };
 
+        if stop.is_stopped() {
+            // Handed over: the connection lives on elsewhere. No destroy, no unmount.
+            drop(filesystem.fs.take());
+            if let Some(mount) = do_not_umount_yet.mount.lock().take() {
+                std::mem::forget(mount);
+            }
+            return reply;
+        }
         filesystem.destroy();
+        drop(do_not_umount_yet);
 
         reply
     }
@@ -518,9 +627,37 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    pub(crate) stop: SessionStopper,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
+    /// The next request's size, or `None` once the session is stopped. The fd is
+    /// non-blocking: without a request, this waits in poll(2) on it and on the stop pipe.
+    fn receive(&self, buf: &mut [u8]) -> nix::Result<Option<usize>> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        loop {
+            if self.stop.is_stopped() {
+                return Ok(None);
+            }
+            match self.ch.receive(buf) {
+                Ok(size) => return Ok(Some(size)),
+                // ENOENT: the request was interrupted; safe to read on.
+                Err(nix::errno::Errno::ENOENT | nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    let mut fds = [
+                        PollFd::new(self.ch.as_fd(), PollFlags::POLLIN),
+                        PollFd::new(self.stop.0.wake_read.as_fd(), PollFlags::POLLIN),
+                    ];
+                    match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn event_loop(&self) -> io::Result<()> {
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
@@ -529,8 +666,9 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         loop {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
+            match self.receive(buf) {
+                Ok(None) => return Ok(()),
+                Ok(Some(size)) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {

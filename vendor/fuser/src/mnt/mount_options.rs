@@ -18,6 +18,11 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Like `clone_fd`, and the first thread reads from a clone too, so that the session's
+    /// own fd never holds a request being processed: a process that kept that fd (to hand it
+    /// to a successor, or in systemd's fd store) and dies leaves no request unanswered on it;
+    /// the kernel fails those its clones held. (Patch by shoal, not in upstream fuser.)
+    pub clone_every_fd: bool,
 }
 
 /// Mount options accepted by the FUSE filesystem type
