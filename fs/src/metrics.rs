@@ -61,6 +61,8 @@ pub struct Metrics {
     /// Inline blocks this node wrote out as block files, and their bytes.
     spilled_blocks: Counter,
     spilled_bytes: Counter,
+    /// FUSE requests taken and not yet answered (a hand-off to a successor waits for none).
+    fuse_in_flight: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,7 @@ impl Default for Metrics {
             replicated_bytes: Family::default(),
             spilled_blocks: Counter::default(),
             spilled_bytes: Counter::default(),
+            fuse_in_flight: Default::default(),
         }
     }
 }
@@ -83,11 +86,19 @@ impl Metrics {
     /// Starts timing one FUSE operation; it is counted, with its latency, when the guard is
     /// dropped (after the reply).
     pub fn fuse_op(self: &Arc<Self>, op: &'static str) -> OpTimer {
+        self.fuse_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         OpTimer {
             metrics: self.clone(),
             op,
             start: Instant::now(),
         }
+    }
+
+    /// FUSE requests taken and not yet answered.
+    pub fn fuse_in_flight(&self) -> u64 {
+        self.fuse_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// One commit of a file's buffered writes took `secs`.
@@ -194,6 +205,9 @@ pub struct OpTimer {
 
 impl Drop for OpTimer {
     fn drop(&mut self) {
+        self.metrics
+            .fuse_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         let label = OpLabel { op: self.op };
         self.metrics.fuse_ops.get_or_create(&label).inc();
         self.metrics.fuse_total.inc();

@@ -16,6 +16,7 @@ pub fn of(e: &OpError) -> i32 {
         OpError::Block(_) => EIO,
         OpError::NoSpace => ENOSPC,
         OpError::NotOpen => EBADF,
+        OpError::Interrupted => EINTR,
         OpError::PastEnd => ENXIO,
         OpError::Raft(_)
         | OpError::Replication(_)

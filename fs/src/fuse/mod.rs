@@ -45,6 +45,8 @@ pub struct ShoalFs {
     node: Arc<Node>,
     rt: tokio::runtime::Handle,
     next_fh: AtomicU64,
+    /// The first handle this daemon gave out.
+    first_fh: u64,
     dirs: std::sync::Mutex<std::collections::HashMap<u64, DirListing>>,
 }
 
@@ -129,10 +131,15 @@ fn file_handle(epoch: u64, seq: u64) -> FileHandle {
 
 impl ShoalFs {
     pub fn new(node: Arc<Node>, rt: tokio::runtime::Handle) -> ShoalFs {
+        let first_fh = crate::node::now_nanos().max(1_000) as u64 / 1_000;
         ShoalFs {
+            first_fh,
             node,
             rt,
-            next_fh: AtomicU64::new(1),
+            // Above every handle a previous daemon on this connection gave out (it started
+            // earlier and gave fewer than one a microsecond), so a directory handle the
+            // kernel still holds from it never names one of ours.
+            next_fh: AtomicU64::new(first_fh),
             dirs: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -208,8 +215,19 @@ impl ShoalFs {
         );
     }
 
-    fn listing(&self, fh: FileHandle) -> Option<DirListing> {
-        self.dirs.lock().expect("dirs lock").get(&fh.0).cloned()
+    /// The listing a directory handle reads. One this daemon did not give out was opened by
+    /// the daemon it took the mount over from: the directory is listed again for it.
+    fn listing(&self, ino: INodeNo, fh: FileHandle) -> Result<DirListing, Errno> {
+        let mut dirs = self.dirs.lock().expect("dirs lock");
+        if let Some(list) = dirs.get(&fh.0) {
+            return Ok(list.clone());
+        }
+        if fh.0 >= self.first_fh {
+            return Err(Errno::EBADF);
+        }
+        let list = Arc::new(self.node.readdir(ino.0).map_err(|e| errno(&e))?);
+        dirs.insert(fh.0, list.clone());
+        Ok(list)
     }
 }
 
@@ -614,16 +632,19 @@ impl Filesystem for ShoalFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let _t = self.node.metrics.fuse_op("readdir");
         let _in_node = self.node.span().enter();
-        let Some(list) = self.listing(fh) else {
-            reply.error(Errno::EBADF);
-            return;
+        let list = match self.listing(ino, fh) {
+            Ok(list) => list,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
         };
         for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
             if reply.add(
@@ -641,16 +662,19 @@ impl Filesystem for ShoalFs {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let _t = self.node.metrics.fuse_op("readdirplus");
         let _in_node = self.node.span().enter();
-        let Some(list) = self.listing(fh) else {
-            reply.error(Errno::EBADF);
-            return;
+        let list = match self.listing(ino, fh) {
+            Ok(list) => list,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
         };
         for (i, (ino, _, name)) in list.iter().enumerate().skip(offset as usize) {
             // An entry removed since opendir is skipped rather than reported stale.

@@ -2,11 +2,12 @@
 //! error into a sentence that says what to do.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use fuser::{Config, MountOption, Notifier, Session, SessionACL, SessionUnmounter};
+use fuser::{Config, MountOption, Notifier, Session, SessionACL, SessionStopper, SessionUnmounter};
 use tracing::{info, warn};
 
 use super::ShoalFs;
@@ -34,11 +35,16 @@ pub enum MountError {
 /// tears it down when the process exits.
 pub struct MountHandle {
     pub mountpoint: PathBuf,
-    unmounter: SessionUnmounter,
+    /// fuser's, for a mount this process made; a connection taken over from another process
+    /// is unmounted by path (`unmount`).
+    unmounter: Option<SessionUnmounter>,
+    stopper: SessionStopper,
     thread: Option<JoinHandle<io::Result<()>>>,
     pub notifier: Notifier,
     /// The mount's device number; its minor names the FUSE connection in fusectl.
     dev: Option<u64>,
+    /// The connection's /dev/fuse fd (a duplicate of the session's): what a successor gets.
+    fd: OwnedFd,
 }
 
 /// How long an unmounted filesystem keeps serving those who still hold it (a container's
@@ -146,6 +152,11 @@ fn flock_holder(path: &Path) -> Option<i32> {
     })
 }
 
+/// The process holding the data directory `data` (its LOCK file's flock), if any.
+pub fn lock_holder(data: &Path) -> Option<i32> {
+    flock_holder(&data.join("LOCK"))
+}
+
 /// The device number mountinfo gives the mount at `path`.
 fn mount_dev(path: &Path) -> Option<u64> {
     mountinfo(path).map(|m| m.dev)
@@ -234,6 +245,61 @@ pub fn prepare(mountpoint: &Path) -> Result<PathBuf, MountError> {
     Ok(abs)
 }
 
+/// The session configuration every mount of shoal has, whether mounted here or taken over.
+fn session_config(node: &Node, threads: usize, allow_suid_dev: bool) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("shoal:{}", node.config.cluster_id)),
+        MountOption::Subtype("shoal".into()),
+        MountOption::DefaultPermissions,
+    ];
+    if allow_suid_dev {
+        config
+            .mount_options
+            .extend([MountOption::Dev, MountOption::Suid]);
+    } else {
+        config
+            .mount_options
+            .extend([MountOption::NoDev, MountOption::NoSuid]);
+    }
+    config.acl = SessionACL::All;
+    config.n_threads = Some(threads.max(1));
+    // Every thread reads from a clone: the session's own fd, the one a successor or the
+    // service manager keeps, then never holds a request this process took and did not answer.
+    config.clone_every_fd = true;
+    config
+}
+
+/// Starts the session's request loops on a thread of their own; the handle to it.
+fn serve(
+    session: Session<ShoalFs>,
+    notifier_slot: &std::sync::OnceLock<Notifier>,
+    mountpoint: PathBuf,
+    unmounter: Option<SessionUnmounter>,
+) -> Result<MountHandle, MountError> {
+    let fd = session
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
+    let notifier = session.notifier();
+    let _ = notifier_slot.set(session.notifier());
+    let stopper = session.stopper();
+    let thread = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || session.run())
+        .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
+    let dev = rustix::fs::stat(&mountpoint).ok().map(|st| st.st_dev);
+    Ok(MountHandle {
+        mountpoint,
+        unmounter,
+        stopper,
+        thread: Some(thread),
+        notifier,
+        dev,
+        fd,
+    })
+}
+
 /// Mounts the node's filesystem at `mountpoint` and serves it on `threads` FUSE threads.
 ///
 /// The mount is `nosuid,nodev` unless `allow_suid_dev`: root in any container on any host can
@@ -248,48 +314,44 @@ pub fn mount(
     allow_suid_dev: bool,
 ) -> Result<MountHandle, MountError> {
     let mountpoint = prepare(mountpoint)?;
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("shoal:{}", node.config.cluster_id)),
-        MountOption::Subtype("shoal".into()),
-        MountOption::DefaultPermissions,
-    ];
     if allow_suid_dev {
         warn!(
             "mounting with suid and dev (--allow-suid-dev): a container's root can leave setuid binaries and device nodes for every host"
         );
-        config
-            .mount_options
-            .extend([MountOption::Dev, MountOption::Suid]);
-    } else {
-        config
-            .mount_options
-            .extend([MountOption::NoDev, MountOption::NoSuid]);
     }
-    config.acl = SessionACL::All;
-    config.n_threads = Some(threads.max(1));
-    config.clone_fd = threads > 1;
+    let config = session_config(&node, threads, allow_suid_dev);
     let notifier_slot = node.notifier.clone();
     let fs = ShoalFs::new(node, rt);
     let mut session = Session::new(fs, &mountpoint, &config)
         .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
-    let notifier = session.notifier();
-    let _ = notifier_slot.set(session.notifier());
     let unmounter = session.unmount_callable();
-    let thread = std::thread::Builder::new()
-        .name("fuse-session".into())
-        .spawn(move || session.run())
+    let handle = serve(session, &notifier_slot, mountpoint, Some(unmounter))?;
+    raise_readahead(&handle.mountpoint);
+    info!(mount = %handle.mountpoint.display(), threads, "mounted");
+    Ok(handle)
+}
+
+/// Serves the FUSE connection `fd` of the mount at `mountpoint`, which another shoal daemon
+/// mounted and served until now (it handed the fd over, or the service manager kept it when
+/// that daemon died). Nothing is mounted: the kernel has queued what processes asked
+/// meanwhile, and they get their answers from here.
+pub fn resume(
+    node: Arc<Node>,
+    fd: OwnedFd,
+    mountpoint: &Path,
+    rt: tokio::runtime::Handle,
+    threads: usize,
+    allow_suid_dev: bool,
+) -> Result<MountHandle, MountError> {
+    let mountpoint = mountpoint.to_path_buf();
+    let config = session_config(&node, threads, allow_suid_dev);
+    let notifier_slot = node.notifier.clone();
+    let fs = ShoalFs::new(node, rt);
+    let session = Session::resume(fs, fd, SessionACL::All, config)
         .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
-    raise_readahead(&mountpoint);
-    info!(mount = %mountpoint.display(), threads, "mounted");
-    let dev = rustix::fs::stat(&mountpoint).ok().map(|st| st.st_dev);
-    Ok(MountHandle {
-        mountpoint,
-        unmounter,
-        thread: Some(thread),
-        notifier,
-        dev,
-    })
+    let handle = serve(session, &notifier_slot, mountpoint, None)?;
+    info!(mount = %handle.mountpoint.display(), threads, "serving the mount taken over from the previous daemon");
+    Ok(handle)
 }
 
 /// Aborts the FUSE connection of the filesystem with device number `dev` through fusectl,
@@ -339,7 +401,18 @@ impl MountHandle {
     /// aborted: from then on they get ENOTCONN, never an empty directory, and no request is
     /// taken that the daemon would not finish. Returns once the session has stopped.
     pub fn unmount(mut self) {
-        if let Err(e) = self.unmounter.unmount() {
+        let unmounted = match &mut self.unmounter {
+            Some(u) => u.unmount(),
+            // Taken over: unmount by path, unless something else is mounted there now.
+            None if mount_dev(&self.mountpoint).is_some()
+                && mount_dev(&self.mountpoint) == self.dev =>
+            {
+                rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::empty())
+                    .map_err(io::Error::from)
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = unmounted {
             warn!(mount = %self.mountpoint.display(), error = %e, "unmount failed (busy?); detaching lazily");
             if let Err(e) = detach(&self.mountpoint) {
                 warn!(mount = %self.mountpoint.display(), error = %e, "lazy detach failed");
@@ -371,6 +444,34 @@ impl MountHandle {
             }
         }
         info!(mount = %self.mountpoint.display(), "unmounted");
+    }
+
+    /// Stops serving without ending the connection, for a successor: no request is read from
+    /// here on, and once every request already read is answered (the caller waits for those
+    /// dispatched to tokio), the returned fd is all that holds the connection. Nothing is
+    /// unmounted.
+    pub fn hand_off(mut self) -> OwnedFd {
+        self.stopper.stop();
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(error = %e, "fuse session ended with an error while handing off")
+                }
+                Err(_) => warn!("fuse session thread panicked while handing off"),
+            }
+        }
+        self.fd
+    }
+
+    /// The connection's /dev/fuse fd, for the service manager's fd store.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The mount's device number.
+    pub fn dev(&self) -> Option<u64> {
+        self.dev
     }
 
     /// Whether the kernel ended the session by itself (someone ran `umount`).

@@ -127,6 +127,35 @@ pub struct NodeOptions {
     /// Talk to the other nodes over this in-memory network instead of QUIC (the deterministic
     /// tests' `testkit`); `None` in the daemon.
     pub network: Option<Arc<shoal_net::memory::MemoryNetwork>>,
+    /// Take the session of the daemon whose FUSE connection this one serves on, instead of
+    /// opening a new one: the locks and unlinked-but-open files of the processes using the
+    /// mount stay theirs.
+    pub resume: Option<Resume>,
+}
+
+/// What a daemon that takes over a FUSE connection carries over from the one before it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Resume {
+    /// The previous daemon's session.
+    pub session: u64,
+    /// Its session epoch: handles opened in it stay valid.
+    pub epoch: u64,
+    /// Its open files and their kernel handles, when it handed them over; `None` after a
+    /// crash, when they are learned as the kernel uses them (and unlinked files the session
+    /// held are kept to its end, since a handle on them may be open).
+    pub open: Option<Vec<(Ino, usize)>>,
+}
+
+/// Opens held for an unlinked file after a crash, when how many handles the kernel has on it
+/// is unknown: it is kept until the session ends.
+const OPENS_UNKNOWN: usize = usize::MAX / 4;
+
+/// The first proposal number of a daemon run: microseconds since the epoch, so that it is
+/// above every number a previous run of the same session used (that would have taken more
+/// than one proposal per microsecond), and the state machine never takes a new proposal for
+/// an old one's copy.
+fn first_seq() -> u64 {
+    (now_nanos() / 1_000).max(1) as u64
 }
 
 impl Default for NodeOptions {
@@ -139,6 +168,7 @@ impl Default for NodeOptions {
             snapshot_every: 20_000,
             cert_validity: crate::cluster::CERT_VALIDITY,
             network: None,
+            resume: None,
         }
     }
 }
@@ -191,6 +221,9 @@ pub enum OpError {
     /// I/O through a handle of a file this node does not have open.
     #[error("the file is not open on this node")]
     NotOpen,
+    /// A lock wait ended because the daemon is handing its mount to its successor.
+    #[error("interrupted: the daemon is handing its mount over")]
+    Interrupted,
     /// `SEEK_DATA` or `SEEK_HOLE` from past the end, or no data after the offset.
     #[error("no data past the offset")]
     PastEnd,
@@ -285,6 +318,12 @@ pub struct Node {
     in_flight: Mutex<std::collections::BTreeSet<u64>>,
     /// Woken whenever this node releases a lock, so blocked lock requests retry.
     pub(crate) locks_changed: Arc<Notify>,
+    /// Set while handing the mount to a successor: lock waits end (EINTR) so that no request
+    /// stays unanswered.
+    pub(crate) handing_over: std::sync::atomic::AtomicBool,
+    /// This run took over a FUSE connection: a handle the kernel uses on a file not open here
+    /// was opened by the previous daemon, and is adopted.
+    pub(crate) adopt_unknown: bool,
     /// The kernel notifier of this node's mount, once mounted: see `invalidate`.
     pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// The thread that drops other nodes' changes from the kernel's caches.
@@ -526,7 +565,12 @@ impl Node {
             }
             None => None,
         };
-        let session = Arc::new(AtomicU64::new(rand::random::<u64>() | 1));
+        let resume = options.resume.clone();
+        let session = Arc::new(AtomicU64::new(
+            resume
+                .as_ref()
+                .map_or_else(|| rand::random::<u64>() | 1, |r| r.session),
+        ));
         let notifier = Arc::new(std::sync::OnceLock::new());
         let locks_changed = Arc::new(Notify::new());
         let (purge_tx, purge_rx) = mpsc::unbounded_channel();
@@ -555,7 +599,7 @@ impl Node {
             view,
             blocks,
             session,
-            epoch: AtomicU64::new(0),
+            epoch: AtomicU64::new(resume.as_ref().map_or(0, |r| r.epoch)),
             started: Instant::now(),
             rt: tokio::runtime::Handle::current(),
             files: Mutex::new(HashMap::new()),
@@ -573,9 +617,11 @@ impl Node {
             seen: Mutex::new(HashMap::new()),
             purge_tx,
             releasing: Mutex::new(Default::default()),
-            next_seq: AtomicU64::new(1),
+            next_seq: AtomicU64::new(first_seq()),
             in_flight: Mutex::new(Default::default()),
             locks_changed,
+            handing_over: Default::default(),
+            adopt_unknown: resume.is_some(),
             metrics: Default::default(),
             cluster,
             notifier,
@@ -600,12 +646,18 @@ impl Node {
         } else {
             wait_leader(&node.raft, node.id).await?;
         }
-        node.run(MetaCommand::OpenSession {
-            node: node.id,
-            session: node.session(),
-        })
-        .await
-        .map_err(|e| NodeError::Raft(format!("opening this run's session: {e}")))?;
+        let resumed = match &resume {
+            Some(r) => node.resume_session(r).await?,
+            None => false,
+        };
+        if !resumed {
+            node.run(MetaCommand::OpenSession {
+                node: node.id,
+                session: node.session(),
+            })
+            .await
+            .map_err(|e| NodeError::Raft(format!("opening this run's session: {e}")))?;
+        }
         // This run's session is applied here, so the view holds every layout committed before
         // it. A block no layout names is a leftover of a crash between writing a block and
         // committing it, unless another node pushed it lately and has yet to propose the
@@ -629,6 +681,78 @@ impl Node {
         tokio::spawn(compact::worker(Arc::downgrade(&node)).instrument(span.clone()));
         info!(node = node.id, cluster = %node.config.cluster_id, "node started");
         Ok(node)
+    }
+
+    /// Takes the session `r` names over from the daemon that served the mount before; false
+    /// when it has expired (that daemon was gone longer than the lease): a new session is then
+    /// to be opened, and the handles of the old one are fenced, since its locks are gone.
+    async fn resume_session(&self, r: &Resume) -> Result<bool, NodeError> {
+        match self.run(MetaCommand::RenewSession).await {
+            Ok(_) => {}
+            Err(OpError::Fs(FsError::SessionExpired)) => {
+                error!(
+                    session = r.session,
+                    "the previous daemon's session expired before this one took over: its locks are gone, and files it had open are fenced"
+                );
+                self.epoch.fetch_add(1, Ordering::AcqRel);
+                self.session
+                    .store(rand::random::<u64>() | 1, Ordering::Release);
+                return Ok(false);
+            }
+            Err(e) => {
+                return Err(NodeError::Raft(format!(
+                    "taking over the previous daemon's session: {e}"
+                )));
+            }
+        }
+        match &r.open {
+            Some(open) => {
+                for &(ino, opens) in open {
+                    if let Err(e) = self.adopt_open(ino, opens) {
+                        warn!(ino, error = %e, "a file the previous daemon had open is gone");
+                    }
+                }
+            }
+            None => {
+                let orphans = self
+                    .view
+                    .orphans()
+                    .map_err(|e| NodeError::Raft(e.to_string()))?;
+                for (ino, holders) in orphans {
+                    if holders.contains(&r.session) {
+                        let _ = self.adopt_open(ino, OPENS_UNKNOWN);
+                    }
+                }
+            }
+        }
+        info!(
+            session = r.session,
+            handed = r.open.is_some(),
+            "took over the previous daemon's session: its locks and open files stay"
+        );
+        Ok(true)
+    }
+
+    /// The open files and how many kernel handles each has, for a successor.
+    pub fn open_counts(&self) -> Vec<(Ino, usize)> {
+        self.files
+            .lock()
+            .expect("files lock")
+            .iter()
+            .map(|(ino, f)| (*ino, f.opens.load(Ordering::SeqCst)))
+            .filter(|(_, opens)| *opens > 0)
+            .collect()
+    }
+
+    /// Ends lock waits and refuses new ones with EINTR: the mount is being handed over.
+    pub fn start_handing_over(&self) {
+        self.handing_over.store(true, Ordering::SeqCst);
+        self.locks_changed.notify_waiters();
+    }
+
+    /// The hand-over failed and this daemon serves on.
+    pub fn stop_handing_over(&self) {
+        self.handing_over.store(false, Ordering::SeqCst);
     }
 
     /// Proposes a batch of commands through Raft; returns once they are durable and applied.

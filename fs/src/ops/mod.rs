@@ -267,6 +267,20 @@ impl Node {
     /// Opens a file as this node's state machine has it: for a file this node just created.
     #[instrument(level = "debug", skip_all, fields(node = self.id, ino = ino))]
     pub fn open_applied(&self, ino: Ino) -> OpResult<(Inode, bool)> {
+        let inode = self.open_handles(ino, 1)?;
+        let keep = match self.cluster() {
+            None => true,
+            Some(_) => {
+                let mut seen = self.seen.lock().expect("seen lock");
+                seen.insert(ino, (inode.mtime, inode.size)) == Some((inode.mtime, inode.size))
+            }
+        };
+        Ok((inode, keep))
+    }
+
+    /// Counts `opens` new kernel handles on `ino` (a regular file; other kinds are not
+    /// tracked) and returns its inode.
+    fn open_handles(&self, ino: Ino, opens: usize) -> OpResult<Inode> {
         let inode = self.getattr(ino)?;
         if inode.kind == FileKind::File {
             let mut files = self.files.lock().expect("files lock");
@@ -292,16 +306,25 @@ impl Node {
                 ))
             });
             f.renew_epoch(self);
-            f.opens.fetch_add(1, Ordering::SeqCst);
+            f.opens.fetch_add(opens, Ordering::SeqCst);
         }
-        let keep = match self.cluster() {
-            None => true,
-            Some(_) => {
-                let mut seen = self.seen.lock().expect("seen lock");
-                seen.insert(ino, (inode.mtime, inode.size)) == Some((inode.mtime, inode.size))
-            }
-        };
-        Ok((inode, keep))
+        Ok(inode)
+    }
+
+    /// Counts kernel handles a previous daemon opened on `ino`: handed over (`opens` of
+    /// them), or found in use after a crash (one per use of a file not open here).
+    pub(crate) fn adopt_open(&self, ino: Ino, opens: usize) -> OpResult<Arc<OpenFile>> {
+        self.open_handles(ino, opens)?;
+        self.open_file(ino).ok_or(OpError::NotOpen)
+    }
+
+    /// The open file a handle refers to; one the previous daemon opened is adopted.
+    fn handle_file(&self, ino: Ino) -> OpResult<Arc<OpenFile>> {
+        match self.open_file(ino) {
+            Some(f) => Ok(f),
+            None if self.adopt_unknown => self.adopt_open(ino, 1),
+            None => Err(OpError::NotOpen),
+        }
     }
 
     /// Whether a new handle may open `ino`, unlinked: only while this node's session still
@@ -356,7 +379,7 @@ impl Node {
         {
             return Err(FsError::FileTooBig.into());
         }
-        let f = self.open_file(ino).ok_or(OpError::NotOpen)?;
+        let f = self.handle_file(ino)?;
         self.check_not_fenced(&f)?;
         f.check_quota(self, off + data.len() as u64)?;
         let buffered = f.buffer(self, off, data);
@@ -631,6 +654,9 @@ impl Node {
                     return Ok(());
                 }
                 Err(OpError::Fs(FsError::WouldBlock)) if wait => {
+                    if self.handing_over.load(Ordering::SeqCst) {
+                        return Err(OpError::Interrupted);
+                    }
                     // Retry when a lock is released here, or after a while for other holders.
                     let _ =
                         tokio::time::timeout(std::time::Duration::from_millis(250), changed).await;
