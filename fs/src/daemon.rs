@@ -1,7 +1,8 @@
 //! Running a node in the foreground: start, mount, serve the admin socket, and on SIGINT or
 //! SIGTERM commit buffered writes and unmount.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{Instrument, info, warn};
 
 use shoal_fs::node::{Node, NodeOptions};
-use shoal_fs::{admin, fuse};
+use shoal_fs::{admin, fuse, handover};
 
 pub struct DaemonArgs<'a> {
     pub data: &'a Path,
@@ -25,12 +26,22 @@ pub struct DaemonArgs<'a> {
 }
 
 pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
-    // A predecessor stuck dying on its own mount would hang the checks below.
-    fuse::mount::release_stuck_predecessor(args.data, args.mount)
-        .context("clearing the previous daemon's mount")?;
-    // Check the mount point before starting anything, so a bad --mount fails fast.
-    fuse::mount::prepare(args.mount)?;
     shoal_raft::failpoint::arm_from_env()?;
+    // A daemon serving this data directory hands its mount over instead of refusing us.
+    let taken = handover::take_over(args.data, &std::path::absolute(args.mount)?)?;
+    match &taken {
+        Some((given, _)) => {
+            info!(pid = given.pid, mount = %given.mount.display(), "the running daemon handed its mount over; starting once it has exited");
+            wait_gone(given.pid).await?;
+        }
+        None => {
+            // A predecessor stuck dying on its own mount would hang the checks below.
+            fuse::mount::release_stuck_predecessor(args.data, args.mount)
+                .context("clearing the previous daemon's mount")?;
+            // Check the mount point before starting anything, so a bad --mount fails fast.
+            fuse::mount::prepare(args.mount)?;
+        }
+    }
     let metrics = match args.metrics {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!(
@@ -39,14 +50,27 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         })?),
         None => None,
     };
-    let node = Node::start(args.data, args.options).await?;
-    let handle = fuse::mount(
-        node.clone(),
-        args.mount,
-        tokio::runtime::Handle::current(),
-        args.fuse_threads,
-        args.allow_suid_dev,
-    )?;
+    let mut options = args.options;
+    options.resume = taken.as_ref().map(|(given, _)| given.resume.clone());
+    let node = Node::start(args.data, options).await?;
+    let rt = tokio::runtime::Handle::current();
+    let mut handle = match taken {
+        Some((given, fd)) => fuse::mount::resume(
+            node.clone(),
+            fd,
+            &given.mount,
+            rt.clone(),
+            args.fuse_threads,
+            args.allow_suid_dev,
+        )?,
+        None => fuse::mount(
+            node.clone(),
+            args.mount,
+            rt.clone(),
+            args.fuse_threads,
+            args.allow_suid_dev,
+        )?,
+    };
     let admin = tokio::spawn(
         admin::serve(node.clone(), Some(handle.mountpoint.clone())).instrument(node.span().clone()),
     );
@@ -76,16 +100,43 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         );
         info!(addr = ?addr, "serving Prometheus metrics on /metrics");
     }
+    let offer = handover::Offer::bind(args.data).with_context(|| {
+        format!(
+            "listening for a successor on {}",
+            handover::socket_path(args.data).display()
+        )
+    })?;
     info!(mount = %handle.mountpoint.display(), data = %args.data.display(), "shoal is serving");
+    // Under systemd (Type=notify): this process is the service's main one now, also when it
+    // took over from another.
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::MainPid(std::process::id()),
+            sd_notify::NotifyState::Ready,
+        ],
+    );
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     let mut fatal = None;
     loop {
-        tokio::select! {
+        let asked = tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                match start_successor() {
+                    Ok(pid) => info!(successor = pid, "SIGHUP: started a successor, which this daemon hands its mount to"),
+                    Err(e) => warn!(error = %e, "SIGHUP: cannot start a successor; serving on"),
+                }
+                continue;
+            }
+            asked = offer.next() => match asked {
+                Ok(asked) => asked,
+                Err(e) => { warn!(error = %e, "the hand-over socket failed"); continue; }
+            },
             _ = poll.tick() => {
                 if handle.is_finished() {
                     warn!(mount = %handle.mountpoint.display(), "the mount went away (unmounted from outside); shutting down");
@@ -100,6 +151,41 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
                     fatal = Some(e);
                     break;
                 }
+                continue;
+            }
+        };
+        if !same_mount(&asked.mount, &handle.mountpoint) {
+            let why = format!(
+                "this daemon serves {}, not {}: start the successor with the same --mount",
+                handle.mountpoint.display(),
+                asked.mount.display()
+            );
+            warn!("{why}");
+            asked.refuse(&why);
+            continue;
+        }
+        let mountpoint = handle.mountpoint.clone();
+        match hand_off(&node, handle, asked).await {
+            Handoff::Done => {
+                node.shutdown().await;
+                admin.abort();
+                if let Some(task) = plugin {
+                    task.abort();
+                }
+                drop(offer);
+                info!("handed the mount over; exiting");
+                return Ok(());
+            }
+            Handoff::Failed(fd, e) => {
+                warn!(error = %e, "the successor did not take the mount; serving on");
+                handle = fuse::mount::resume(
+                    node.clone(),
+                    fd,
+                    &mountpoint,
+                    rt.clone(),
+                    args.fuse_threads,
+                    args.allow_suid_dev,
+                )?;
             }
         }
     }
@@ -119,4 +205,85 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         )),
         None => Ok(()),
     }
+}
+
+/// Waits until the daemon that handed its mount over has exited (it holds the data directory
+/// until then).
+async fn wait_gone(pid: i32) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while fuse::mount::process_alive(pid) {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the daemon that handed its mount over (pid {pid}) has not exited after 120 s; its log says why"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Whether a successor asking for `asked` means this daemon's mount at `ours` (canonical).
+fn same_mount(asked: &Path, ours: &Path) -> bool {
+    asked == ours || std::fs::canonicalize(asked).is_ok_and(|p| p == ours)
+}
+
+enum Handoff {
+    Done,
+    /// The successor did not take the connection: serve it on.
+    Failed(std::os::fd::OwnedFd, std::io::Error),
+}
+
+/// Stops serving the mount, waits for the requests already taken to be answered, and sends
+/// the connection with this node's session and open files to the successor.
+async fn hand_off(node: &Arc<Node>, handle: fuse::MountHandle, asked: handover::Asked) -> Handoff {
+    info!(mount = %handle.mountpoint.display(), "a successor asked for the mount; handing it over");
+    let mount = handle.mountpoint.clone();
+    node.start_handing_over();
+    let fd = tokio::task::block_in_place(|| handle.hand_off());
+    // Requests dispatched to tokio still hold their replies; each is answered before the
+    // connection goes (an unanswered one would stay so forever).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while node.metrics.fuse_in_flight() > 0 {
+        if std::time::Instant::now() > deadline {
+            warn!(
+                in_flight = node.metrics.fuse_in_flight(),
+                "requests still unanswered after 60 s; handing over anyway (they are answered from here before exit)"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let given = handover::Given {
+        pid: std::process::id() as i32,
+        mount,
+        resume: shoal_fs::node::Resume {
+            session: node.session(),
+            epoch: node.epoch(),
+            open: Some(node.open_counts()),
+        },
+    };
+    match tokio::task::block_in_place(|| asked.give(given, std::os::fd::AsFd::as_fd(&fd))) {
+        Ok(()) => Handoff::Done,
+        Err(e) => {
+            node.stop_handing_over();
+            Handoff::Failed(fd, e)
+        }
+    }
+}
+
+/// Starts this program again with the same arguments; it asks for the mount on start.
+fn start_successor() -> std::io::Result<u32> {
+    // After an upgrade /proc/self/exe names the old, deleted binary; the path this one was
+    // started by names the new one.
+    let mut args = std::env::args_os();
+    let argv0 = args.next().map(PathBuf::from);
+    let exe = match argv0 {
+        Some(p) if p.components().count() > 1 => p,
+        _ => std::env::current_exe()?,
+    };
+    let child = std::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    Ok(child.id())
 }

@@ -20,6 +20,7 @@
 //! Each layer calls only downward.
 
 pub mod fuse;
+pub mod handover;
 pub mod ops;
 
 pub mod node;

@@ -82,12 +82,18 @@ impl NodeDir {
     fn pid_file(&self) -> PathBuf {
         self.root.join("daemon.pid")
     }
+    /// The node's daemon: the one started here, or the successor it handed its mount to
+    /// (SIGHUP), which holds the data directory's lock now.
     fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.pid_file())
+        let started = std::fs::read_to_string(self.pid_file())
             .ok()?
             .trim()
             .parse()
-            .ok()
+            .ok();
+        match started {
+            Some(pid) if alive(pid) => Some(pid),
+            _ => shoal_fs::fuse::mount::lock_holder(&self.data()).or(started),
+        }
     }
 }
 

@@ -10,5 +10,6 @@ mod local_cluster;
 mod metrics;
 mod mount;
 mod node_ops;
+mod restart;
 mod security;
 mod testkit;

@@ -1,0 +1,206 @@
+//! Handing a node's FUSE connection from a running daemon to its successor, so that processes
+//! using the mount never see it end (a restart, an upgrade: `shoal daemon` started again with
+//! the same `--data`, or SIGHUP, which starts it).
+//!
+//! The running daemon listens on `DATA/handover.sock` (the data directory is private). The
+//! successor asks there for the mount it was told to serve; the running daemon stops reading
+//! requests, answers those it has taken, and sends the connection's /dev/fuse fd (SCM_RIGHTS)
+//! with its session and open files, then commits what is buffered, stops and exits. The
+//! successor waits for it to be gone (it holds the data directory), starts the node in that
+//! session and serves the fd. Meanwhile the kernel queues what processes ask: they wait, and
+//! get their answers from the successor.
+
+use std::io::{Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::node::Resume;
+
+/// The socket, in the data directory.
+pub const SOCKET: &str = "handover.sock";
+
+/// How long a successor waits for the running daemon to hand over (it first answers the
+/// requests it took, which a slow peer can hold up).
+const PATIENCE: Duration = Duration::from_secs(120);
+
+pub fn socket_path(data: &Path) -> PathBuf {
+    data.join(SOCKET)
+}
+
+/// What a successor asks for.
+#[derive(Serialize, Deserialize)]
+struct Ask {
+    mount: PathBuf,
+}
+
+/// What the running daemon gives with the fd.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Given {
+    /// The daemon handing over; the successor starts once it is gone.
+    pub pid: i32,
+    pub mount: PathBuf,
+    pub resume: Resume,
+}
+
+#[derive(Serialize, Deserialize)]
+enum Answer {
+    Given(Given),
+    Refused(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("the running daemon refused to hand over its mount: {0}")]
+    Refused(String),
+    #[error("handing over through {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("the running daemon's answer on {0} is not understood: {1}")]
+    Garbled(PathBuf, serde_json::Error),
+    #[error("the running daemon sent no FUSE connection over {0}")]
+    NoFd(PathBuf),
+}
+
+/// Asks the daemon running in `data` to hand over its mount at `mount`. `None` when no daemon
+/// listens there (none runs, or one that predates hand-overs).
+pub fn take_over(data: &Path, mount: &Path) -> Result<Option<(Given, OwnedFd)>, HandoverError> {
+    let path = socket_path(data);
+    let io = |e| HandoverError::Io(path.clone(), e);
+    let mut stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(io(e)),
+    };
+    stream.set_read_timeout(Some(PATIENCE)).map_err(io)?;
+    let ask = serde_json::to_vec(&Ask {
+        mount: mount.to_path_buf(),
+    })
+    .expect("serializable");
+    stream.write_all(&ask).map_err(io)?;
+    stream.shutdown(std::net::Shutdown::Write).map_err(io)?;
+
+    // The fd comes with the first bytes; the rest of the answer follows until EOF.
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+    let mut first = vec![0u8; 64 << 10];
+    let got = rustix::net::recvmsg(
+        &stream,
+        &mut [std::io::IoSliceMut::new(&mut first)],
+        &mut ancillary,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| io(e.into()))?;
+    let mut fd = None;
+    for msg in ancillary.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = msg {
+            for received in fds {
+                fd.get_or_insert(received);
+            }
+        }
+    }
+    first.truncate(got.bytes);
+    stream.read_to_end(&mut first).map_err(io)?;
+    let answer: Answer =
+        serde_json::from_slice(&first).map_err(|e| HandoverError::Garbled(path.clone(), e))?;
+    match answer {
+        Answer::Refused(why) => Err(HandoverError::Refused(why)),
+        Answer::Given(given) => match fd {
+            Some(fd) => Ok(Some((given, fd))),
+            None => Err(HandoverError::NoFd(path)),
+        },
+    }
+}
+
+/// The running daemon's side: successors ask here.
+pub struct Offer {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+}
+
+/// A successor's request, to answer with `give` or `refuse`.
+pub struct Asked {
+    stream: UnixStream,
+    pub mount: PathBuf,
+}
+
+impl Offer {
+    /// Listens in `data`, replacing a socket a dead daemon left.
+    pub fn bind(data: &Path) -> std::io::Result<Offer> {
+        let path = socket_path(data);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        Ok(Offer { listener, path })
+    }
+
+    /// The next successor that asks.
+    pub async fn next(&self) -> std::io::Result<Asked> {
+        loop {
+            let (stream, _) = self.listener.accept().await?;
+            let mut stream = stream.into_std()?;
+            stream.set_nonblocking(false)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut ask = Vec::new();
+            if let Err(e) = stream.read_to_end(&mut ask) {
+                tracing::warn!(error = %e, "a hand-over request was cut short; ignored");
+                continue;
+            }
+            match serde_json::from_slice::<Ask>(&ask) {
+                Ok(ask) => {
+                    return Ok(Asked {
+                        stream,
+                        mount: ask.mount,
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "a garbled hand-over request; ignored"),
+            }
+        }
+    }
+}
+
+impl Drop for Offer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Asked {
+    pub fn refuse(mut self, why: &str) {
+        let answer = serde_json::to_vec(&Answer::Refused(why.into())).expect("serializable");
+        let _ = self.stream.write_all(&answer);
+    }
+
+    /// Sends `fd` and what goes with it. An error means the successor did not get them.
+    pub fn give(mut self, given: Given, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        let answer = serde_json::to_vec(&Answer::Given(given)).expect("serializable");
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut ancillary = SendAncillaryBuffer::new(&mut space);
+        let fds = [fd.as_fd()];
+        ancillary.push(SendAncillaryMessage::ScmRights(&fds));
+        let sent = rustix::net::sendmsg(
+            &self.stream,
+            &[std::io::IoSlice::new(&answer)],
+            &mut ancillary,
+            SendFlags::empty(),
+        )?;
+        self.stream.write_all(&answer[sent..])?;
+        self.stream.shutdown(std::net::Shutdown::Write)
+    }
+}

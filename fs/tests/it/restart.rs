@@ -1,0 +1,289 @@
+//! A daemon restarted under running processes: its successor takes the FUSE connection over,
+//! and what the processes hold (open files, a lock, a directory half listed) stays theirs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::local_cluster::{LocalCluster, eventually, eventually_within};
+
+/// A process using node 1's mount: it holds a write lock on `held` and appends a line to it
+/// with an fsync every few milliseconds, reading the whole file back each time; it keeps
+/// `from2` (written on node 2) open, read halfway, and `dir` open, listed 10 entries in.
+/// On "finish" it reads the rest of both and prints what it found. Any error ends it with a
+/// traceback (ENOTCONN, EBADF, EIO: what a broken restart gives).
+const HOLDER: &str = r#"
+import fcntl, hashlib, os, select, sys, time
+m = sys.argv[1]
+f = open(m + "/held", "w+")
+fcntl.lockf(f, fcntl.LOCK_EX)
+r = open(m + "/from2", "rb")
+head = r.read(1 << 20)
+it = os.scandir(m + "/dir")
+listed = [next(it).name for _ in range(10)]
+print("ready", flush=True)
+i = 0
+while True:
+    f.write("line %d\n" % i); f.flush(); os.fsync(f.fileno())
+    f.seek(0); data = f.read(); f.seek(0, 2)
+    if data.count("\n") != i + 1:
+        raise SystemExit("read back %d lines after writing %d" % (data.count("\n"), i + 1))
+    os.stat(m + "/held")
+    i += 1
+    print("ok %d" % i, flush=True)
+    if select.select([sys.stdin], [], [], 0.01)[0]:
+        break
+rest = r.read()
+listed += [e.name for e in it]
+print("done %d %d %s" % (i, len(set(listed)), hashlib.sha256(head + rest).hexdigest()), flush=True)
+sys.stdin.read()
+"#;
+
+struct Holder {
+    child: Child,
+    lines: Arc<AtomicU64>,
+    done: std::sync::mpsc::Receiver<String>,
+}
+
+impl Holder {
+    fn start(mount: &Path) -> Holder {
+        let mut child = Command::new("python3")
+            .args(["-c", HOLDER])
+            .arg(mount)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        assert_eq!(first, "ready\n", "the holder started");
+        let lines = Arc::new(AtomicU64::new(0));
+        let (tx, done) = std::sync::mpsc::channel();
+        let counted = lines.clone();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { return };
+                if let Some(n) = line.strip_prefix("ok ") {
+                    counted.store(n.parse().unwrap(), Ordering::SeqCst);
+                } else {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        Holder { child, lines, done }
+    }
+
+    fn lines(&self) -> u64 {
+        self.lines.load(Ordering::SeqCst)
+    }
+
+    /// Waits for `more` lines beyond now; panics if the holder died or stalled.
+    fn wait_more(&mut self, more: u64, what: &str) {
+        let want = self.lines() + more;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.lines() < want {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the holder died {what}: {status} after {} lines",
+                    self.lines()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the holder made no progress for 60 s {what} (at {} lines)",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Ends the loop; what it found: (lines written, distinct entries listed, hash read).
+    fn finish(&mut self) -> (u64, usize, String) {
+        writeln!(self.child.stdin.as_mut().unwrap(), "finish").unwrap();
+        let line = self
+            .done
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("the holder ended: {:?}", self.child.try_wait()));
+        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!(f[0], "done", "{line}");
+        (
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+            f[3].to_string(),
+        )
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a process on node `k` can take the write lock on `path` without waiting.
+fn lock_free(path: &Path) -> bool {
+    Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)",
+        ])
+        .arg(path)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn sha256(data: &[u8]) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(data)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Node 1's daemon process, as the data directory's lock names it.
+fn daemon_pid(c: &LocalCluster) -> i32 {
+    shoal_fs::fuse::mount::lock_holder(&c.data(1)).expect("node 1's daemon holds its data dir")
+}
+
+/// Waits until a daemon other than `old` serves node 1 and answers `shoal status`.
+fn wait_successor(c: &LocalCluster, old: i32) -> i32 {
+    let mut new = 0;
+    eventually_within(
+        "a successor serving node 1",
+        Duration::from_secs(60),
+        || {
+            new = shoal_fs::fuse::mount::lock_holder(&c.data(1)).unwrap_or(0);
+            new != 0 && new != old && c.leader(1).is_some()
+        },
+    );
+    new
+}
+
+#[test]
+fn a_daemon_restarted_twice_under_a_process_keeps_its_files_lock_and_listing_while_another_node_tries_the_lock()
+ {
+    let c = LocalCluster::up(3);
+    let (m1, m2) = (c.mnt(1), c.mnt(2));
+    // Written on node 2; read on node 1 across the restarts.
+    let from2: Vec<u8> = (0..(3u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(m2.join("from2"), &from2).unwrap();
+    std::fs::create_dir(m2.join("dir")).unwrap();
+    for i in 0..600 {
+        std::fs::write(
+            m2.join("dir").join(format!("{i:04}-{}", "x".repeat(100))),
+            b"",
+        )
+        .unwrap();
+    }
+    eventually("node 2's files on node 1", || {
+        std::fs::read_dir(m1.join("dir")).is_ok_and(|d| d.count() == 600)
+            && std::fs::metadata(m1.join("from2")).is_ok_and(|m| m.len() == from2.len() as u64)
+    });
+
+    let mut holder = Holder::start(&m1);
+    holder.wait_more(20, "before any restart");
+    assert!(
+        !lock_free(&m2.join("held")),
+        "node 2 cannot take the held lock"
+    );
+
+    // Node 2 tries the lock the whole time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tries, taken) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let prober = {
+        let (stop, tries, taken, path) =
+            (stop.clone(), tries.clone(), taken.clone(), m2.join("held"));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if lock_free(&path) {
+                    taken.fetch_add(1, Ordering::SeqCst);
+                }
+                tries.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+
+    // 1: SIGHUP, which starts a successor (what `systemctl reload shoal` sends).
+    let first = daemon_pid(&c);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(first).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    let second = wait_successor(&c, first);
+    holder.wait_more(20, "after the SIGHUP hand-over");
+
+    // 2: the daemon started again by hand with the same command line (an upgrade).
+    let cmdline = std::fs::read(format!("/proc/{second}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8(a.to_vec()).unwrap())
+        .collect();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(c.node(1).join("daemon.log"))
+        .unwrap();
+    let mut again = Command::new(&args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let third = wait_successor(&c, second);
+    assert_eq!(
+        third,
+        again.id() as i32,
+        "the daemon started by hand serves now"
+    );
+    holder.wait_more(20, "after the second hand-over");
+    stop.store(true, Ordering::SeqCst);
+    prober.join().unwrap();
+    assert!(tries.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        taken.load(Ordering::SeqCst),
+        0,
+        "node 2 took the lock during a hand-over ({} tries)",
+        tries.load(Ordering::SeqCst)
+    );
+
+    let (lines, listed, read) = holder.finish();
+    assert_eq!(listed, 600, "the directory listing went on where it was");
+    assert_eq!(read, sha256(&from2), "the file open for reading read on");
+    // Every line fsynced is on node 2 too.
+    eventually("every fsynced line on node 2", || {
+        std::fs::read_to_string(m2.join("held")).is_ok_and(|s| s.lines().count() as u64 == lines)
+    });
+    assert!(!lock_free(&m2.join("held")), "the lock is still held");
+    drop(holder);
+    eventually("the lock free once its holder is gone", || {
+        lock_free(&m2.join("held"))
+    });
+    let log = std::fs::read_to_string(c.node(1).join("daemon.log")).unwrap();
+    assert_eq!(
+        log.matches("took over the previous daemon's session")
+            .count(),
+        2,
+        "both successors took the session over"
+    );
+    // `local down` (the cluster's drop) stops the third daemon, found by its lock.
+    let _ = again.try_wait();
+}
