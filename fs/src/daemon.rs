@@ -27,9 +27,32 @@ pub struct DaemonArgs<'a> {
 
 pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
     shoal_raft::failpoint::arm_from_env()?;
-    // A daemon serving this data directory hands its mount over instead of refusing us.
-    let taken = handover::take_over(args.data, &std::path::absolute(args.mount)?)?;
+    let mount_abs = std::path::absolute(args.mount)?;
+    // The connection the service manager kept when the last daemon died, or else the one a
+    // daemon serving this data directory hands over instead of refusing us.
+    let taken = match handover::fd_store::take(&mount_abs) {
+        Some(fd) => {
+            let (session, epoch) = shoal_fs::node::recorded_session(args.data).unwrap_or_else(|| {
+                warn!("no session recorded in the data directory: the locks of processes using the mount are lost");
+                (rand::random::<u64>() | 1, 0)
+            });
+            let given = handover::Given {
+                pid: 0,
+                mount: mount_abs.clone(),
+                resume: shoal_fs::node::Resume {
+                    session,
+                    epoch,
+                    open: None,
+                },
+            };
+            Some((given, fd))
+        }
+        None => handover::take_over(args.data, &mount_abs)?,
+    };
     match &taken {
+        Some((given, _)) if given.pid == 0 => {
+            info!(mount = %given.mount.display(), "serving on the FUSE connection the service manager kept");
+        }
         Some((given, _)) => {
             info!(pid = given.pid, mount = %given.mount.display(), "the running daemon handed its mount over; starting once it has exited");
             wait_gone(given.pid).await?;
@@ -107,6 +130,9 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         )
     })?;
     info!(mount = %handle.mountpoint.display(), data = %args.data.display(), "shoal is serving");
+    if let Some(dev) = handle.dev() {
+        handover::fd_store::keep(handle.fd(), dev);
+    }
     // Under systemd (Type=notify): this process is the service's main one now, also when it
     // took over from another.
     let _ = sd_notify::notify(
@@ -190,6 +216,9 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         }
     }
     // Unmount first so no new writes arrive, then commit what is buffered.
+    if let Some(dev) = handle.dev() {
+        handover::fd_store::forget(dev);
+    }
     tokio::task::block_in_place(|| handle.unmount());
     node.shutdown().await;
     admin.abort();

@@ -204,3 +204,71 @@ impl Asked {
         self.stream.shutdown(std::net::Shutdown::Write)
     }
 }
+
+/// The service manager's file-descriptor store (systemd's `FileDescriptorStoreMax`): the
+/// connection's fd is kept there, so that when the daemon dies (a crash, `kill -9`) the
+/// restarted one is handed the same connection and processes using the mount wait for it
+/// instead of getting ENOTCONN. Without a service manager (no `NOTIFY_SOCKET`) these do
+/// nothing.
+pub mod fd_store {
+    use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+    use std::path::Path;
+
+    use sd_notify::NotifyState;
+    use tracing::{info, warn};
+
+    /// The fd's name in the store: the mount's device number, so that a restarted daemon
+    /// can tell whether the connection is still the one mounted.
+    fn name(dev: u64) -> String {
+        format!("fuse-{dev}")
+    }
+
+    /// Puts the connection of the mount with device number `dev` in the store.
+    pub fn keep(fd: BorrowedFd<'_>, dev: u64) {
+        let name = name(dev);
+        if let Err(e) = sd_notify::notify_with_fds(
+            false,
+            &[NotifyState::FdStore, NotifyState::FdName(&name)],
+            &[fd],
+        ) {
+            warn!(error = %e, "cannot keep the FUSE connection in the service manager's fd store; a crash will end the mount");
+        }
+    }
+
+    /// Takes the connection out of the store: the mount is gone for good.
+    pub fn forget(dev: u64) {
+        let name = name(dev);
+        let _ = sd_notify::notify(
+            false,
+            &[NotifyState::FdStoreRemove, NotifyState::FdName(&name)],
+        );
+    }
+
+    /// The connection the service manager kept for this daemon, if it is still the one
+    /// mounted at `mount`; a stale one is dropped from the store.
+    pub fn take(mount: &Path) -> Option<OwnedFd> {
+        let fds = sd_notify::listen_fds_with_names(false).ok()?;
+        let mounted = crate::fuse::mount::mount_dev(mount);
+        let mut found = None;
+        for (raw, fd_name) in fds {
+            let Some(dev) = fd_name
+                .strip_prefix("fuse-")
+                .and_then(|d| d.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: the service manager passed this fd to this process (LISTEN_PID is
+            // ours), and nothing else here took it.
+            #[allow(unsafe_code)]
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            if Some(dev) == mounted && found.is_none() {
+                info!(mount = %mount.display(), "the service manager kept the FUSE connection of the previous daemon");
+                found = Some(fd);
+            } else {
+                warn!(mount = %mount.display(), dev, "the kept FUSE connection is not the one mounted; dropping it");
+                forget(dev);
+            }
+        }
+        found
+    }
+}

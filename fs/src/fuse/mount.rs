@@ -158,7 +158,7 @@ pub fn lock_holder(data: &Path) -> Option<i32> {
 }
 
 /// The device number mountinfo gives the mount at `path`.
-fn mount_dev(path: &Path) -> Option<u64> {
+pub fn mount_dev(path: &Path) -> Option<u64> {
     mountinfo(path).map(|m| m.dev)
 }
 

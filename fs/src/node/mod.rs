@@ -146,6 +146,16 @@ pub struct Resume {
     pub open: Option<Vec<(Ino, usize)>>,
 }
 
+/// Where a node records its session and epoch (`Node::record_session`).
+const SESSION_FILE: &str = "session";
+
+/// The session and epoch the last daemon in `data` recorded.
+pub fn recorded_session(data: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(data.join(SESSION_FILE)).ok()?;
+    let mut it = text.split_whitespace().map(|n| n.parse::<u64>().ok());
+    Some((it.next()??, it.next()??))
+}
+
 /// Opens held for an unlinked file after a crash, when how many handles the kernel has on it
 /// is unknown: it is kept until the session ends.
 const OPENS_UNKNOWN: usize = usize::MAX / 4;
@@ -658,6 +668,7 @@ impl Node {
             .await
             .map_err(|e| NodeError::Raft(format!("opening this run's session: {e}")))?;
         }
+        node.record_session();
         // This run's session is applied here, so the view holds every layout committed before
         // it. A block no layout names is a leftover of a crash between writing a block and
         // committing it, unless another node pushed it lately and has yet to propose the
@@ -731,6 +742,17 @@ impl Node {
             "took over the previous daemon's session: its locks and open files stay"
         );
         Ok(true)
+    }
+
+    /// Writes this node's session and epoch to the data directory, for a daemon that takes
+    /// the FUSE connection over from the service manager after this one died.
+    fn record_session(&self) {
+        let path = self.data_dir.join(SESSION_FILE);
+        let tmp = path.with_extension("tmp");
+        let text = format!("{} {}\n", self.session(), self.epoch());
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            warn!(path = %path.display(), error = %e, "cannot record this node's session; a restart after a crash will open a new one (locks of running processes lost)");
+        }
     }
 
     /// The open files and how many kernel handles each has, for a successor.
@@ -1219,6 +1241,7 @@ async fn session_worker(node: std::sync::Weak<Node>) {
                 );
                 node.epoch.fetch_add(1, Ordering::AcqRel);
                 node.session.store(new, Ordering::Release);
+                node.record_session();
                 if let Err(e) = node
                     .run(MetaCommand::OpenSession {
                         node: node.id,

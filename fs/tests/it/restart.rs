@@ -13,11 +13,13 @@ use crate::local_cluster::{LocalCluster, eventually, eventually_within};
 /// A process using node 1's mount: it holds a write lock on `held` and appends a line to it
 /// with an fsync every few milliseconds, reading the whole file back each time; it keeps
 /// `from2` (written on node 2) open, read halfway, and `dir` open, listed 10 entries in.
-/// On "finish" it reads the rest of both and prints what it found. Any error ends it with a
+/// On "finish" it reads the rest of both and prints what it found. Stepped (a second
+/// argument), it appends one line for each "step" it reads instead of looping. Any error ends it with a
 /// traceback (ENOTCONN, EBADF, EIO: what a broken restart gives).
 const HOLDER: &str = r#"
 import fcntl, hashlib, os, select, sys, time
 m = sys.argv[1]
+stepped = len(sys.argv) > 2
 f = open(m + "/held", "w+")
 fcntl.lockf(f, fcntl.LOCK_EX)
 r = open(m + "/from2", "rb")
@@ -27,6 +29,8 @@ listed = [next(it).name for _ in range(10)]
 print("ready", flush=True)
 i = 0
 while True:
+    if stepped and sys.stdin.readline() != "step\n":
+        break
     f.write("line %d\n" % i); f.flush(); os.fsync(f.fileno())
     f.seek(0); data = f.read(); f.seek(0, 2)
     if data.count("\n") != i + 1:
@@ -34,7 +38,7 @@ while True:
     os.stat(m + "/held")
     i += 1
     print("ok %d" % i, flush=True)
-    if select.select([sys.stdin], [], [], 0.01)[0]:
+    if not stepped and select.select([sys.stdin], [], [], 0.01)[0]:
         break
 rest = r.read()
 listed += [e.name for e in it]
@@ -50,9 +54,27 @@ struct Holder {
 
 impl Holder {
     fn start(mount: &Path) -> Holder {
+        Holder::spawn(mount, false)
+    }
+
+    /// A holder that writes one line per `step`.
+    fn stepped(mount: &Path) -> Holder {
+        Holder::spawn(mount, true)
+    }
+
+    /// Asks a stepped holder for `n` more lines (it waits for none of them).
+    fn step(&mut self, n: u64) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        for _ in 0..n {
+            writeln!(stdin, "step").unwrap();
+        }
+    }
+
+    fn spawn(mount: &Path, stepped: bool) -> Holder {
         let mut child = Command::new("python3")
             .args(["-c", HOLDER])
             .arg(mount)
+            .args(stepped.then_some("stepped"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -286,4 +308,140 @@ fn a_daemon_restarted_twice_under_a_process_keeps_its_files_lock_and_listing_whi
     );
     // `local down` (the cluster's drop) stops the third daemon, found by its lock.
     let _ = again.try_wait();
+}
+
+/// The fd a daemon put in the fake service manager's store (`FDSTORE=1`), and its name.
+fn stored_fd(notify: &std::os::unix::net::UnixDatagram) -> (std::os::fd::OwnedFd, String) {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    loop {
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+        let mut buf = vec![0u8; 4096];
+        // Without CLOEXEC: the restarted daemon inherits it, as from systemd.
+        let got = rustix::net::recvmsg(
+            notify,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            &mut ancillary,
+            RecvFlags::empty(),
+        )
+        .expect("the daemon notifies the service manager within 60 s");
+        let text = String::from_utf8_lossy(&buf[..got.bytes]).into_owned();
+        let mut fd = None;
+        for msg in ancillary.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = msg {
+                fd = fds.into_iter().next();
+            }
+        }
+        if let (Some(fd), true) = (fd, text.contains("FDSTORE=1")) {
+            let name = text
+                .lines()
+                .find_map(|l| l.strip_prefix("FDNAME="))
+                .expect("the stored fd is named")
+                .to_string();
+            return (fd, name);
+        }
+    }
+}
+
+#[test]
+fn a_daemon_killed_under_a_process_comes_back_on_the_connection_the_service_manager_kept() {
+    use std::os::fd::AsRawFd;
+    let c = LocalCluster::up(3);
+    let (m1, m2) = (c.mnt(1), c.mnt(2));
+    let from2: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(m2.join("from2"), &from2).unwrap();
+    std::fs::create_dir(m2.join("dir")).unwrap();
+    for i in 0..300 {
+        std::fs::write(
+            m2.join("dir").join(format!("{i:04}-{}", "y".repeat(100))),
+            b"",
+        )
+        .unwrap();
+    }
+    eventually("node 2's files on node 1", || {
+        std::fs::read_dir(m1.join("dir")).is_ok_and(|d| d.count() == 300)
+            && std::fs::metadata(m1.join("from2")).is_ok_and(|m| m.len() == from2.len() as u64)
+    });
+    // Node 1 runs under a service manager with an fd store: this test is it.
+    let socket = c.dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+    c.stop(1);
+    let out = c.try_local_up(3, &[("NOTIFY_SOCKET", socket.to_str().unwrap())]);
+    assert!(out.status.success(), "{out:?}");
+    let (fd, name) = stored_fd(&notify);
+
+    let mut holder = Holder::stepped(&m1);
+    holder.step(20);
+    eventually("20 lines", || holder.lines() >= 20);
+    assert!(
+        !lock_free(&m2.join("held")),
+        "node 2 cannot take the held lock"
+    );
+    let old = daemon_pid(&c);
+    let cmdline = std::fs::read(format!("/proc/{old}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8(a.to_vec()).unwrap())
+        .collect();
+
+    c.kill9(1);
+    assert!(!c.alive(1));
+    // The holder goes on while no daemon runs: its calls wait in the kernel.
+    holder.step(10);
+    std::thread::sleep(Duration::from_millis(300));
+    // Node 2 cannot take the lock while node 1 is down: the session outlives the process.
+    assert!(
+        !lock_free(&m2.join("held")),
+        "node 2 took the lock of the dead daemon"
+    );
+    // Restarted as systemd does: the stored fd at 3, named, and LISTEN_PID the daemon's.
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(c.node(1).join("daemon.log"))
+        .unwrap();
+    let mut restarted = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); os.execvp(sys.argv[2], sys.argv[2:])",
+        ])
+        .arg(fd.as_raw_fd().to_string())
+        .args(&args)
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", &name)
+        .env("NOTIFY_SOCKET", &socket)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let new = wait_successor(&c, old);
+    assert_eq!(new, restarted.id() as i32);
+    eventually_within(
+        "the 10 lines asked while down",
+        Duration::from_secs(30),
+        || holder.lines() >= 30,
+    );
+    holder.step(10);
+    eventually("10 more", || holder.lines() >= 40);
+    assert!(!lock_free(&m2.join("held")), "the lock is still held");
+    let (lines, listed, read) = holder.finish();
+    assert_eq!(lines, 40);
+    assert_eq!(listed, 300, "the directory listing went on where it was");
+    assert_eq!(read, sha256(&from2), "the file open for reading read on");
+    eventually("every fsynced line on node 2", || {
+        std::fs::read_to_string(m2.join("held")).is_ok_and(|s| s.lines().count() == 40)
+    });
+    drop(holder);
+    eventually("the lock free once its holder is gone", || {
+        lock_free(&m2.join("held"))
+    });
+    let log = std::fs::read_to_string(c.node(1).join("daemon.log")).unwrap();
+    assert!(log.contains("serving on the FUSE connection the service manager kept"));
+    assert!(log.contains("took over the previous daemon's session"));
+    drop(fd);
+    let _ = restarted.try_wait();
 }
