@@ -78,6 +78,10 @@ enum Command {
         command: NodeCommand,
     },
     /// Run the node in the foreground and mount its filesystem
+    ///
+    /// Started while a daemon serves the same --data, it takes that daemon's mount over
+    /// (session, open files and locks included) instead of mounting anew; SIGHUP makes a
+    /// running daemon start such a successor (`systemctl reload shoal`). SIGTERM unmounts.
     Daemon {
         #[arg(long, default_value = "/var/lib/shoal")]
         data: PathBuf,
