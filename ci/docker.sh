@@ -260,9 +260,44 @@ done
 d a service rm appenders >/dev/null
 pass "3 Swarm tasks (node 1) and a container on host B (node 2) appended 160 lines under flock to one file: each exactly once"
 
-# --- 8. the shoal daemon restarts under a running container --------------------------------
+# The pid of node K's daemon: the process holding its data directory's lock (a daemon that
+# handed its mount over is not the one `local up` started).
+daemon_pid() {
+  local ino
+  ino=$(stat -c %i "$CLUSTER/node-$1/data/LOCK")
+  awk -v ino="$ino" '$2 == "FLOCK" { n = split($6, f, ":"); if (f[n] == ino) { print $5; exit } }' /proc/locks
+}
+
+# --- 8. the shoal daemon reloads (SIGHUP) twice under a running container -----------------------
+# The container holds a flock on its volume and appends a numbered line every 20 ms with an
+# fsync; any error ends it. Its node's daemon hands the mount to a successor twice.
+d b run -d --name steady --network none -v data:/data "$IMG" \
+  flock /data/steady.lock sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /data/steady || exit 1; sync /data/steady || exit 1; ls /data >/dev/null || exit 1; sleep 0.02; done' >/dev/null
+steady="$CLUSTER/node-1/mnt/volumes/data/steady"
+wait_for 30 sh -c "[ -s $steady ] && [ \$(wc -l < $steady) -ge 20 ]" || fail "the steady container does not write"
+for round in 1 2; do
+  pid=$(daemon_pid 2)
+  kill -HUP "$pid"
+  wait_for 60 sh -c "! kill -0 $pid 2>/dev/null" || fail "node 2's daemon (pid $pid) did not hand over after SIGHUP"
+  new=$(daemon_pid 2)
+  [ -n "$new" ] && [ "$new" != "$pid" ] || fail "no successor holds node 2's data directory"
+  before=$(wc -l < "$steady")
+  wait_for 30 sh -c "[ \$(wc -l < $steady) -ge $((before + 20)) ]" || fail "the container stopped writing after hand-over $round: $(d b logs steady 2>&1 | tail -3)"
+  echo "    hand-over $round: node 2's daemon $pid -> $new, the container wrote on"
+done
+[ "$(d b inspect -f '{{.State.Running}}' steady)" = true ] || fail "the steady container ended: $(d b logs steady 2>&1 | tail -3)"
+d a run --rm --network none -v data:/data "$IMG" flock -n /data/steady.lock true 2>/dev/null \
+  && fail "host A took the flock the container on host B holds"
+d b rm -f steady >/dev/null
+# Read on node 2, where it was written, once the writer is gone.
+steady="$CLUSTER/node-2/mnt/volumes/data/steady"
+n=$(wc -l < "$steady")
+[ "$(seq 1 "$n" | cmp - "$steady" 2>&1)" = "" ] || fail "the container's lines are not 1..$n: $(seq 1 "$n" | cmp - "$steady" 2>&1)" 
+pass "node 2's daemon handed its mount over twice (SIGHUP) under a running container: it kept writing, its flock held against host A, $n lines in order"
+
+# --- 9. the shoal daemon stops and starts under a running container -------------------------
 d b run -d --name runner --network none -v data:/data "$IMG" sleep 600 >/dev/null
-pid=$(cat "$CLUSTER/node-2/daemon.pid")
+pid=$(daemon_pid 2)
 kill -TERM "$pid"
 wait_for 30 sh -c "! kill -0 $pid"
 "$SH" local up --nodes 3 --dir "$CLUSTER" >/dev/null
@@ -273,9 +308,9 @@ d b volume ls --format '{{.Name}}' | grep -qx data || fail "docker volume ls on 
 got=$(run_b -v data:/data "$IMG" cat /data/f)
 [ "$got" = hi ] || fail "a container started after the restart reads '$got'"
 d b rm -f runner >/dev/null
-pass "after node 2's daemon restarts, Docker's List/Mount/Path work and new containers see the data; a container that was running gets ENOTCONN, never an empty directory"
+pass "after node 2's daemon stops and starts, Docker's List/Mount/Path work and new containers see the data; a container that was running gets ENOTCONN, never an empty directory"
 
-# --- 9. a Swarm task with a healthcheck is replaced after its node's daemon restarts ---------
+# --- 10. a Swarm task with a healthcheck is replaced after its node's daemon restarts --------
 d a volume create -d shoal beats >/dev/null
 service --name beater --replicas 1 --health-cmd 'ls /data >/dev/null' --health-interval 1s \
   --health-retries 1 --health-timeout 2s --health-start-period 1s \
@@ -283,7 +318,7 @@ service --name beater --replicas 1 --health-cmd 'ls /data >/dev/null' --health-i
   sh -c 'while :; do date +%s >> /data/beat; sleep 1; done'
 beats="$CLUSTER/node-3/mnt/volumes/beats/beat"
 wait_for 60 sh -c "[ \$(wc -l < $beats) -ge 3 ]" || fail "the beater task does not write"
-pid=$(cat "$CLUSTER/node-1/daemon.pid")
+pid=$(daemon_pid 1)
 stopped=$(date +%s)
 kill -TERM "$pid"
 wait_for 30 sh -c "! kill -0 $pid"
