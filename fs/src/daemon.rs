@@ -135,13 +135,7 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
     }
     // Under systemd (Type=notify): this process is the service's main one now, also when it
     // took over from another.
-    let _ = sd_notify::notify(
-        false,
-        &[
-            sd_notify::NotifyState::MainPid(std::process::id()),
-            sd_notify::NotifyState::Ready,
-        ],
-    );
+    handover::fd_store::notify(&format!("MAINPID={}\nREADY=1\n", std::process::id()), None);
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

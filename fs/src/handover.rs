@@ -214,7 +214,6 @@ pub mod fd_store {
     use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
     use std::path::Path;
 
-    use sd_notify::NotifyState;
     use tracing::{info, warn};
 
     /// The fd's name in the store: the mount's device number, so that a restarted daemon
@@ -223,25 +222,52 @@ pub mod fd_store {
         format!("fuse-{dev}")
     }
 
+    /// Sends `state` (sd_notify(3) lines) and `fd` to the service manager, if one listens
+    /// (`NOTIFY_SOCKET`). Never waits: a manager that does not read its socket must not
+    /// hold the daemon up, so a full socket drops the message with a warning.
+    pub fn notify(state: &str, fd: Option<BorrowedFd<'_>>) {
+        if let Err(e) = try_notify(state, fd) {
+            warn!(error = %e, state, "cannot notify the service manager");
+        }
+    }
+
+    fn try_notify(state: &str, fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return Ok(());
+        };
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        // `@name` is a socket in the abstract namespace.
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)?,
+            None => SocketAddr::from_pathname(&path)?,
+        };
+        let socket = UnixDatagram::unbound()?;
+        socket.connect_addr(&addr)?;
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut ancillary = rustix::net::SendAncillaryBuffer::new(&mut space);
+        let fds = fd.map(|fd| [fd]);
+        if let Some(fds) = &fds {
+            ancillary.push(rustix::net::SendAncillaryMessage::ScmRights(fds));
+        }
+        rustix::net::sendmsg(
+            &socket,
+            &[std::io::IoSlice::new(state.as_bytes())],
+            &mut ancillary,
+            rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+        )?;
+        Ok(())
+    }
+
     /// Puts the connection of the mount with device number `dev` in the store.
     pub fn keep(fd: BorrowedFd<'_>, dev: u64) {
-        let name = name(dev);
-        if let Err(e) = sd_notify::notify_with_fds(
-            false,
-            &[NotifyState::FdStore, NotifyState::FdName(&name)],
-            &[fd],
-        ) {
-            warn!(error = %e, "cannot keep the FUSE connection in the service manager's fd store; a crash will end the mount");
-        }
+        notify(&format!("FDSTORE=1\nFDNAME={}\n", name(dev)), Some(fd));
     }
 
     /// Takes the connection out of the store: the mount is gone for good.
     pub fn forget(dev: u64) {
-        let name = name(dev);
-        let _ = sd_notify::notify(
-            false,
-            &[NotifyState::FdStoreRemove, NotifyState::FdName(&name)],
-        );
+        notify(&format!("FDSTOREREMOVE=1\nFDNAME={}\n", name(dev)), None);
     }
 
     /// The connection the service manager kept for this daemon, if it is still the one
