@@ -166,6 +166,15 @@ impl Cluster {
         self.peers.forget_all().await;
     }
 
+    /// Closes the endpoint, telling every peer at once (a peer would otherwise keep calling
+    /// this process until its connection timed out, and miss its successor on the same port).
+    pub async fn close(&self) {
+        if let Some(endpoint) = self.peers.endpoint() {
+            endpoint.close(0u32.into(), b"node stopping");
+            let _ = tokio::time::timeout(Duration::from_millis(50), endpoint.wait_idle()).await;
+        }
+    }
+
     /// Accepts connections and serves requests for as long as the node lives.
     pub fn serve<H: Handler>(self: &Arc<Self>, node: Weak<H>) {
         if let Some(net) = &self.network {

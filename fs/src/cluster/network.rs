@@ -100,6 +100,19 @@ impl QuicPeer {
 }
 
 impl RaftNetwork<TypeConfig> for QuicPeer {
+    /// How long replication to a node that did not answer waits before trying again: short at
+    /// first, so that a daemon that restarted (its successor on the same port within tens of
+    /// milliseconds) is caught up at once, instead of after openraft's constant 500 ms; then
+    /// 500 ms, for a node that is down.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(
+            [25, 50, 100, 200]
+                .into_iter()
+                .chain(std::iter::repeat(500))
+                .map(Duration::from_millis),
+        )
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

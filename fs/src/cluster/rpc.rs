@@ -227,6 +227,9 @@ impl Refusal {
     pub fn of_write(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Refusal {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Refusal::NotLeader,
+            // Its Raft stopped (the daemon is stopping or handing over to its successor): it
+            // leads no more, and the proposal, numbered, can go to the next leader.
+            RaftError::Fatal(_) => Refusal::NotLeader,
             e => Refusal::Failed(e.to_string()),
         }
     }
@@ -236,7 +239,7 @@ impl Refusal {
         match e {
             RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)) => Refusal::NotLeader,
             RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)) => Refusal::NoQuorum,
-            e => Refusal::Failed(e.to_string()),
+            RaftError::Fatal(_) => Refusal::NotLeader,
         }
     }
 }

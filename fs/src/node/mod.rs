@@ -1038,6 +1038,9 @@ impl Node {
         if let Err(e) = self.raft.shutdown().await {
             warn!(error = %e, "raft shutdown");
         }
+        if let Some(c) = &self.cluster {
+            c.close().await;
+        }
         if let Err(e) = self.view_flush() {
             warn!(error = %e, "metadata flush at shutdown");
         }
