@@ -148,6 +148,32 @@ impl Drop for Holder {
     }
 }
 
+/// A process appending a line with an fsync to `path` every few milliseconds until killed;
+/// any error ends it with a traceback.
+fn side_writer(path: &Path) -> Child {
+    Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys,time\nf=open(sys.argv[1],'a')\ni=0\nwhile True:\n    i+=1; f.write('%d\\n' % i); f.flush(); os.fsync(f.fileno()); time.sleep(0.005)",
+        ])
+        .arg(path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Ends a side writer, which must still be running; how many lines it wrote.
+fn end_side_writer(mut w: Child, path: &Path) -> usize {
+    if let Some(status) = w.try_wait().unwrap() {
+        let mut err = String::new();
+        std::io::Read::read_to_string(w.stderr.as_mut().unwrap(), &mut err).unwrap();
+        panic!("the writer on another node died ({status}): {err}");
+    }
+    w.kill().unwrap();
+    w.wait().unwrap();
+    std::fs::read_to_string(path).unwrap().lines().count()
+}
+
 /// Whether a process on node `k` can take the write lock on `path` without waiting.
 fn lock_free(path: &Path) -> bool {
     Command::new("python3")
@@ -219,8 +245,12 @@ fn a_daemon_restarted_twice_under_a_process_keeps_its_files_lock_and_listing_whi
             && std::fs::metadata(m1.join("from2")).is_ok_and(|m| m.len() == from2.len() as u64)
     });
 
+    // Node 1 bootstrapped the cluster and usually leads it: then its restarts are a leader's.
+    let leader = c.leader(2);
     let mut holder = Holder::start(&m1);
     holder.wait_more(20, "before any restart");
+    // Node 3 writes and fsyncs throughout, through whichever node leads.
+    let side = side_writer(&c.mnt(3).join("side"));
     assert!(
         !lock_free(&m2.join("held")),
         "node 2 cannot take the held lock"
@@ -287,6 +317,9 @@ fn a_daemon_restarted_twice_under_a_process_keeps_its_files_lock_and_listing_whi
         tries.load(Ordering::SeqCst)
     );
 
+    let side_lines = end_side_writer(side, &c.mnt(3).join("side"));
+    assert!(side_lines > 20, "node 3's writer wrote {side_lines} lines");
+    eprintln!("leader before the restarts: {leader:?}; node 3 wrote {side_lines} lines");
     let (lines, listed, read) = holder.finish();
     assert_eq!(listed, 600, "the directory listing went on where it was");
     assert_eq!(read, sha256(&from2), "the file open for reading read on");
