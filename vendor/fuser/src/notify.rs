@@ -104,6 +104,19 @@ impl Notifier {
         self.send_inval(notify_code::FUSE_NOTIFY_DELETE, &notif)
     }
 
+    /// Asks the kernel (Linux 6.9 and later) to put every request it sent to this
+    /// connection's fds and that is not answered yet back in its queue, to be read again
+    /// (their `unique` gets bit 63 set). A request whose reply was dropped without being sent
+    /// (`std::mem::forget`) is answered by whoever reads it next. (Patch by shoal.)
+    /// # Errors
+    /// Returns an error if the kernel does not know the notification.
+    pub fn resend(&self) -> io::Result<()> {
+        self.send(
+            notify_code::FUSE_NOTIFY_RESEND,
+            &Notification::Bare(Default::default()),
+        )
+    }
+
     #[allow(unused)]
     fn send_inval(&self, code: notify_code, notification: &Notification<'_>) -> io::Result<()> {
         match self.send(code, notification) {

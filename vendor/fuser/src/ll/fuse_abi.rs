@@ -182,6 +182,9 @@ pub(crate) enum fuse_notify_code {
     FUSE_NOTIFY_STORE = 4,
     FUSE_NOTIFY_RETRIEVE = 5,
     FUSE_NOTIFY_DELETE = 6,
+    /// Linux 6.9: requeue every request sent to the daemon and not yet answered. (Patch by
+    /// shoal.)
+    FUSE_NOTIFY_RESEND = 7,
 }
 
 #[repr(C)]
