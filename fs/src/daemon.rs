@@ -176,9 +176,9 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
         };
         if !same_mount(&asked.mount, &handle.mountpoint) {
             let why = format!(
-                "this daemon serves {}, not {}: start the successor with the same --mount",
+                "a shoal daemon already serves this data directory, mounted at {}; to replace it without unmounting, start the new one with --mount {}",
                 handle.mountpoint.display(),
-                asked.mount.display()
+                handle.mountpoint.display()
             );
             warn!("{why}");
             asked.refuse(&why);
@@ -262,7 +262,7 @@ async fn hand_off(node: &Arc<Node>, handle: fuse::MountHandle, asked: handover::
     info!(mount = %handle.mountpoint.display(), "a successor asked for the mount; handing it over");
     let mount = handle.mountpoint.clone();
     node.start_handing_over();
-    let fd = tokio::task::block_in_place(|| handle.hand_off());
+    let stopped = tokio::task::block_in_place(|| handle.hand_off());
     // Requests dispatched to tokio still hold their replies; each is answered before the
     // connection goes (an unanswered one would stay so forever).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -276,6 +276,8 @@ async fn hand_off(node: &Arc<Node>, handle: fuse::MountHandle, asked: handover::
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Lock waits ended unanswered: the kernel queues them again, for the successor.
+    let fd = stopped.release_waits();
     let given = handover::Given {
         pid: std::process::id() as i32,
         mount,

@@ -298,3 +298,75 @@ pub mod fd_store {
         found
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_fd_and_a_long_state_cross_the_socket_a_wrong_ask_is_refused_and_no_listener_is_none()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let offer = Offer::bind(dir.path()).unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let ino = file.metadata().unwrap().ino();
+        // Far more than one read's worth (64 KiB) of open files.
+        let open: Vec<(u64, usize)> = (1..=20_000).map(|i| (i, (i % 3) as usize + 1)).collect();
+
+        let data = dir.path().to_path_buf();
+        let asker = tokio::task::spawn_blocking(move || take_over(&data, Path::new("/mnt/x")));
+        let asked = offer.next().await.unwrap();
+        assert_eq!(asked.mount, Path::new("/mnt/x"));
+        let given = Given {
+            pid: 42,
+            mount: "/mnt/x".into(),
+            resume: Resume {
+                session: 7,
+                epoch: 3,
+                open: Some(open.clone()),
+            },
+        };
+        tokio::task::block_in_place(|| asked.give(given, file.as_fd())).unwrap();
+        let (got, fd) = asker.await.unwrap().unwrap().expect("a daemon listens");
+        assert_eq!((got.pid, got.resume.session, got.resume.epoch), (42, 7, 3));
+        assert_eq!(got.resume.open, Some(open));
+        assert_eq!(
+            rustix::fs::fstat(&fd).unwrap().st_ino,
+            ino,
+            "the same file came across"
+        );
+
+        let data = dir.path().to_path_buf();
+        let asker = tokio::task::spawn_blocking(move || take_over(&data, Path::new("/mnt/y")));
+        offer.next().await.unwrap().refuse("not this one");
+        match asker.await.unwrap() {
+            Err(HandoverError::Refused(why)) => assert_eq!(why, "not this one"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+
+        // A garbled request is ignored and the next one served.
+        let mut junk = UnixStream::connect(socket_path(dir.path())).unwrap();
+        junk.write_all(b"{not json").unwrap();
+        junk.shutdown(std::net::Shutdown::Write).unwrap();
+        let data = dir.path().to_path_buf();
+        let asker = tokio::task::spawn_blocking(move || take_over(&data, Path::new("/mnt/z")));
+        let asked = offer.next().await.unwrap();
+        assert_eq!(asked.mount, Path::new("/mnt/z"));
+        asked.refuse("bye");
+        assert!(asker.await.unwrap().is_err());
+
+        drop(offer);
+        assert!(
+            !socket_path(dir.path()).exists(),
+            "the socket goes with the offer"
+        );
+        assert!(
+            take_over(dir.path(), Path::new("/mnt/x"))
+                .unwrap()
+                .is_none()
+        );
+    }
+}

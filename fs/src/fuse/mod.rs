@@ -41,8 +41,13 @@ const BLKSIZE: u32 = 1 << 20;
 
 type DirListing = Arc<Vec<(Ino, FileKind, Vec<u8>)>>;
 
+/// Lock waits a daemon handing over its mount stopped without answering, for the kernel to
+/// resend to its successor (`MountHandle::release_waits`).
+pub(crate) type Deferred = Arc<std::sync::Mutex<Vec<ReplyEmpty>>>;
+
 pub struct ShoalFs {
     node: Arc<Node>,
+    deferred: Deferred,
     rt: tokio::runtime::Handle,
     next_fh: AtomicU64,
     /// The first handle this daemon gave out.
@@ -130,9 +135,10 @@ fn file_handle(epoch: u64, seq: u64) -> FileHandle {
 }
 
 impl ShoalFs {
-    pub fn new(node: Arc<Node>, rt: tokio::runtime::Handle) -> ShoalFs {
+    pub fn new(node: Arc<Node>, rt: tokio::runtime::Handle, deferred: Deferred) -> ShoalFs {
         let first_fh = crate::node::now_nanos().max(1_000) as u64 / 1_000;
         ShoalFs {
+            deferred,
             first_fh,
             node,
             rt,
@@ -909,9 +915,23 @@ impl Filesystem for ShoalFs {
             reply.error(e);
             return;
         }
-        self.reply_empty(t, reply, move |node| async move {
-            node.setlk(ino.0, lock, unlock, sleep).await
-        });
+        let deferred = self.deferred.clone();
+        let span = self.node.span().clone();
+        let node = self.node.clone();
+        self.rt.spawn(
+            async move {
+                match node.setlk(ino.0, lock, unlock, sleep).await {
+                    Ok(()) => reply.ok(),
+                    // The daemon is handing its mount over: the successor answers this wait.
+                    Err(OpError::Interrupted) => {
+                        deferred.lock().expect("deferred lock").push(reply)
+                    }
+                    Err(e) => reply.error(errno(&e)),
+                }
+                drop(t);
+            }
+            .instrument(span),
+        );
     }
 
     fn fallocate(

@@ -45,6 +45,49 @@ pub struct MountHandle {
     dev: Option<u64>,
     /// The connection's /dev/fuse fd (a duplicate of the session's): what a successor gets.
     fd: OwnedFd,
+    deferred: super::Deferred,
+}
+
+/// A mount that stopped serving for a successor (`MountHandle::hand_off`).
+pub struct HandedOff {
+    fd: OwnedFd,
+    deferred: super::Deferred,
+    notifier: Notifier,
+}
+
+impl HandedOff {
+    /// Once every other request is answered: puts the lock waits this daemon stopped back in
+    /// the kernel's queue for the successor (`FUSE_NOTIFY_RESEND`), and returns the fd to
+    /// give it. A kernel older than 6.9 cannot: they then end with EINTR (which the kernel
+    /// turns into a restart of the call when a signal is pending, and otherwise reports).
+    pub fn release_waits(self) -> OwnedFd {
+        let waits = std::mem::take(&mut *self.deferred.lock().expect("deferred lock"));
+        if waits.is_empty() {
+            return self.fd;
+        }
+        match self.notifier.resend() {
+            Ok(()) => {
+                info!(waits = waits.len(), "lock waits handed to the successor");
+                // Answered by the successor: these replies must never be sent from here.
+                for reply in waits {
+                    std::mem::forget(reply);
+                }
+            }
+            Err(e) => {
+                warn!(waits = waits.len(), error = %e, "the kernel cannot resend requests (Linux 6.9 and later can): the lock waits end with EINTR");
+                for reply in waits {
+                    reply.error(fuser::Errno::EINTR);
+                }
+            }
+        }
+        self.fd
+    }
+
+    /// The successor did not take the connection: serve it on from here (the resent waits are
+    /// read again).
+    pub fn into_fd(self) -> OwnedFd {
+        self.release_waits()
+    }
 }
 
 /// How long an unmounted filesystem keeps serving those who still hold it (a container's
@@ -276,6 +319,7 @@ fn serve(
     notifier_slot: &std::sync::OnceLock<Notifier>,
     mountpoint: PathBuf,
     unmounter: Option<SessionUnmounter>,
+    deferred: super::Deferred,
 ) -> Result<MountHandle, MountError> {
     let fd = session
         .as_fd()
@@ -297,6 +341,7 @@ fn serve(
         notifier,
         dev,
         fd,
+        deferred,
     })
 }
 
@@ -321,11 +366,18 @@ pub fn mount(
     }
     let config = session_config(&node, threads, allow_suid_dev);
     let notifier_slot = node.notifier.clone();
-    let fs = ShoalFs::new(node, rt);
+    let deferred = super::Deferred::default();
+    let fs = ShoalFs::new(node, rt, deferred.clone());
     let mut session = Session::new(fs, &mountpoint, &config)
         .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
     let unmounter = session.unmount_callable();
-    let handle = serve(session, &notifier_slot, mountpoint, Some(unmounter))?;
+    let handle = serve(
+        session,
+        &notifier_slot,
+        mountpoint,
+        Some(unmounter),
+        deferred,
+    )?;
     raise_readahead(&handle.mountpoint);
     info!(mount = %handle.mountpoint.display(), threads, "mounted");
     Ok(handle)
@@ -346,10 +398,11 @@ pub fn resume(
     let mountpoint = mountpoint.to_path_buf();
     let config = session_config(&node, threads, allow_suid_dev);
     let notifier_slot = node.notifier.clone();
-    let fs = ShoalFs::new(node, rt);
+    let deferred = super::Deferred::default();
+    let fs = ShoalFs::new(node, rt, deferred.clone());
     let session = Session::resume(fs, fd, SessionACL::All, config)
         .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
-    let handle = serve(session, &notifier_slot, mountpoint, None)?;
+    let handle = serve(session, &notifier_slot, mountpoint, None, deferred)?;
     info!(mount = %handle.mountpoint.display(), threads, "serving the mount taken over from the previous daemon");
     Ok(handle)
 }
@@ -447,10 +500,10 @@ impl MountHandle {
     }
 
     /// Stops serving without ending the connection, for a successor: no request is read from
-    /// here on, and once every request already read is answered (the caller waits for those
-    /// dispatched to tokio), the returned fd is all that holds the connection. Nothing is
-    /// unmounted.
-    pub fn hand_off(mut self) -> OwnedFd {
+    /// here on. Once every request already read is answered (the caller waits for those
+    /// dispatched to tokio), `HandedOff::release_waits` gives the fd that is then all that
+    /// holds the connection. Nothing is unmounted.
+    pub fn hand_off(mut self) -> HandedOff {
         self.stopper.stop();
         if let Some(t) = self.thread.take() {
             match t.join() {
@@ -461,7 +514,11 @@ impl MountHandle {
                 Err(_) => warn!("fuse session thread panicked while handing off"),
             }
         }
-        self.fd
+        HandedOff {
+            fd: self.fd,
+            deferred: self.deferred,
+            notifier: self.notifier,
+        }
     }
 
     /// The connection's /dev/fuse fd, for the service manager's fd store.

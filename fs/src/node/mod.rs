@@ -231,7 +231,8 @@ pub enum OpError {
     /// I/O through a handle of a file this node does not have open.
     #[error("the file is not open on this node")]
     NotOpen,
-    /// A lock wait ended because the daemon is handing its mount to its successor.
+    /// A lock wait ended because the daemon is handing its mount to its successor (which
+    /// takes it up; EINTR only where the kernel cannot resend it).
     #[error("interrupted: the daemon is handing its mount over")]
     Interrupted,
     /// `SEEK_DATA` or `SEEK_HOLE` from past the end, or no data after the offset.
@@ -328,8 +329,8 @@ pub struct Node {
     in_flight: Mutex<std::collections::BTreeSet<u64>>,
     /// Woken whenever this node releases a lock, so blocked lock requests retry.
     pub(crate) locks_changed: Arc<Notify>,
-    /// Set while handing the mount to a successor: lock waits end (EINTR) so that no request
-    /// stays unanswered.
+    /// Set while handing the mount to a successor: lock waits end (`OpError::Interrupted`),
+    /// and the FUSE adapter leaves them to the successor.
     pub(crate) handing_over: std::sync::atomic::AtomicBool,
     /// This run took over a FUSE connection: a handle the kernel uses on a file not open here
     /// was opened by the previous daemon, and is adopted.
@@ -766,7 +767,8 @@ impl Node {
             .collect()
     }
 
-    /// Ends lock waits and refuses new ones with EINTR: the mount is being handed over.
+    /// Ends lock waits (`OpError::Interrupted`): the mount is being handed over, and the
+    /// successor takes them up.
     pub fn start_handing_over(&self) {
         self.handing_over.store(true, Ordering::SeqCst);
         self.locks_changed.notify_waiters();

@@ -317,8 +317,20 @@ fn a_daemon_restarted_twice_under_a_process_keeps_its_files_lock_and_listing_whi
         tries.load(Ordering::SeqCst)
     );
 
-    let side_lines = end_side_writer(side, &c.mnt(3).join("side"));
-    assert!(side_lines > 20, "node 3's writer wrote {side_lines} lines");
+    // Node 3's writer goes on after the hand-overs too (it ends with an error otherwise).
+    let side_path = c.mnt(3).join("side");
+    let lines_now = || {
+        std::fs::read_to_string(&side_path)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let after = lines_now();
+    eventually_within(
+        "node 3's writer writing on",
+        Duration::from_secs(30),
+        || lines_now() >= after + 5,
+    );
+    let side_lines = end_side_writer(side, &side_path);
     eprintln!("leader before the restarts: {leader:?}; node 3 wrote {side_lines} lines");
     let (lines, listed, read) = holder.finish();
     assert_eq!(listed, 600, "the directory listing went on where it was");
@@ -477,4 +489,109 @@ fn a_daemon_killed_under_a_process_comes_back_on_the_connection_the_service_mana
     assert!(log.contains("took over the previous daemon's session"));
     drop(fd);
     let _ = restarted.try_wait();
+}
+
+#[test]
+fn a_successor_for_another_mount_point_is_refused_and_the_running_daemon_serves_on() {
+    let c = LocalCluster::up(1);
+    std::fs::write(c.mnt(1).join("f"), b"still here").unwrap();
+    let pid = daemon_pid(&c);
+    let out = Command::new(crate::testkit::shoal())
+        .arg("daemon")
+        .arg("--data")
+        .arg(c.data(1))
+        .arg("--mount")
+        .arg(c.dir.path().join("elsewhere"))
+        .arg("--no-plugin")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("refused to hand over") && err.contains("already serves this data directory"),
+        "{err}"
+    );
+    assert_eq!(daemon_pid(&c), pid, "the running daemon serves on");
+    assert_eq!(std::fs::read(c.mnt(1).join("f")).unwrap(), b"still here");
+    std::fs::write(c.mnt(1).join("g"), b"new").unwrap();
+}
+
+#[test]
+fn a_lock_wait_through_a_hand_over_is_granted_once_the_other_node_releases() {
+    let c = LocalCluster::up(3);
+    std::fs::write(c.mnt(2).join("l"), b"x").unwrap();
+    eventually("the file on node 1", || c.mnt(1).join("l").exists());
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+        ])
+        .arg(c.mnt(2).join("l"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "locked\n");
+    // Blocks in F_SETLKW on node 1; Python retries it after EINTR.
+    let mut waiter = Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl,sys; f=open(sys.argv[1],'r+'); print('waiting', flush=True); fcntl.lockf(f, fcntl.LOCK_EX); print('got', flush=True); sys.stdin.read()",
+        ])
+        .arg(c.mnt(1).join("l"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(waiter.stdout.take().unwrap());
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "waiting\n");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let old = daemon_pid(&c);
+    let asked = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(old).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    wait_successor(&c, old);
+    // The hand-over did not wait out the lock wait.
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "the hand-over took {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        waiter.try_wait().unwrap().is_none(),
+        "the waiter still waits"
+    );
+    assert!(
+        !lock_free(&c.mnt(3).join("l")),
+        "node 2 still holds the lock"
+    );
+
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the waiter on node 1 got the lock once node 2 let go");
+    assert_eq!(got, "got\n");
+    assert!(
+        !lock_free(&c.mnt(3).join("l")),
+        "node 1's process holds it now"
+    );
+    drop(waiter.stdin.take());
+    waiter.wait().unwrap();
 }
