@@ -265,10 +265,16 @@ pub trait Transport: Send + Sync + 'static {
     fn forget_all(&self) -> BoxFuture<'_, ()>;
 }
 
+/// How old a connection to a peer that announced a restart must be to be its old process's:
+/// one made in the last second may be to the new process already (nodes announce their
+/// restart as they start, while the others connect to them).
+const RESTARTED_PEER_GRACE: Duration = Duration::from_secs(1);
+
 /// One QUIC connection per peer address, made on first use and remade when it drops.
 pub struct QuicTransport {
     endpoint: quinn::Endpoint,
-    conns: Arc<tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>>,
+    /// Each peer's connection, with when it was made.
+    conns: Arc<tokio::sync::Mutex<HashMap<SocketAddr, (Instant, quinn::Connection)>>>,
     /// Replaces the endpoint's client configuration once set (a renewed certificate).
     client: std::sync::Mutex<Option<quinn::ClientConfig>>,
 }
@@ -283,7 +289,7 @@ impl QuicTransport {
     }
 
     async fn conn(&self, addr: SocketAddr) -> Result<quinn::Connection, RpcError> {
-        if let Some(c) = self.conns.lock().await.get(&addr)
+        if let Some((_, c)) = self.conns.lock().await.get(&addr)
             && c.close_reason().is_none()
         {
             return Ok(c.clone());
@@ -300,7 +306,7 @@ impl QuicTransport {
                     Some(config) => quic::connect_with(&endpoint, config, addr).await?,
                     None => quic::connect(&endpoint, addr).await?,
                 };
-                conns.lock().await.insert(addr, c.clone());
+                conns.lock().await.insert(addr, (Instant::now(), c.clone()));
                 Ok::<_, QuicError>(c)
             }
             .in_current_span(),
@@ -346,7 +352,12 @@ impl Transport for QuicTransport {
 
     fn forget(&self, addr: SocketAddr) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if let Some(c) = self.conns.lock().await.remove(&addr) {
+            let mut conns = self.conns.lock().await;
+            // One made since the peer's new process started is to that process already.
+            if let Some((made, _)) = conns.get(&addr)
+                && made.elapsed() > RESTARTED_PEER_GRACE
+                && let Some((_, c)) = conns.remove(&addr)
+            {
                 c.close(0u32.into(), b"peer restarted");
             }
         })
@@ -354,7 +365,7 @@ impl Transport for QuicTransport {
 
     fn forget_all(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            for (_, c) in self.conns.lock().await.drain() {
+            for (_, (_, c)) in self.conns.lock().await.drain() {
                 c.close(0u32.into(), b"trust changed");
             }
         })

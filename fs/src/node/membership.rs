@@ -279,11 +279,26 @@ pub(crate) async fn announce_restart(node: &Node) {
         .map(|(id, addr)| {
             let peers = c.peers.clone();
             async move {
-                let r = peers
-                    .call_within::<_, Response>(addr, &Request::Restarted, Duration::from_secs(1))
-                    .await;
-                if let Err(e) = r {
-                    debug!(peer = id, error = %e, "could not announce this restart");
+                // A peer that misses it keeps sending to the old process until QUIC gives up
+                // on it (10 s), longer than a session lease: worth a few tries.
+                for attempt in 1..=3 {
+                    let r = peers
+                        .call_within::<_, Response>(
+                            addr,
+                            &Request::Restarted,
+                            Duration::from_secs(1),
+                        )
+                        .await;
+                    match r {
+                        Ok(_) => return,
+                        Err(e) if attempt == 3 => {
+                            info!(peer = id, error = %e, "could not announce this restart");
+                        }
+                        Err(e) => {
+                            debug!(peer = id, attempt, error = %e, "announcing this restart failed; trying again");
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                    }
                 }
             }
         });
