@@ -313,4 +313,48 @@ echo "    sw3 cut off for 8 s at $(date -d "@$cut_at" +%T): sw1 60 lines, sw2 60
 for k in "${HOSTS[@]}"; do d "$k" rm -f "appender-$k" >/dev/null; done
 pass "a host cut off in the middle of appends from three hosts: the others' lines all there exactly once, no torn or repeated line, and the cut host's mount shows the same log after healing"
 
+# --- the managed plugin: Docker runs shoal itself ----------------------------------------------
+# A second cluster of two nodes, each run by its host's dockerd as a managed plugin (`docker
+# plugin create` from fs/plugin/build.sh; what `docker plugin install` does from a registry).
+PLUG=shoal-managed:ci
+fs/plugin/build.sh "$W/plugin" "$SHOAL" >/dev/null
+for k in 1 2; do
+  mkdir -m 700 "$W/h$k/pdata"
+  d "$k" plugin create "$PLUG" "$W/plugin" >/dev/null
+  d "$k" plugin set "$PLUG" data.source="$W/h$k/pdata" SHOAL_LISTEN="$NET.$k:7450"
+done
+d 1 plugin enable "$PLUG" >/dev/null || fail "the managed plugin did not start on sw1"
+ptoken=$("$SHOAL" token show --data "$W/h1/pdata")
+d 2 plugin set "$PLUG" SHOAL_JOIN="$ptoken" SHOAL_PEER="$NET.1:7450"
+d 2 plugin enable "$PLUG" >/dev/null || fail "the managed plugin did not start on sw2"
+wait_for 30 sh -c "[ \$('$SHOAL' node ls --data '$W/h1/pdata' | grep -c ' up ') = 2 ]" ||
+  fail "the plugins' nodes are not both up: $("$SHOAL" node ls --data "$W/h1/pdata")"
+d 1 volume create -d "$PLUG" mv >/dev/null
+d 1 run --rm --network none -v mv:/d "$IMG" sh -c 'echo from-sw1 > /d/f'
+got=$(d 2 run --rm --network none -v mv:/d "$IMG" cat /d/f) || fail "sw2 cannot read the managed plugin's volume"
+[ "$got" = from-sw1 ] || fail "sw2 reads '$got' from the managed plugin's volume"
+d 2 volume ls --format '{{.Name}} {{.Driver}}' | grep -qx "mv $PLUG" || fail "sw2 does not list mv: $(d 2 volume ls)"
+pass "managed plugin: two dockerds run shoal as a plugin ($PLUG), joined into one cluster; a volume written on sw1 reads on sw2"
+
+# Disabling and enabling the plugin under a running container. Docker refuses `disable` while
+# it counts a reference to the plugin (on the host that created a volume), and always takes
+# `disable -f`; the node stops either way.
+d 2 run -d --name mvuser --network none -v mv:/d "$IMG" sleep 600 >/dev/null
+if out=$(d 2 plugin disable "$PLUG" 2>&1); then
+  echo "    plugin disable on sw2 with a container using its volume: done (Docker counted no reference there)"
+else
+  echo "    plugin disable on sw2 with a container using its volume: $out"
+  d 2 plugin disable -f "$PLUG" >/dev/null
+fi
+d 2 plugin enable "$PLUG" >/dev/null || fail "the managed plugin did not start again on sw2"
+got=$(d 2 run --rm --network none -v mv:/d "$IMG" cat /d/f) || fail "sw2 cannot read the volume after the plugin's restart"
+[ "$got" = from-sw1 ] || fail "sw2 reads '$got' after the plugin's restart"
+seen=$(d 2 exec mvuser cat /d/f 2>&1) || true
+echo "    the container that ran through disable and enable reads: $seen"
+d 2 rm -f mvuser >/dev/null
+if out=$(d 1 plugin disable "$PLUG" 2>&1); then fail "plugin disable on sw1, which created mv, succeeded"; fi
+echo "    plugin disable on sw1, which created the volume: $out"
+for k in 1 2; do d "$k" plugin disable -f "$PLUG" >/dev/null; d "$k" plugin rm -f "$PLUG" >/dev/null; done
+pass "managed plugin: disabled and enabled under a running container on sw2, new containers mount the volume with its data again; sw1 refuses disable while it holds the volume"
+
 echo "swarm scenarios passed"
