@@ -47,7 +47,14 @@ pub async fn run(args: DaemonArgs<'_>) -> anyhow::Result<()> {
             };
             Some((given, fd))
         }
-        None => handover::take_over(args.data, &mount_abs)?,
+        // Only a live daemon can hand over: one that died with a thread stuck in the kernel
+        // still holds its sockets open, and would never answer.
+        None => match fuse::mount::lock_holder(args.data) {
+            Some(pid) if fuse::mount::process_alive(pid) => {
+                handover::take_over(args.data, &mount_abs)?
+            }
+            _ => None,
+        },
     };
     match &taken {
         Some((given, _)) if given.pid == 0 => {
