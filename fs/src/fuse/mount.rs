@@ -82,12 +82,6 @@ impl HandedOff {
         }
         self.fd
     }
-
-    /// The successor did not take the connection: serve it on from here (the resent waits are
-    /// read again).
-    pub fn into_fd(self) -> OwnedFd {
-        self.release_waits()
-    }
 }
 
 /// How long an unmounted filesystem keeps serving those who still hold it (a container's

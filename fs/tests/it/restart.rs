@@ -205,6 +205,35 @@ fn sha256(data: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Writes, on `writer`'s mount, `from2` (`len` bytes made from `step`) and `dir` with `entries`
+/// empty files of long names (a listing takes many readdir requests), and waits until
+/// `reader`'s mount shows them; the bytes written.
+fn files_for_the_holder(
+    writer: &Path,
+    reader: &Path,
+    len: u32,
+    step: u32,
+    entries: usize,
+) -> Vec<u8> {
+    let data: Vec<u8> = (0..len).map(|i| (i * step % 251) as u8).collect();
+    std::fs::write(writer.join("from2"), &data).unwrap();
+    std::fs::create_dir(writer.join("dir")).unwrap();
+    for i in 0..entries {
+        std::fs::write(
+            writer
+                .join("dir")
+                .join(format!("{i:04}-{}", "x".repeat(100))),
+            b"",
+        )
+        .unwrap();
+    }
+    eventually("the writer's files on the holder's node", || {
+        std::fs::read_dir(reader.join("dir")).is_ok_and(|d| d.count() == entries)
+            && std::fs::metadata(reader.join("from2")).is_ok_and(|m| m.len() == data.len() as u64)
+    });
+    data
+}
+
 /// Node 1's daemon process, as the data directory's lock names it.
 fn daemon_pid(c: &LocalCluster) -> i32 {
     daemon_pid_of(c, 1)
@@ -240,20 +269,7 @@ fn a_daemon_restarted_twice_under_a_process_keeps_its_files_lock_and_listing_whi
     let c = LocalCluster::up(3);
     let (m1, m2) = (c.mnt(1), c.mnt(2));
     // Written on node 2; read on node 1 across the restarts.
-    let from2: Vec<u8> = (0..(3u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
-    std::fs::write(m2.join("from2"), &from2).unwrap();
-    std::fs::create_dir(m2.join("dir")).unwrap();
-    for i in 0..600 {
-        std::fs::write(
-            m2.join("dir").join(format!("{i:04}-{}", "x".repeat(100))),
-            b"",
-        )
-        .unwrap();
-    }
-    eventually("node 2's files on node 1", || {
-        std::fs::read_dir(m1.join("dir")).is_ok_and(|d| d.count() == 600)
-            && std::fs::metadata(m1.join("from2")).is_ok_and(|m| m.len() == from2.len() as u64)
-    });
+    let from2 = files_for_the_holder(&m2, &m1, 3 << 20, 7, 600);
 
     // Node 1 bootstrapped the cluster and usually leads it: then its restarts are a leader's.
     let leader = c.leader(2);
@@ -412,20 +428,7 @@ fn a_daemon_killed_under_a_process_comes_back_on_the_connection_the_service_mana
     let v = if leader == 1 { 2 } else { 1 };
     let o = 3 - v;
     let (m1, m2) = (c.mnt(v), c.mnt(o));
-    let from2: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 13 % 251) as u8).collect();
-    std::fs::write(m2.join("from2"), &from2).unwrap();
-    std::fs::create_dir(m2.join("dir")).unwrap();
-    for i in 0..300 {
-        std::fs::write(
-            m2.join("dir").join(format!("{i:04}-{}", "y".repeat(100))),
-            b"",
-        )
-        .unwrap();
-    }
-    eventually("node 2's files on node 1", || {
-        std::fs::read_dir(m1.join("dir")).is_ok_and(|d| d.count() == 300)
-            && std::fs::metadata(m1.join("from2")).is_ok_and(|m| m.len() == from2.len() as u64)
-    });
+    let from2 = files_for_the_holder(&m2, &m1, 1 << 20, 13, 300);
     // Node 1 runs under a service manager with an fd store: this test is it.
     let socket = c.dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
